@@ -1,0 +1,68 @@
+"""Distillation methods behind one signature: ``distill(real_data, config) -> SyntheticSet``.
+
+>>> cfg = make_config("dm", ipc=1, iterations=2)
+>>> type(cfg).__name__, cfg.method
+('DMConfig', 'dm')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from ..data import LabeledImages
+from ..synthetic import SyntheticSet
+from . import dm, gm
+from .base import Callback, MethodConfig
+
+DistillFn = Callable[..., SyntheticSet]
+
+# name -> (config class, fixed config values, distill function)
+_REGISTRY: dict[str, tuple[type[MethodConfig], dict[str, Any], DistillFn]] = {}
+
+
+def register(name: str, config_cls: type[MethodConfig], fn: DistillFn, **fixed: Any) -> None:
+    """Make a method available by name; ``fixed`` pins config fields (e.g. DSA = DC + ``dsa=True``)."""
+    _REGISTRY[name] = (config_cls, {"method": name, **fixed}, fn)
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _lookup(name: str) -> tuple[type[MethodConfig], dict[str, Any], DistillFn]:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known: {available_methods()}")
+    return _REGISTRY[name]
+
+
+def config_fields(name: str) -> dict[str, dataclasses.Field]:
+    """The settable fields of a method's config (for CLIs and run-config translation)."""
+    cls, fixed, _ = _lookup(name)
+    return {f.name: f for f in dataclasses.fields(cls) if f.name not in fixed}
+
+
+def make_config(name: str, **settings: Any) -> MethodConfig:
+    """Build a method's config by name; unknown settings raise ``ValueError`` naming them."""
+    cls, fixed, _ = _lookup(name)
+    allowed = config_fields(name)
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {name!r} has no settings {unknown}; it has {sorted(allowed)}")
+    return cls(**{**settings, **fixed})
+
+
+def distill(real_data: LabeledImages, config: MethodConfig, *,
+            callback: Callback | None = None) -> SyntheticSet:
+    """Distill ``real_data`` with the method named by ``config.method``."""
+    _, _, fn = _lookup(config.method)
+    if len(real_data) == 0:
+        raise ValueError("real_data is empty: nothing to distill")
+    return fn(real_data, config, callback=callback)
+
+
+register("dm", dm.DMConfig, dm.distill)
+register("dc", gm.GMConfig, gm.distill, dsa=False)
+register("dsa", gm.GMConfig, gm.distill, dsa=True)
+
+__all__ = ["available_methods", "config_fields", "distill", "make_config", "register", "MethodConfig"]

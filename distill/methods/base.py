@@ -1,0 +1,106 @@
+"""What every distillation method shares: common settings, initialisation, real-batch sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..data import LabeledImages
+from ..networks import seeded_network
+from ..synthetic import SetMetadata, SyntheticSet
+
+INITS = ("real", "noise")
+Callback = Callable[[int, float], None]  # (iteration, loss) after each outer iteration
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings every method has. Subclasses add their own fields and set ``method``."""
+
+    ipc: int = 10
+    iterations: int = 200
+    init: str = "real"
+    seed: int = 0
+    device: str = "cpu"
+    arch: str = "convnet"
+    arch_kwargs: dict = field(default_factory=dict)
+    progress: bool = False
+    method: str = "base"
+
+    def __post_init__(self) -> None:
+        if self.ipc < 1:
+            raise ValueError(f"ipc must be >= 1, got {self.ipc}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+
+
+@dataclass
+class SyntheticPlan:
+    """The synthetic images under optimisation and the class of each row."""
+
+    images: torch.Tensor  # leaf tensor, requires grad
+    labels: torch.Tensor  # int64 [N]
+    classes: list[int]    # classes present in the real data
+    slices: dict[int, slice]  # rows of each class in ``images``
+
+
+def init_synthetic(real: LabeledImages, config: MethodConfig, gen: torch.Generator) -> SyntheticPlan:
+    """``min(ipc, n_c)`` images for each class c present in ``real``, from real samples or noise.
+
+    Capping at ``n_c`` keeps a barely-held class from being spread over more synthetic images
+    than it has real ones; classes absent from ``real`` get none.
+    """
+    rows, labels, slices, classes = [], [], {}, []
+    start = 0
+    for c, idx in enumerate(real.class_indices()):
+        k = min(config.ipc, len(idx))
+        if k == 0:
+            continue
+        if config.init == "real":
+            pick = idx[torch.randperm(len(idx), generator=gen)[:k]]
+            rows.append(real.images[pick.to(real.images.device)].detach().cpu().clone())
+        else:
+            rows.append(torch.randn(k, *real.info.image_shape, generator=gen))
+        labels.append(torch.full((k,), c, dtype=torch.long))
+        slices[c] = slice(start, start + k)
+        classes.append(c)
+        start += k
+    if not rows:
+        raise ValueError("real data is empty: nothing to distill")
+    images = torch.cat(rows).to(config.device).requires_grad_(True)
+    return SyntheticPlan(images, torch.cat(labels).to(config.device), classes, slices)
+
+
+class RealSampler:
+    """Random per-class batches of real data, drawn from a seeded generator."""
+
+    def __init__(self, real: LabeledImages, device: str, gen: torch.Generator) -> None:
+        self.images = real.images.to(device)
+        self.by_class = [idx.to(device) for idx in real.class_indices()]
+        self.gen = gen
+
+    def class_batch(self, c: int, n: int) -> torch.Tensor:
+        idx = self.by_class[c]
+        pick = torch.randperm(len(idx), generator=self.gen)[:n].to(idx.device)
+        return self.images[idx[pick]]
+
+
+def make_network(config: MethodConfig, real: LabeledImages, seed: int) -> torch.nn.Module:
+    info = real.info
+    return seeded_network(config.arch, info.channels, info.num_classes, (info.height, info.width),
+                          seed=seed, device=config.device, **config.arch_kwargs)
+
+
+def finish(plan: SyntheticPlan, real: LabeledImages, config: MethodConfig, **extra) -> SyntheticSet:
+    """Package the optimised images as a :class:`SyntheticSet` with provenance metadata."""
+    meta = SetMetadata(dataset=real.info, method=config.method, ipc=config.ipc, seed=config.seed,
+                       iterations=config.iterations, extra={"init": config.init, **extra})
+    return SyntheticSet(plan.images.detach().cpu().clone(), plan.labels.cpu().clone(), meta)
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,118 @@
+"""One trainer for every use: evaluating synthetic sets, real subsets, the whole pool, the global model.
+
+The evaluation protocol follows DC/DSA/DM: SGD (momentum 0.9, weight decay 5e-4), learning
+rate 0.01 divided by 10 at half the epochs, batch 256, DSA augmentation on every batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .augment import DSA
+from .data import LabeledImages
+from .networks import seeded_network
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train a fresh network on a small labelled set."""
+
+    arch: str = "convnet"
+    arch_kwargs: dict = field(default_factory=dict)
+    epochs: int = 300
+    lr: float = 0.01
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    dsa: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Test accuracies of networks trained from several seeds on the same data."""
+
+    accuracies: tuple[float, ...]
+    arch: str
+    epochs: int
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.accuracies))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.accuracies))
+
+    def __str__(self) -> str:
+        return f"{100 * self.mean:.2f} +- {100 * self.std:.2f} % ({self.arch}, {len(self.accuracies)} seeds)"
+
+
+def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+                  seed: int = 0, progress: bool = False) -> nn.Module:
+    """Train ``net`` in place on ``images`` with hard (int64 [N]) or soft (float [N, K]) labels."""
+    device = torch.device(config.device)
+    net.to(device).train()
+    x, y = images.detach().to(device), labels.detach().to(device)
+    gen = torch.Generator().manual_seed(seed)
+    aug = DSA() if config.dsa else None
+    opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    n = x.shape[0]
+    for epoch in tqdm(range(config.epochs), desc="train", disable=not progress, leave=False):
+        if epoch == config.epochs // 2:
+            for group in opt.param_groups:
+                group["lr"] = config.lr * 0.1
+        for idx in torch.randperm(n, generator=gen).split(config.batch_size):
+            xb, yb = x[idx.to(device)], y[idx.to(device)]
+            if aug is not None:
+                xb = aug(xb, gen)
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, data: LabeledImages, batch_size: int = 1000,
+             device: str | torch.device | None = None) -> float:
+    """Top-1 accuracy of ``net`` on ``data``."""
+    device = torch.device(device) if device is not None else next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    correct = 0
+    for xb, yb in zip(data.images.split(batch_size), data.labels.split(batch_size)):
+        correct += int((net(xb.to(device)).argmax(1).cpu() == yb).sum())
+    net.train(was_training)
+    return correct / max(len(data), 1)
+
+
+def evaluate(images: torch.Tensor, labels: torch.Tensor, test: LabeledImages, config: TrainConfig,
+             seeds: tuple[int, ...] = (0, 1, 2), progress: bool = False) -> EvalResult:
+    """Train one fresh network per seed on (images, labels) and test each on ``test``."""
+    info = test.info
+    accs = []
+    for s in tqdm(seeds, desc=f"evaluate {config.arch}", disable=not progress, leave=False):
+        net = seeded_network(config.arch, info.channels, info.num_classes, (info.height, info.width),
+                             seed=s, device=config.device, **config.arch_kwargs)
+        train_network(net, images, labels, config, seed=s)
+        accs.append(accuracy(net, test))
+    return EvalResult(tuple(accs), config.arch, config.epochs)
+
+
+def random_real_subset(data: LabeledImages, ipc: int, seed: int = 0) -> LabeledImages:
+    """``ipc`` random real images per class (fewer where a class has fewer): the baseline."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = [idx[torch.randperm(len(idx), generator=gen)[:ipc]] for idx in data.class_indices()]
+    return data.subset(torch.cat(picks))
