@@ -27,6 +27,11 @@ class MethodConfig:
     arch: str = "convnet"
     arch_kwargs: dict = field(default_factory=dict)
     progress: bool = False
+    # FedDM-style iterative federation: start every matching network from this state (the
+    # global model) instead of a fresh random one, perturbed by Gaussian noise of
+    # ``embedder_noise`` x each tensor's std so that iterations still see different networks.
+    embedder_state: dict | None = field(default=None, compare=False, repr=False)
+    embedder_noise: float = 0.1
     method: str = "base"
 
     def __post_init__(self) -> None:
@@ -90,9 +95,19 @@ class RealSampler:
 
 
 def make_network(config: MethodConfig, real: LabeledImages, seed: int) -> torch.nn.Module:
+    """A fresh random network, or the configured embedder state plus seeded noise."""
     info = real.info
-    return seeded_network(config.arch, info.channels, info.num_classes, (info.height, info.width),
-                          seed=seed, device=config.device, **config.arch_kwargs)
+    net = seeded_network(config.arch, info.channels, info.num_classes, (info.height, info.width),
+                         seed=seed, device=config.device, **config.arch_kwargs)
+    if config.embedder_state is not None:
+        net.load_state_dict(config.embedder_state)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for t in net.parameters():
+                if config.embedder_noise > 0 and t.numel() > 1:
+                    noise = torch.randn(t.shape, generator=gen).to(t.device)
+                    t.add_(noise * config.embedder_noise * t.std())
+    return net
 
 
 def finish(plan: SyntheticPlan, real: LabeledImages, config: MethodConfig, **extra) -> SyntheticSet:

@@ -106,7 +106,7 @@ def distill(real: LabeledImages, config: GMConfig, *, callback: Callback | None 
             # grad w.r.t. the images only: no second-order work spent on the network's weights
             (plan.images.grad,) = torch.autograd.grad(loss, [plan.images])
             opt_img.step()
-            total += float(loss)
+            total += loss.item()
             if ol == outer_loop - 1:
                 break
             _train_on_synthetic(net, opt_net, plan.images, plan.labels, inner_loop,
