@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..augment import DSA
 from ..data import LabeledImages
 from ..losses import class_means, mean_embedding_distance
+from ..networks import embed_in_chunks
 from ..synthetic import SyntheticSet
 from .base import Callback, MethodConfig, RealSampler, finish, generator, init_synthetic, make_network
 
@@ -55,8 +56,7 @@ def dm_step(net: torch.nn.Module, syn: torch.Tensor, syn_labels: torch.Tensor, r
         params = dsa.sample(real.shape[0], real.shape[2], real.shape[3], gen)
         real = dsa.apply(real, params)
         syn = dsa.apply(syn, params.select(_paired_rows(syn_labels, real_labels)))
-    with torch.no_grad():
-        real_means = class_means(net.embed(real), real_labels, num_classes)
+    real_means = class_means(embed_in_chunks(net, real), real_labels, num_classes)
     syn_means = class_means(net.embed(syn), syn_labels, num_classes)
     present = torch.unique(syn_labels)
     return mean_embedding_distance(real_means[present], syn_means[present])
