@@ -1,0 +1,84 @@
+"""The ClientApp: translates Flower messages to and from ``client.task`` / ``client.local``.
+
+Wire protocol (keys of the message's RecordDict):
+
+- train in: ``config`` (ConfigRecord, the task in kebab-case keys), optional ``arrays``
+  (ArrayRecord, the global model: FedDM-style embedder in iterative mode, the model to
+  update under FedAvg).
+- fedistill reply: ``synthetic`` (ArrayRecord: images, labels), ``meta`` (ConfigRecord:
+  ``set-meta`` JSON of :class:`distill.synthetic.SetMetadata`), ``metrics`` (MetricRecord).
+- FedAvg reply: ``arrays`` and ``metrics`` (with ``num-examples``), as Flower's FedAvg expects.
+- evaluate in: ``arrays`` (+ ``config``); reply ``metrics``: num-examples, accuracy, loss.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .local import build_network, evaluate_model, train_local
+from .task import DistillTask, client_seed, distill_partition, load_partition
+
+app = ClientApp()
+
+
+def _task(msg: Message) -> DistillTask:
+    config: dict[str, Any] = dict(msg.content["config"]) if "config" in msg.content else {}
+    if "server-round" in config:  # injected by Flower's FedAvg strategy
+        config["round"] = int(config.pop("server-round"))
+    task = DistillTask.from_config(config)
+    torch.set_num_threads(task.client_threads)  # one thread per virtual client: no oversubscription
+    return task
+
+
+def _partition_id(context: Context) -> int:
+    return int(context.node_config.get("partition-id", context.node_id))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Distill the local partition (fedistill) or run local SGD on the global model (FedAvg)."""
+    task = _task(msg)
+    real, _ = load_partition(task, context.node_config)
+    seed = client_seed(task.seed, _partition_id(context), task.round)
+    global_state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+    if task.algorithm == "fedavg":
+        net = build_network(task, real.info)
+        net.load_state_dict(global_state)
+        train_local(net, real, task, seed)
+        arrays = ArrayRecord(net.state_dict())
+        metrics = MetricRecord({"num-examples": len(real),
+                                "bytes-uploaded": sum(a.numpy().nbytes for a in arrays.values())})
+        return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    syn, report = distill_partition(real, task, seed, embedder_state=global_state)
+    syn = syn.with_meta(client=str(_partition_id(context)))
+    content = RecordDict({
+        "synthetic": ArrayRecord({k: Array(v) for k, v in syn.to_arrays().items()}),
+        "meta": ConfigRecord({"set-meta": json.dumps(syn.meta.to_dict())}),
+        "metrics": MetricRecord({
+            "num-examples": int(report["examples"]),
+            "class-histogram": [int(v) for v in report["class-histogram"]],
+            "seconds": float(report["seconds"]),
+            "bytes-uploaded": int(report["bytes-uploaded"]),
+            "classes-capped": len(report["classes-capped"]),
+            "classes-skipped": len(report["classes-skipped"]),
+        }),
+    })
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """The global model's accuracy on this node's held-out data."""
+    task = _task(msg)
+    _, holdout = load_partition(task, context.node_config)
+    net = build_network(task, holdout.info)
+    net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    acc, loss = evaluate_model(net, holdout)
+    metrics = MetricRecord({"num-examples": len(holdout), "accuracy": acc if len(holdout) else 0.0,
+                            "loss": loss if len(holdout) else 0.0})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,180 @@
+"""What a client does with a task, free of Flower: load its partition, budget classes, distill.
+
+The ClientApp (``client/app.py``) only translates messages to and from these functions, so
+they can be tested and reused (benchmarks, attacks) without a federation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields, replace
+from functools import lru_cache
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from distill.data import Dataset, LabeledImages, load_dataset, load_npz
+from distill.methods import distill, make_config
+from distill.partition import PARTITIONERS, partition
+from distill.synthetic import SyntheticSet
+
+ALGORITHMS = ("fedistill", "fedavg")
+
+
+@dataclass(frozen=True)
+class DistillTask:
+    """What the server asks of a client in one round (the ``config`` record of a train message).
+
+    Every field has the name of its kebab-case wire key with ``-`` turned into ``_``.
+    """
+
+    algorithm: str = "fedistill"
+    dataset: str = "mnist10k"
+    partitioner: str = "dirichlet"
+    alpha: float = 0.5
+    shards_per_client: int = 2
+    seed: int = 0
+    round: int = 1
+    method: str = "dm"
+    ipc: int = 10
+    iterations: int = 100
+    init: str = "real"
+    lr_img: float = 1.0
+    batch_real: int = 256
+    net_width: int = 32
+    net_depth: int = 3
+    min_class_samples: int = 10
+    samples_per_image: int = 2
+    holdout_fraction: float = 0.1
+    embedder_noise: float = 0.1
+    local_epochs: int = 1
+    local_lr: float = 0.01
+    local_batch_size: int = 32
+    client_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.partitioner not in PARTITIONERS:
+            raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")
+        if self.ipc < 1 or self.min_class_samples < 1 or self.samples_per_image < 1:
+            raise ValueError(f"ipc, min_class_samples and samples_per_image must be >= 1: {self}")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if self.client_threads < 1 or self.local_epochs < 1:
+            raise ValueError(f"client_threads and local_epochs must be >= 1: {self}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "DistillTask":
+        """Build from a kebab-case mapping; unknown keys raise ``ValueError`` naming them."""
+        known = {f.name for f in fields(cls)}
+        values = {k.replace("-", "_"): v for k, v in config.items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown task keys {unknown}")
+        return cls(**values)
+
+    def to_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def arch_kwargs(self) -> dict[str, int]:
+        return {"width": self.net_width, "depth": self.net_depth}
+
+
+def client_seed(run_seed: int, partition_id: int, round_: int = 1) -> int:
+    """A per-client, per-round seed: distinct clients never share random draws."""
+    return int(np.random.SeedSequence([run_seed, partition_id, round_]).generate_state(1)[0] % (2**31))
+
+
+@lru_cache(maxsize=4)
+def cached_dataset(name_or_path: str) -> Dataset:
+    """Load a dataset once per process (Ray actors serve many virtual clients)."""
+    return load_dataset(name_or_path)
+
+
+@lru_cache(maxsize=8)
+def _partition_indices(dataset: str, num_partitions: int, partitioner: str, alpha: float,
+                       shards_per_client: int, seed: int) -> tuple[np.ndarray, ...]:
+    labels = cached_dataset(dataset).train.labels.numpy()
+    return tuple(partition(labels, num_partitions, partitioner, alpha=alpha,
+                           shards_per_client=shards_per_client, seed=seed))
+
+
+def load_partition(task: DistillTask, node_config: Mapping[str, Any]) -> tuple[LabeledImages, LabeledImages]:
+    """This node's (train, held-out) data.
+
+    With ``data-path`` in ``node_config`` (a real deployment) the node's own ``.npz`` is used:
+    its train split is distilled and its test split is the held-out set. Otherwise the
+    node's ``partition-id`` of ``num-partitions`` over the run's dataset is taken, and a
+    seeded ``holdout-fraction`` of it is held out for federated evaluation.
+    """
+    if "data-path" in node_config:
+        local = load_npz(str(node_config["data-path"]))
+        return local.train, local.test
+    try:
+        pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(f"node_config needs 'partition-id' and 'num-partitions' or 'data-path', "
+                         f"got {sorted(node_config)}") from err
+    if not 0 <= pid < n:
+        raise ValueError(f"partition-id {pid} outside [0, {n})")
+    idx = _partition_indices(task.dataset, n, task.partitioner, task.alpha, task.shards_per_client,
+                             task.seed)[pid]
+    rng = np.random.default_rng(client_seed(task.seed, pid, 0))
+    idx = rng.permutation(idx)
+    n_hold = int(round(task.holdout_fraction * len(idx)))
+    data = cached_dataset(task.dataset).train
+    return data.subset(np.sort(idx[n_hold:])), data.subset(np.sort(idx[:n_hold]))
+
+
+def class_budget(histogram: np.ndarray, ipc: int, min_class_samples: int,
+                 samples_per_image: int) -> np.ndarray:
+    """Synthetic images per class: 0 below ``min_class_samples``, else at most ``n_c // samples_per_image``.
+
+    A class held by a handful of samples would otherwise become near-copies of those
+    samples (most of all with real initialisation); this keeps at least
+    ``samples_per_image`` real samples behind every synthetic image.
+    """
+    hist = np.asarray(histogram, dtype=np.int64)
+    budget = np.minimum(ipc, hist // samples_per_image)
+    budget[hist < min_class_samples] = 0
+    return budget
+
+
+def distill_partition(real: LabeledImages, task: DistillTask, seed: int,
+                      embedder_state: dict | None = None) -> tuple[SyntheticSet, dict[str, Any]]:
+    """Distill ``real`` under the task's class budget; returns the set and its report.
+
+    Classes with the same budget are distilled together (the core gives each class
+    ``min(ipc, n_c)`` images, so a smaller budget means a separate call with that ipc).
+    """
+    start = time.perf_counter()
+    hist = real.class_histogram()
+    budget = class_budget(hist, task.ipc, task.min_class_samples, task.samples_per_image)
+    skipped = [int(c) for c in np.flatnonzero((hist > 0) & (budget == 0))]
+    capped = [int(c) for c in np.flatnonzero((budget > 0) & (budget < task.ipc))]
+    if not budget.any():
+        raise ValueError(f"no class has >= {task.min_class_samples} samples (histogram {hist.tolist()})")
+    parts: list[SyntheticSet] = []
+    for k in sorted(set(budget[budget > 0].tolist()), reverse=True):
+        classes = np.flatnonzero(budget == k)
+        group = real.subset(np.flatnonzero(np.isin(real.labels.numpy(), classes)))
+        settings: dict[str, Any] = dict(ipc=int(k), iterations=task.iterations, init=task.init, seed=seed,
+                                        arch="convnet", arch_kwargs=task.arch_kwargs,
+                                        embedder_state=embedder_state, embedder_noise=task.embedder_noise)
+        if task.method == "dm":
+            settings.update(lr_img=task.lr_img, batch_real=task.batch_real)
+        parts.append(distill(group, make_config(task.method, **settings)))
+    images = torch.cat([p.images for p in parts])
+    labels = torch.cat([p.labels for p in parts])
+    meta = parts[0].meta
+    report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": capped,
+              "classes-skipped": skipped}
+    extra = dict(meta.extra, classes_capped=len(capped), classes_skipped=len(skipped))
+    syn = SyntheticSet(images, labels, replace(parts[0].meta, ipc=task.ipc, round=task.round, seed=seed,
+                                               extra=extra))
+    report["seconds"] = time.perf_counter() - start
+    report["bytes-uploaded"] = syn.nbytes()
+    return syn, report

@@ -1,0 +1,90 @@
+"""Run settings: the kebab-case run-config, read once, validated, split into server and task parts.
+
+``[tool.flwr.app.config]`` in pyproject.toml holds the same defaults as these dataclasses
+(a test keeps them in sync); ``flwr.simulation.run_simulation`` passes an empty run-config,
+so the defaults must also live here. The task part is :class:`client.task.DistillTask`, the
+wire schema of a train message: the server validates it before any message goes out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from client.task import DistillTask
+
+MODES = ("one-shot", "iterative")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs: server-side fields plus the task sent to clients."""
+
+    mode: str = "one-shot"
+    num_server_rounds: int = 3
+    fraction_train: float = 1.0
+    min_train_nodes: int = 2
+    min_available_nodes: int = 2
+    fraction_evaluate: float = 1.0
+    wait_for_nodes: float = 300.0
+    round_timeout: float = 1800.0
+    min_replies: int = 1
+    server_epochs: int = 100
+    server_lr: float = 0.01
+    server_batch_size: int = 256
+    server_dsa: bool = True
+    max_abs_pixel: float = 100.0
+    run_name: str = ""
+    runs_dir: str = "runs"
+    task: DistillTask = field(default_factory=DistillTask)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0.0 < self.fraction_train <= 1.0 or not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ValueError(f"fractions must be in (0, 1] (train) and [0, 1] (evaluate): {self}")
+        if min(self.num_server_rounds, self.min_train_nodes, self.min_available_nodes, self.min_replies,
+               self.server_epochs, self.server_batch_size) < 1:
+            raise ValueError(f"rounds, node minimums, min-replies, epochs and batch size must be >= 1: {self}")
+        if not self.max_abs_pixel > 0 or not self.round_timeout > 0:
+            raise ValueError(f"max-abs-pixel and round-timeout must be > 0: {self}")
+
+    @property
+    def rounds(self) -> int:
+        """One-shot fedistill is one round by definition; otherwise ``num-server-rounds``."""
+        if self.task.algorithm == "fedistill" and self.mode == "one-shot":
+            return 1
+        return self.num_server_rounds
+
+    @property
+    def name(self) -> str:
+        if self.run_name:
+            return self.run_name
+        kind = self.mode if self.task.algorithm == "fedistill" else "fedavg"
+        return f"{self.task.algorithm}-{kind}" if kind != "fedavg" else "fedavg"
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> "RunSettings":
+        """Defaults, overlaid by ``run_config`` (kebab-case), overlaid by ``overrides``.
+
+        Unknown keys raise ``ValueError`` naming them: a typo never silently runs defaults.
+        """
+        merged = {k.replace("-", "_"): v for k, v in {**dict(run_config), **overrides}.items()}
+        server_keys = {f.name for f in fields(cls)} - {"task"}
+        task_keys = {f.name for f in fields(DistillTask)} - {"round"}  # the server sets the round
+        unknown = sorted(set(merged) - server_keys - task_keys)
+        if unknown:
+            raise ValueError(f"unknown run-config keys {[k.replace('_', '-') for k in unknown]}")
+        task = DistillTask(**{k: v for k, v in merged.items() if k in task_keys})
+        return cls(task=task, **{k: v for k, v in merged.items() if k in server_keys})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat kebab-case view (what config.json records)."""
+        out = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "task"}
+        task = {k: v for k, v in self.task.to_config().items() if k != "round"}
+        return {**out, **task}
+
+
+def default_run_config() -> dict[str, Any]:
+    """The defaults as a kebab-case mapping (pyproject's ``[tool.flwr.app.config]`` mirrors it)."""
+    return RunSettings().to_dict()

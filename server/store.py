@@ -1,0 +1,84 @@
+"""The run store ``runs/<time>-<name>/``: config, per-round metrics, accepted sets, model, summary.
+
+Every write is atomic (temp file in the same directory + ``os.replace``), so a crash leaves
+either the previous version of a file or the new one, never half of one. The model is a
+plain ``state_dict`` read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distill.synthetic import SyntheticSet
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> Path:
+    """Write via ``write(file)`` to a temp file next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class RunStore:
+    """One run's directory. ``metrics.jsonl`` gets one JSON line per round."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._metrics: list[dict[str, Any]] = []
+
+    @classmethod
+    def create(cls, runs_dir: str | Path, name: str, now: float | None = None) -> "RunStore":
+        """A fresh ``<runs_dir>/<YYYYmmdd-HHMMSS>-<name>``; a suffix avoids collisions."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        base = Path(runs_dir) / f"{stamp}-{name}"
+        root, i = base, 1
+        while root.exists():
+            root, i = Path(f"{base}-{i}"), i + 1
+        return cls(root)
+
+    def write_json(self, name: str, data: dict[str, Any]) -> Path:
+        return atomic_write(self.root / name, lambda f: json.dump(data, f, indent=2, sort_keys=True))
+
+    def append_metrics(self, record: dict[str, Any]) -> Path:
+        """Add one round's line (the whole file is rewritten atomically: it stays small)."""
+        self._metrics.append(record)
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._metrics)
+        return atomic_write(self.root / "metrics.jsonl", lambda f: f.write(text))
+
+    def save_set(self, syn: SyntheticSet, round_: int, node_id: int) -> Path:
+        return syn.save(self.root / "sets" / f"round{round_:03d}-node{node_id}.npz")
+
+    def save_model(self, state: dict[str, torch.Tensor], name: str = "global_model.pt") -> Path:
+        tensors = {k: v.detach().cpu() for k, v in state.items()}
+        return atomic_write(self.root / name, lambda f: torch.save(tensors, f), mode="wb")
+
+    def load_model(self, name: str = "global_model.pt") -> dict[str, torch.Tensor]:
+        """Read a checkpoint without unpickling arbitrary objects."""
+        return torch.load(self.root / name, weights_only=True, map_location="cpu")
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        return list(self._metrics)
+
+
+def read_metrics(root: str | Path) -> list[dict[str, Any]]:
+    """The per-round records of a finished (or interrupted) run."""
+    path = Path(root) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,136 @@
+"""Upload validation: every reply is checked before the server touches it (DESIGN "Bad input").
+
+A reply is untrusted input. :func:`check_reply` turns it into a :class:`SyntheticSet` or
+raises :class:`Rejected` with a short ``kind`` (counted in the round's metrics) and a
+human-readable ``detail`` (logged). Arrays are decoded by Flower with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from distill.data import DatasetInfo
+from distill.synthetic import SetMetadata, SyntheticSet
+
+MAX_META_CHARS = 65_536
+SOFT_LABEL_TOLERANCE = 1e-3
+# Rejection kinds, one counter each in metrics.jsonl ("rejected-<kind>").
+KINDS = ("error-reply", "malformed", "keys", "dtype", "shape", "non-finite", "magnitude",
+         "label-range", "soft-labels", "too-many", "metadata")
+
+
+class Rejected(ValueError):
+    """A reply the server refuses; ``kind`` is one of :data:`KINDS`."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """What an acceptable upload looks like in this run and round."""
+
+    info: DatasetInfo
+    method: str
+    ipc: int
+    round: int
+    max_abs_pixel: float = 100.0
+
+
+def check_arrays(arrays: dict[str, np.ndarray], exp: Expectation) -> None:
+    """Raise :class:`Rejected` unless ``arrays`` is a plausible synthetic set for ``exp``."""
+    keys = set(arrays)
+    if not {"images", "labels"} <= keys or keys - {"images", "labels", "lr"}:
+        raise Rejected("keys", f"expected images, labels (lr optional), got {sorted(keys)}")
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.float32 or labels.dtype not in (np.int64, np.float32):
+        raise Rejected("dtype", f"images {images.dtype} (want float32), labels {labels.dtype} "
+                                "(want int64 or float32)")
+    k = exp.info.num_classes
+    if images.ndim != 4 or images.shape[1:] != exp.info.image_shape:
+        raise Rejected("shape", f"images {images.shape}, run needs [N, {exp.info.image_shape}]")
+    n = images.shape[0]
+    soft = labels.ndim == 2
+    if labels.shape != ((n, k) if soft else (n,)) or (soft and labels.dtype != np.float32) \
+            or (not soft and labels.dtype != np.int64):
+        raise Rejected("shape", f"labels {labels.shape} {labels.dtype} for {n} images and {k} classes")
+    if "lr" in arrays and (arrays["lr"].shape != (1,) or arrays["lr"].dtype != np.float32):
+        raise Rejected("shape", f"lr must be one float32, got {arrays['lr'].shape} {arrays['lr'].dtype}")
+    if n == 0:
+        raise Rejected("shape", "empty set")
+    if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
+        raise Rejected("non-finite", "NaN or Inf in the upload")
+    peak = float(np.abs(images).max())
+    if peak > exp.max_abs_pixel:
+        raise Rejected("magnitude", f"|pixel| up to {peak:.3g} > {exp.max_abs_pixel} (normalised space)")
+    if soft:
+        if labels.min() < 0 or np.abs(labels.sum(1) - 1).max() > SOFT_LABEL_TOLERANCE:
+            raise Rejected("soft-labels", "soft labels are not probability distributions")
+        hard = labels.argmax(1)
+    else:
+        if labels.min() < 0 or labels.max() >= k:
+            raise Rejected("label-range", f"labels span [{labels.min()}, {labels.max()}], run has {k} classes")
+        hard = labels
+    counts = np.bincount(hard, minlength=k)
+    if n > exp.ipc * k or counts.max() > exp.ipc:
+        raise Rejected("too-many", f"{n} images, up to {counts.max()} in one class; run allows "
+                                   f"{exp.ipc} per class")
+
+
+def check_meta(meta_json: object, exp: Expectation) -> SetMetadata:
+    """Parse the metadata and raise :class:`Rejected` where it contradicts the run."""
+    if not isinstance(meta_json, str) or len(meta_json) > MAX_META_CHARS:
+        raise Rejected("metadata", "set-meta must be a JSON string under 64 KiB")
+    try:
+        meta = SetMetadata.from_dict(json.loads(meta_json))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise Rejected("metadata", f"unreadable set-meta ({err})") from err
+    # The dataset's name may differ between sites (a local .npz); geometry and normalisation may not.
+    claims = {"dataset": (replace(meta.dataset, name=exp.info.name), exp.info), "method": (meta.method, exp.method),
+              "ipc": (meta.ipc, exp.ipc), "round": (meta.round, exp.round)}
+    wrong = [f"{name}={got!r} (run: {want!r})" for name, (got, want) in claims.items() if got != want]
+    if wrong:
+        raise Rejected("metadata", "metadata contradicts the run: " + "; ".join(wrong))
+    return meta
+
+
+def check_metrics(metrics: MetricRecord, arrays: dict[str, np.ndarray], exp: Expectation) -> None:
+    """The reported metrics must agree with the upload (bytes) and the dataset (histogram)."""
+    hist = metrics.get("class-histogram", [])
+    if not isinstance(hist, list) or len(hist) != exp.info.num_classes or min(hist, default=0) < 0:
+        raise Rejected("metadata", f"class-histogram must list {exp.info.num_classes} counts >= 0")
+    sent = sum(a.nbytes for a in arrays.values())
+    if metrics.get("bytes-uploaded") != sent:
+        raise Rejected("metadata", f"bytes-uploaded {metrics.get('bytes-uploaded')} != {sent} received")
+
+
+def decode(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """Decode every array (``allow_pickle=False``); corrupt payloads are ``malformed``."""
+    try:
+        return {key: arr.numpy() for key, arr in record.items()}
+    except (ValueError, TypeError, OSError, EOFError) as err:
+        raise Rejected("malformed", f"undecodable array ({err})") from err
+
+
+def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
+    """The validated synthetic set in ``reply``, or :class:`Rejected` saying why not."""
+    if reply.has_error():
+        raise Rejected("error-reply", f"code {reply.error.code}: {reply.error.reason}")
+    content = reply.content
+    types = {"synthetic": ArrayRecord, "meta": ConfigRecord, "metrics": MetricRecord}
+    bad = [k for k, t in types.items() if not isinstance(content.get(k), t)]
+    if bad:
+        raise Rejected("malformed", f"missing or mistyped records {bad}; got {sorted(content)}")
+    arrays = decode(content["synthetic"])
+    check_arrays(arrays, exp)
+    meta = check_meta(content["meta"].get("set-meta"), exp)
+    check_metrics(content["metrics"], arrays, exp)
+    lr = float(arrays["lr"][0]) if "lr" in arrays else None
+    return SyntheticSet(torch.from_numpy(arrays["images"].copy()), torch.from_numpy(arrays["labels"].copy()),
+                        meta, lr)
