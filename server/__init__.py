@@ -1,0 +1,1 @@
+"""fedistill ServerApp: validate uploads, merge, train and evaluate the global model (``server.app:app``)."""

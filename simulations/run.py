@@ -1,0 +1,158 @@
+"""Run a federation of virtual clients on Flower's simulation engine (Ray) and write its run store.
+
+    python simulations/run.py                                  # the demo: 10 clients, DM IPC 10, one-shot
+    python simulations/run.py --alpha 0.1 --mode iterative --rounds 3
+    python simulations/run.py --algorithm fedavg --rounds 20
+    python simulations/run.py --clients 100 --set fraction-evaluate=0
+
+Any run-config key (README "Run-config reference") can be set with ``--set key=value``.
+``flwr.simulation.run_simulation`` hands the apps an empty run-config, so the settings are
+fixed in code through :func:`server.app.make_server_app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# Flower's SuperLink must not `uv sync` dependencies; its state goes to a project-local home.
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
+
+from server.settings import RunSettings  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=10, help="number of virtual clients (SuperNodes)")
+    p.add_argument("--algorithm", choices=("fedistill", "fedavg"), default="fedistill")
+    p.add_argument("--mode", choices=("one-shot", "iterative"), default="one-shot",
+                   help="fedistill: one round, or FedDM-style rounds with the global model as embedder")
+    p.add_argument("--rounds", type=int, default=3, help="rounds for iterative fedistill and FedAvg")
+    p.add_argument("--dataset", default="mnist10k", help="mnist10k (bundled), a torchvision name or an .npz path")
+    p.add_argument("--partitioner", choices=("iid", "dirichlet", "shards"), default="dirichlet")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
+    p.add_argument("--method", default="dm", help="distillation method: dm, dc, dsa")
+    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class per client")
+    p.add_argument("--iterations", type=int, default=None, help="distillation iterations per client")
+    p.add_argument("--seed", type=int, default=0, help="run seed (client seeds derive from it)")
+    p.add_argument("--cpus-per-client", type=int, default=1,
+                   help="Ray CPUs per virtual client; also torch threads per client")
+    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the run store directory goes")
+    p.add_argument("--name", default="", help="run name (default: algorithm-mode)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other run-config key, e.g. --set server-epochs=50 (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    return p.parse_args(argv)
+
+
+def _value(text: str) -> Any:
+    """``--set`` values: Python literals (numbers, true/false) or plain strings."""
+    lowered = {"true": "True", "false": "False"}.get(text.lower(), text)
+    try:
+        return ast.literal_eval(lowered)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config the CLI arguments amount to (kebab-case keys)."""
+    out: dict[str, Any] = {
+        "algorithm": args.algorithm, "mode": args.mode, "num-server-rounds": args.rounds,
+        "dataset": args.dataset, "partitioner": args.partitioner, "alpha": args.alpha, "method": args.method,
+        "ipc": args.ipc, "seed": args.seed, "client-threads": args.cpus_per_client,
+        "runs-dir": args.runs_dir, "run-name": args.name,
+        # wait until every virtual client has registered before sampling
+        "min-available-nodes": args.clients, "min-train-nodes": min(2, args.clients),
+    }
+    if args.iterations is not None:
+        out["iterations"] = args.iterations
+    for item in args.set:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
+        out[key.strip()] = _value(val.strip())
+    return out
+
+
+def progress_line(record: dict[str, Any]) -> str:
+    acc = record.get("accuracy")
+    parts = [f"round {record['round']:>3}", f"acc {100 * acc:6.2f}%" if acc is not None else "acc    n/a",
+             f"{record.get('mb-uploaded-per-client', 0):8.3f} MB/client",
+             f"{record.get('elapsed-seconds', 0):7.1f} s"]
+    if "accepted" in record:
+        parts.insert(2, f"accepted {record['accepted']}/{record['sent']} rejected {record['rejected']}")
+    if record.get("federated-accuracy") is not None:
+        parts.append(f"fed-eval {100 * record['federated-accuracy']:.2f}%")
+    return " | ".join(parts)
+
+
+def final_table(summary: dict[str, Any], settings: RunSettings, clients: int) -> str:
+    task = settings.task
+    split = task.partitioner + (f"(alpha={task.alpha})" if task.partitioner == "dirichlet" else "")
+    rows = [("algorithm", f"{summary['algorithm']} ({summary['mode']})" if summary["algorithm"] == "fedistill"
+             else "fedavg"),
+            ("clients / split", f"{clients} / {split} on {task.dataset}"),
+            ("method", f"{task.method}, ipc {task.ipc}, {task.iterations} iterations, init {task.init}"
+             if task.algorithm == "fedistill" else f"{task.local_epochs} local epoch(s), lr {task.local_lr}"),
+            ("rounds", str(summary["rounds"])),
+            ("global accuracy", "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f} %"),
+            ("federated eval", "n/a" if summary.get("federated-accuracy") is None
+             else f"{100 * summary['federated-accuracy']:.2f} %"),
+            ("uploaded / client", f"{summary['mb-uploaded-per-client']:.3f} MB (max {summary['mb-uploaded-max-client']:.3f})"),
+            ("accepted / rejected", f"{summary['accepted']} / {summary['rejected']}"),
+            ("wall time", f"{summary['wall-seconds']:.1f} s (server loop)"),
+            ("run store", summary["run"])]
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
+
+
+def simulate(overrides: dict[str, Any], clients: int, cpus_per_client: int = 1, verbose: bool = False,
+             quiet: bool = False) -> dict[str, Any]:
+    """Run one federation on Ray; returns the server's summary."""
+    from flwr.simulation import run_simulation
+
+    from client.app import app as client_app
+    from server.app import make_server_app
+
+    RunSettings.from_run_config({}, **overrides)  # fail on a bad setting before Ray starts
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    results: list[dict[str, Any]] = []
+    on_round = None if quiet else (lambda r: print(progress_line(r), flush=True))
+    server_app = make_server_app(on_round=on_round, on_done=results.append, **overrides)
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
+                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                                   "init_args": {"logging_level": logging.INFO if verbose else logging.ERROR,
+                                                 "log_to_driver": verbose}},
+                   verbose_logging=verbose)
+    if not results:
+        raise RuntimeError("the simulation ended without a summary: see the log above (rerun with --verbose)")
+    return results[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = overrides_from_args(args)
+    settings = RunSettings.from_run_config({}, **overrides)
+    print(f"fedistill: {args.clients} virtual clients, {settings.name}, "
+          f"{settings.task.partitioner} split of {settings.task.dataset}", flush=True)
+    start = time.perf_counter()
+    summary = simulate(overrides, args.clients, args.cpus_per_client, args.verbose)
+    print(final_table(summary, settings, args.clients))
+    print(f"total wall time {time.perf_counter() - start:.1f} s (including Ray start-up)")
+    return 0 if summary["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""End to end without Ray: the server loop over an in-process Grid writes a complete run store."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from client.app import app as client_app
+from distill.data import load_dataset
+from distill.synthetic import SyntheticSet
+from server.app import run
+from server.rounds import select_nodes
+from server.store import RunStore, read_metrics
+from tests.flower_fixtures import InProcessGrid, task_identity  # noqa: F401 - fixture
+
+TINY = {"iterations": 2, "ipc": 2, "batch-real": 16, "net-width": 8, "net-depth": 2, "server-epochs": 2,
+        "server-dsa": False}
+
+
+def test_three_client_iterative_run_writes_a_complete_run_store(tmp_path, task_identity):  # noqa: F811
+    rounds = []
+    summary = run(InProcessGrid(client_app, 3), {}, rounds.append, runs_dir=str(tmp_path), mode="iterative",
+                  **{"num-server-rounds": 2}, **TINY)
+    root = tmp_path / next(p.name for p in tmp_path.iterdir())
+    assert {p.name for p in root.iterdir()} == {"config.json", "metrics.jsonl", "sets", "global_model.pt",
+                                                "summary.json"}
+    config = json.loads((root / "config.json").read_text())
+    assert config["mode"] == "iterative" and config["ipc"] == 2
+    metrics = read_metrics(root)
+    assert [m["round"] for m in metrics] == [1, 2] == [r["round"] for r in rounds]
+    assert all(m["accepted"] == 3 and m["rejected"] == 0 and 0 <= m["accuracy"] <= 1 for m in metrics)
+    assert "federated-accuracy" in metrics[-1]
+    sets = sorted((root / "sets").iterdir())
+    assert len(sets) == 6 and all(len(SyntheticSet.load(p)) > 0 for p in sets)
+    state = RunStore(root).load_model()  # weights_only=True
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert json.loads((root / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["status"] == "ok" and summary["clients"] == 3 and summary["mb-uploaded-per-client"] > 0
+
+
+def test_iterative_rounds_send_the_global_model(tmp_path, task_identity):  # noqa: F811
+    grid = InProcessGrid(client_app, 2)
+    run(grid, {}, runs_dir=str(tmp_path), mode="iterative", **{"num-server-rounds": 2, "fraction-evaluate": 0.0},
+        **TINY)
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert ["arrays" in m.content for m in train_msgs] == [False, False, True, True]
+
+
+def test_fedavg_runs_one_round_and_counts_bytes(tmp_path, task_identity):  # noqa: F811
+    summary = run(InProcessGrid(client_app, 3), {}, runs_dir=str(tmp_path), algorithm="fedavg",
+                  **{"num-server-rounds": 1, "net-width": 8, "fraction-evaluate": 0.0})
+    metrics = read_metrics(summary["run"])
+    assert len(metrics) == 1 and 0 <= metrics[0]["accuracy"] <= 1
+    assert summary["clients"] == 3 and summary["mb-uploaded-per-client"] > 0
+
+
+def test_a_round_without_enough_good_replies_trains_nothing(tmp_path, task_identity):  # noqa: F811
+    grid = InProcessGrid(client_app, 2, tamper=lambda node, reply: None)
+    summary = run(grid, {}, runs_dir=str(tmp_path), **TINY)
+    assert summary["status"] == "no-model" and summary["rejected"] == 2
+    assert read_metrics(summary["run"])[0]["rejected-timeout"] == 2
+
+
+def test_node_selection_respects_fraction_minimum_and_seed():
+    ids = list(range(10, 30))
+    assert len(select_nodes(ids, 0.1, 5, random.Random(0))) == 5
+    assert len(select_nodes(ids, 0.5, 2, random.Random(0))) == 10
+    assert len(select_nodes(ids[:3], 1.0, 5, random.Random(0))) == 3
+    assert select_nodes(ids, 0.3, 1, random.Random(4)) == select_nodes(ids, 0.3, 1, random.Random(4))
+
+
+def test_server_evaluates_on_the_run_datasets_test_split():
+    assert len(load_dataset().test) == 2000
