@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (see docs/): keep the pinned torch of this venv.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install test test-slow bench-quick clean
+.PHONY: install test test-slow bench-quick clean demo flwr-run bench-federated
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,20 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# The default federation: 10 virtual clients, bundled MNIST, Dirichlet(0.5), DM at IPC 10,
+# one-shot. Prints the global accuracy and the run store's path.
+demo: $(STAMP)
+	$(PY) simulations/run.py --clients 10 --partitioner dirichlet --alpha 0.5 --method dm --ipc 10 --mode one-shot --name demo
+
+# The same app through `flwr run .` (local simulation SuperLink, FLWR_HOME=./.flwr).
+flwr-run: $(STAMP)
+	FLWR=$(VENV)/bin/flwr simulations/flwr_local.sh
+
+bench-federated: $(STAMP)
+	$(PY) simulations/bench_federated.py
+
 bench-quick: $(STAMP)
 	$(PY) simulations/bench_distill.py --quick
 
 clean:
-	rm -rf runs bench_results .pytest_cache
+	rm -rf runs bench_results .pytest_cache .flwr
