@@ -11,15 +11,33 @@ is re-expressed here (it is a few lines); every module it calls is the reference
 
 from __future__ import annotations
 
-import importlib
+import re
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from distill.data import LabeledImages
+
+
+def load_reference_utils(ref_dir: str) -> types.ModuleType:
+    """Import the reference ``utils.py`` with one compatibility fix applied in memory.
+
+    Its siamese crop/cutout write ``t[:] = t[0]``, which torch >= 2.1 refuses (the source and
+    target alias); ``t[:] = t[0].clone()`` computes the same values. The checkout is untouched.
+    """
+    if ref_dir not in sys.path:
+        sys.path.insert(0, ref_dir)  # for its `from networks import ...`
+    source = (Path(ref_dir) / "utils.py").read_text()
+    source, fixes = re.subn(r"(\w+)\[:\] = \1\[0\]\n", r"\1[:] = \1[0].clone()\n", source)
+    module = types.ModuleType("reference_utils")
+    module.__file__ = str(Path(ref_dir) / "utils.py")
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    module.COMPAT_FIXES = fixes
+    return module
 
 
 class ReferenceDM:
@@ -30,9 +48,7 @@ class ReferenceDM:
         ref_dir = str(Path(reference_dir).resolve())
         if not (Path(ref_dir) / "utils.py").is_file():
             raise FileNotFoundError(f"{ref_dir} is not a DatasetCondensation checkout (no utils.py)")
-        if ref_dir not in sys.path:
-            sys.path.insert(0, ref_dir)
-        self.ref = importlib.import_module("utils")
+        self.ref = load_reference_utils(ref_dir)
         info = real.info
         self.channel, self.im_size, self.num_classes = info.channels, (info.height, info.width), info.num_classes
         self.ipc, self.batch_real, self.device = ipc, batch_real, device
@@ -60,6 +76,10 @@ class ReferenceDM:
             seed = int(time.time() * 1000) % 100000  # as the reference does
             img_real = self.ref.DiffAugment(img_real, self.strategy, seed=seed, param=self.param)
             img_syn = self.ref.DiffAugment(img_syn, self.strategy, seed=seed, param=self.param)
+            # 1-channel crops come back with channels-last strides, which the reference's
+            # `embed` (.view) rejects on current torch: restore standard strides, same values.
+            img_real = img_real.clone(memory_format=torch.contiguous_format)
+            img_syn = img_syn.clone(memory_format=torch.contiguous_format)
             out_real = net.embed(img_real).detach()
             out_syn = net.embed(img_syn)
             loss = loss + torch.sum((out_real.mean(0) - out_syn.mean(0)) ** 2)

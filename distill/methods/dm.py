@@ -38,24 +38,18 @@ class DMConfig(MethodConfig):
             raise ValueError(f"lr_img must be > 0 and batch_real >= 1: {self}")
 
 
-def _paired_rows(syn_labels: torch.Tensor, real_labels: torch.Tensor) -> torch.Tensor:
-    """For each synthetic row, the real row whose DSA parameters it shares (k-th of its class)."""
-    rows = torch.empty_like(syn_labels)
-    for c in syn_labels.unique():
-        real_rows = torch.nonzero(real_labels == c).flatten()
-        syn_rows = torch.nonzero(syn_labels == c).flatten()
-        rows[syn_rows] = real_rows[torch.arange(len(syn_rows), device=real_rows.device) % len(real_rows)]
-    return rows
-
-
 def dm_step(net: torch.nn.Module, syn: torch.Tensor, syn_labels: torch.Tensor, real: torch.Tensor,
             real_labels: torch.Tensor, num_classes: int, dsa: DSA | None,
             gen: torch.Generator) -> torch.Tensor:
-    """The DM loss for one iteration (differentiable in ``syn``)."""
+    """The DM loss for one iteration (differentiable in ``syn``).
+
+    Siamese DSA as in the reference code: one draw per class, applied to that class's real and
+    synthetic images alike, so each class's means are compared under the same transformation.
+    """
     if dsa is not None:
-        params = dsa.sample(real.shape[0], real.shape[2], real.shape[3], gen)
-        real = dsa.apply(real, params)
-        syn = dsa.apply(syn, params.select(_paired_rows(syn_labels, real_labels)))
+        params = dsa.sample(num_classes, real.shape[2], real.shape[3], gen)
+        real = dsa.apply(real, params.select(real_labels))
+        syn = dsa.apply(syn, params.select(syn_labels))
     real_means = class_means(embed_in_chunks(net, real), real_labels, num_classes)
     syn_means = class_means(net.embed(syn), syn_labels, num_classes)
     present = torch.unique(syn_labels)

@@ -60,9 +60,10 @@ def class_gradient_distance(net: torch.nn.Module, params: list[torch.Tensor], re
                             syn: torch.Tensor, c: int, dsa: DSA | None,
                             gen: torch.Generator) -> torch.Tensor:
     """Gradient-matching loss of one class (differentiable in ``syn``)."""
-    if dsa is not None:
-        draw = dsa.sample(real.shape[0], real.shape[2], real.shape[3], gen)
-        real, syn = dsa.apply(real, draw), dsa.apply(syn, draw)
+    if dsa is not None:  # one siamese draw for the class: both batches see the same transformation
+        draw = dsa.sample(1, real.shape[2], real.shape[3], gen)
+        real = dsa.apply(real, draw.select(torch.zeros(real.shape[0], dtype=torch.long)))
+        syn = dsa.apply(syn, draw.select(torch.zeros(syn.shape[0], dtype=torch.long)))
     y_real = torch.full((real.shape[0],), c, device=real.device)
     y_syn = torch.full((syn.shape[0],), c, device=syn.device)
     g_real = torch.autograd.grad(F.cross_entropy(net(real), y_real), params)

@@ -1,0 +1,24 @@
+"""Shared fixtures: the bundled dataset (loaded once) and a small, fast network setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distill.data import Dataset, load_dataset
+
+torch.set_num_threads(2)
+
+SMALL_NET = {"width": 16, "depth": 2}
+
+
+@pytest.fixture(scope="session")
+def mnist() -> Dataset:
+    return load_dataset("mnist10k")
+
+
+@pytest.fixture(scope="session")
+def small_train(mnist: Dataset):
+    """600 training images, 60 per class: enough signal, fast."""
+    idx = torch.cat([i[:60] for i in mnist.train.class_indices()])
+    return mnist.train.subset(idx)

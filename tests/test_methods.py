@@ -1,0 +1,87 @@
+"""Contract and behaviour tests over every registered distillation method."""
+
+import numpy as np
+import pytest
+import torch
+
+from distill.losses import class_means, gradient_match_distance
+from distill.methods import available_methods, coerce_settings, distill, make_config
+from distill.methods.gm import class_gradient_distance
+from distill.networks import seeded_network
+
+from .conftest import SMALL_NET
+
+FAST = {"dm": {"batch_real": 32}, "dc": {"batch_real": 32, "outer_loop": 1, "inner_loop": 1},
+        "dsa": {"batch_real": 32, "outer_loop": 1, "inner_loop": 1}}
+
+
+def _cfg(method, **kw):
+    base = dict(ipc=2, iterations=2, arch_kwargs=SMALL_NET, **FAST[method])
+    base.update(kw)
+    return make_config(method, **base)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_contract_shapes_determinism_and_no_mutation(method, small_train):
+    before = small_train.images.clone()
+    cfg = _cfg(method)
+    a, b = distill(small_train, cfg), distill(small_train, cfg)
+    assert a.images.shape == (20, 1, 28, 28) and a.labels.tolist() == sorted(list(range(10)) * 2)
+    assert torch.equal(a.images, b.images)  # same config, same machine -> same set
+    assert torch.equal(small_train.images, before)
+    assert a.meta.method == method and a.meta.ipc == 2 and a.meta.dataset == small_train.info
+    c = distill(small_train, _cfg(method, seed=1))
+    assert not torch.equal(a.images, c.images)
+
+
+def test_dm_loss_decreases_and_images_move(small_train):
+    losses = []
+    cfg = _cfg("dm", iterations=30, init="noise", ipc=1)
+    syn = distill(small_train, cfg, callback=lambda it, loss: losses.append(loss))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    start = distill(small_train, _cfg("dm", iterations=0, init="noise", ipc=1))
+    assert (syn.images - start.images).abs().mean() > 0.01
+
+
+def _matching_loss(syn, real, seeds=(11, 12, 13)):
+    total = 0.0
+    for s in seeds:
+        net = seeded_network("convnet", 1, 10, (28, 28), seed=s, **SMALL_NET)
+        params = list(net.parameters())
+        for c in range(10):
+            real_c = real.images[real.labels == c][:60]
+            syn_c = syn.images[syn.labels == c]
+            total += class_gradient_distance(net, params, real_c, syn_c, c, None, torch.Generator()).item()
+    return total
+
+
+def test_dc_matching_loss_decreases(small_train):
+    start = distill(small_train, _cfg("dc", iterations=0, init="noise", ipc=1))
+    syn = distill(small_train, _cfg("dc", iterations=25, init="noise", ipc=1, lr_img=1.0))
+    assert _matching_loss(syn, small_train) < 0.9 * _matching_loss(start, small_train)
+
+
+def test_classes_are_capped_at_what_the_client_holds(small_train):
+    labels = small_train.labels
+    idx = torch.cat([torch.nonzero(labels == 0).flatten()[:1], torch.nonzero(labels == 1).flatten()[:30]])
+    syn = distill(small_train.subset(idx), _cfg("dm", ipc=5))
+    assert syn.class_counts().tolist() == [1, 5] + [0] * 8
+
+
+def test_registry_errors_name_the_known_values():
+    with pytest.raises(ValueError, match="known: .*dm"):
+        make_config("nope")
+    with pytest.raises(ValueError, match="no settings"):
+        make_config("dm", lr_net=0.1)
+    with pytest.raises(ValueError, match="ipc"):
+        make_config("dm", ipc=0)
+    assert coerce_settings("dsa", {"lr-img": "0.5", "outer_loop": "3"}) == {"lr_img": 0.5, "outer_loop": 3}
+    assert make_config("dsa").dsa and not make_config("dc").dsa
+
+
+def test_loss_functions():
+    g = [torch.randn(4, 3, 3, 3), torch.randn(4)]
+    assert float(gradient_match_distance(g, g)) == pytest.approx(0.0, abs=1e-4)
+    assert float(gradient_match_distance(g, [-g[0], g[1]])) == pytest.approx(8.0, abs=1e-3)
+    means = class_means(torch.tensor([[1.0], [3.0], [5.0]]), torch.tensor([0, 0, 2]), 3)
+    assert means.flatten().tolist() == [2.0, 0.0, 5.0]
