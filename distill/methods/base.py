@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from ..augment import DEFAULT_STRATEGY
 from ..data import LabeledImages
 from ..networks import seeded_network
 from ..synthetic import SetMetadata, SyntheticSet
@@ -41,6 +42,22 @@ class MethodConfig:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+
+
+@dataclass(frozen=True)
+class MatchingConfig(MethodConfig):
+    """Settings of the methods that move images to match statistics of real batches."""
+
+    lr_img: float = 1.0
+    momentum: float = 0.5
+    batch_real: int = 256
+    dsa: bool = True
+    dsa_strategy: str = DEFAULT_STRATEGY
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.lr_img > 0 or self.batch_real < 1:
+            raise ValueError(f"lr_img must be > 0 and batch_real >= 1, got {self.lr_img}, {self.batch_real}")
 
 
 @dataclass

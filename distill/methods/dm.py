@@ -18,24 +18,14 @@ from ..data import LabeledImages
 from ..losses import class_means, mean_embedding_distance
 from ..networks import embed_in_chunks
 from ..synthetic import SyntheticSet
-from .base import Callback, MethodConfig, RealSampler, finish, generator, init_synthetic, make_network
+from .base import Callback, MatchingConfig, RealSampler, finish, generator, init_synthetic, make_network
 
 
 @dataclass(frozen=True)
-class DMConfig(MethodConfig):
-    """DM settings; defaults are the paper's (lr 1.0, momentum 0.5, 256 real images per class)."""
+class DMConfig(MatchingConfig):
+    """DM settings; defaults are the paper's (lr 1.0, momentum 0.5, 256 real images per class, DSA)."""
 
-    lr_img: float = 1.0
-    momentum: float = 0.5
-    batch_real: int = 256
-    dsa: bool = True
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     method: str = "dm"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.lr_img > 0 or self.batch_real < 1:
-            raise ValueError(f"lr_img must be > 0 and batch_real >= 1: {self}")
 
 
 def dm_step(net: torch.nn.Module, syn: torch.Tensor, syn_labels: torch.Tensor, real: torch.Tensor,

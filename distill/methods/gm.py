@@ -18,7 +18,7 @@ from ..augment import DSA
 from ..data import LabeledImages
 from ..losses import gradient_match_distance
 from ..synthetic import SyntheticSet
-from .base import Callback, MethodConfig, RealSampler, finish, generator, init_synthetic, make_network
+from .base import Callback, MatchingConfig, RealSampler, finish, generator, init_synthetic, make_network
 
 # (outer_loop, inner_loop) per ipc, from the DC paper's released settings.
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -31,24 +31,22 @@ def default_loops(ipc: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class GMConfig(MethodConfig):
+class GMConfig(MatchingConfig):
     """DC / DSA settings; ``outer_loop``/``inner_loop`` of 0 take the paper's per-ipc values."""
 
     lr_img: float = 0.1
-    momentum: float = 0.5
+    dsa: bool = False
     lr_net: float = 0.01
-    batch_real: int = 256
     batch_train: int = 256
     outer_loop: int = 0
     inner_loop: int = 0
-    dsa: bool = False
-    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     method: str = "dc"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.outer_loop < 0 or self.inner_loop < 0 or not self.lr_img > 0 or not self.lr_net > 0:
-            raise ValueError(f"loops must be >= 0 and learning rates > 0: {self}")
+        if self.outer_loop < 0 or self.inner_loop < 0 or not self.lr_net > 0:
+            raise ValueError(f"loops must be >= 0 and lr_net > 0, got {self.outer_loop}, "
+                             f"{self.inner_loop}, {self.lr_net}")
 
     @property
     def loops(self) -> tuple[int, int]:
