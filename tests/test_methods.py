@@ -85,3 +85,24 @@ def test_loss_functions():
     assert float(gradient_match_distance(g, [-g[0], g[1]])) == pytest.approx(8.0, abs=1e-3)
     means = class_means(torch.tensor([[1.0], [3.0], [5.0]]), torch.tensor([0, 0, 2]), 3)
     assert means.flatten().tolist() == [2.0, 0.0, 5.0]
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_kip_rho_frozen_pixels_stay_bit_identical(method, small_train):
+    """Frozen pixels survive momentum (and anything else) because they are reparameterised."""
+    base = dict(ipc=2, rho=0.5, init="noise", lr_img=5.0)
+    start = distill(small_train, _cfg(method, iterations=0, **base))
+    end = distill(small_train, _cfg(method, iterations=6, **base))
+    from distill.methods.base import generator, init_synthetic
+
+    plan = init_synthetic(small_train, _cfg(method, **base), generator(0))
+    mask = plan.param.mask.cpu()
+    assert 0.45 < float(mask.float().mean()) < 0.55
+    assert torch.equal(end.images[mask], start.images[mask])  # bit-identical
+    assert not torch.equal(end.images[~mask], start.images[~mask])  # the rest moved
+    assert end.meta.privacy == {"rho": 0.5}
+
+
+def test_rho_is_validated():
+    with pytest.raises(ValueError, match="rho"):
+        make_config("dm", rho=1.0)

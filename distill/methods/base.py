@@ -10,6 +10,7 @@ import torch
 from ..augment import DEFAULT_STRATEGY
 from ..data import LabeledImages
 from ..networks import seeded_network
+from ..parameterize import Pixels, make_parameterization
 from ..synthetic import SetMetadata, SyntheticSet
 
 INITS = ("real", "noise")
@@ -33,6 +34,8 @@ class MethodConfig:
     # ``embedder_noise`` x each tensor's std so that iterations still see different networks.
     embedder_state: dict | None = field(default=None, compare=False, repr=False)
     embedder_noise: float = 0.1
+    # KIP-rho corruption: this fraction of every image's pixels is frozen random noise.
+    rho: float = 0.0
     method: str = "base"
 
     def __post_init__(self) -> None:
@@ -42,6 +45,8 @@ class MethodConfig:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not 0.0 <= self.rho < 1.0:
+            raise ValueError(f"rho must be in [0, 1), got {self.rho}")
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,18 @@ class MatchingConfig(MethodConfig):
 
 @dataclass
 class SyntheticPlan:
-    """The synthetic images under optimisation and the class of each row."""
+    """The synthetic images under optimisation (through a parameterisation) and their classes."""
 
-    images: torch.Tensor  # leaf tensor, requires grad
+    param: Pixels         # what the optimiser updates; ``images()`` decodes
     labels: torch.Tensor  # int64 [N]
     classes: list[int]    # classes present in the real data
     slices: dict[int, slice]  # rows of each class in ``images``
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self.param.parameters()
+
+    def images(self) -> torch.Tensor:
+        return self.param.images()
 
 
 def init_synthetic(real: LabeledImages, config: MethodConfig, gen: torch.Generator) -> SyntheticPlan:
@@ -93,8 +104,8 @@ def init_synthetic(real: LabeledImages, config: MethodConfig, gen: torch.Generat
         start += k
     if not rows:
         raise ValueError("real data is empty: nothing to distill")
-    images = torch.cat(rows).to(config.device).requires_grad_(True)
-    return SyntheticPlan(images, torch.cat(labels).to(config.device), classes, slices)
+    param = make_parameterization(torch.cat(rows).to(config.device), config.rho, gen)
+    return SyntheticPlan(param, torch.cat(labels).to(config.device), classes, slices)
 
 
 class RealSampler:
@@ -129,9 +140,10 @@ def make_network(config: MethodConfig, real: LabeledImages, seed: int) -> torch.
 
 def finish(plan: SyntheticPlan, real: LabeledImages, config: MethodConfig, **extra) -> SyntheticSet:
     """Package the optimised images as a :class:`SyntheticSet` with provenance metadata."""
+    privacy = {"rho": config.rho} if config.rho > 0 else {}
     meta = SetMetadata(dataset=real.info, method=config.method, ipc=config.ipc, seed=config.seed,
-                       iterations=config.iterations, extra={"init": config.init, **extra})
-    return SyntheticSet(plan.images.detach().cpu().clone(), plan.labels.cpu().clone(), meta)
+                       iterations=config.iterations, privacy=privacy, extra={"init": config.init, **extra})
+    return SyntheticSet(plan.images().detach().cpu().clone(), plan.labels.cpu().clone(), meta)
 
 
 def generator(seed: int) -> torch.Generator:

@@ -51,7 +51,7 @@ def distill(real: LabeledImages, config: DMConfig, *, callback: Callback | None 
     plan = init_synthetic(real, config, gen)
     sampler = RealSampler(real, config.device, gen)
     dsa = DSA(config.dsa_strategy) if config.dsa else None
-    opt = torch.optim.SGD([plan.images], lr=config.lr_img, momentum=config.momentum)
+    opt = torch.optim.SGD(plan.parameters(), lr=config.lr_img, momentum=config.momentum)
     k = real.info.num_classes
     bar = tqdm(range(config.iterations), desc="DM", disable=not config.progress)
     for it in bar:
@@ -62,7 +62,7 @@ def distill(real: LabeledImages, config: DMConfig, *, callback: Callback | None 
         real_x = torch.cat(batches)
         real_y = torch.cat([torch.full((len(b),), c, device=real_x.device)
                             for c, b in zip(plan.classes, batches)])
-        loss = dm_step(net, plan.images, plan.labels, real_x, real_y, k, dsa, gen)
+        loss = dm_step(net, plan.images(), plan.labels, real_x, real_y, k, dsa, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

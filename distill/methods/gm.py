@@ -88,7 +88,7 @@ def distill(real: LabeledImages, config: GMConfig, *, callback: Callback | None 
     plan = init_synthetic(real, config, gen)
     sampler = RealSampler(real, config.device, gen)
     dsa = DSA(config.dsa_strategy) if config.dsa else None
-    opt_img = torch.optim.SGD([plan.images], lr=config.lr_img, momentum=config.momentum)
+    opt_img = torch.optim.SGD(plan.parameters(), lr=config.lr_img, momentum=config.momentum)
     outer_loop, inner_loop = config.loops
     bar = tqdm(range(config.iterations), desc=config.method.upper(), disable=not config.progress)
     for it in bar:
@@ -97,18 +97,21 @@ def distill(real: LabeledImages, config: GMConfig, *, callback: Callback | None 
         opt_net = torch.optim.SGD(params, lr=config.lr_net)
         total = 0.0
         for ol in range(outer_loop):
-            loss = plan.images.new_zeros(())
+            images = plan.images()
+            loss = images.new_zeros(())
             for c in plan.classes:
                 real_c = sampler.class_batch(c, config.batch_real)
-                syn_c = plan.images[plan.slices[c]]
+                syn_c = images[plan.slices[c]]
                 loss = loss + class_gradient_distance(net, params, real_c, syn_c, c, dsa, gen)
-            # grad w.r.t. the images only: no second-order work spent on the network's weights
-            (plan.images.grad,) = torch.autograd.grad(loss, [plan.images])
+            # grads w.r.t. the image parameters only: no second-order work on the network's weights
+            params_img = plan.parameters()
+            for p, g in zip(params_img, torch.autograd.grad(loss, params_img)):
+                p.grad = g
             opt_img.step()
             total += loss.item()
             if ol == outer_loop - 1:
                 break
-            _train_on_synthetic(net, opt_net, plan.images, plan.labels, inner_loop,
+            _train_on_synthetic(net, opt_net, plan.images(), plan.labels, inner_loop,
                                 config.batch_train, dsa, gen)
         value = total / (outer_loop * len(plan.classes))
         bar.set_postfix(loss=f"{value:.4f}")
