@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 # The same app through `flwr run .` (local simulation SuperLink, FLWR_HOME=./.flwr).
 flwr-run: $(STAMP)
-	FLWR=$(VENV)/bin/flwr simulations/flwr_local.sh
+	simulations/flwr_local.sh
 
 bench-federated: $(STAMP)
 	$(PY) simulations/bench_federated.py

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from client.task import cached_dataset
 
 from .fedavg import run_fedavg
-from .rounds import OnRound, run_fedistill
+from .rounds import OnReply, OnRound, run_fedistill
 from .settings import RunSettings
 from .store import RunStore
 
@@ -25,27 +25,29 @@ OnDone = Callable[[dict[str, Any]], None]
 
 
 def run(grid: Grid, run_config: Mapping[str, Any], on_round: OnRound | None = None,
-        **overrides: Any) -> dict[str, Any]:
+        on_reply: OnReply | None = None, **overrides: Any) -> dict[str, Any]:
     """Run one federation to the end and return its summary (also in ``summary.json``)."""
     settings = RunSettings.from_run_config(run_config, **overrides)
     test = cached_dataset(settings.task.dataset).test
     store = RunStore.create(settings.runs_dir, settings.name)
     store.write_json("config.json", settings.to_dict())
     log.info("fedistill: run store %s", store.root)
-    runner = run_fedavg if settings.task.algorithm == "fedavg" else run_fedistill
-    summary = runner(grid, settings, store, test, on_round)
+    if settings.task.algorithm == "fedavg":
+        summary = run_fedavg(grid, settings, store, test, on_round)
+    else:
+        summary = run_fedistill(grid, settings, store, test, on_round, on_reply)
     log.info("fedistill: done, accuracy %s, run store %s", summary["accuracy"], store.root)
     return summary
 
 
 def make_server_app(on_round: OnRound | None = None, on_done: OnDone | None = None,
-                    **overrides: Any) -> ServerApp:
+                    on_reply: OnReply | None = None, **overrides: Any) -> ServerApp:
     """A ServerApp whose settings are the run-config overlaid by ``overrides`` (kebab or snake keys)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        summary = run(grid, context.run_config, on_round, **overrides)
+        summary = run(grid, context.run_config, on_round, on_reply, **overrides)
         if on_done is not None:
             on_done(summary)
 

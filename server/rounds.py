@@ -30,6 +30,7 @@ from .validate import Expectation, Rejected, check_reply
 
 log = logging.getLogger("fedistill.server")
 OnRound = Callable[[dict[str, Any]], None]
+OnReply = Callable[[int, int], None]  # (replies so far, messages sent)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -86,9 +87,29 @@ class RoundResult:
     classes_skipped: int = 0
 
 
-def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: float) -> RoundResult:
+def exchange(grid: Grid, messages: list[Message], timeout: float, on_reply: OnReply | None = None,
+             poll: float = 0.5) -> list[Message]:
+    """``grid.send_and_receive`` that also reports each arrival (the CLI's progress display)."""
+    pending = set(grid.push_messages(messages))
+    total, replies = len(pending), []
+    deadline = time.monotonic() + timeout
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            if on_reply is not None:
+                on_reply(len(replies), total)
+        if pending and time.monotonic() >= deadline:
+            break
+        if pending:
+            time.sleep(poll)
+    return replies
+
+
+def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: float,
+            on_reply: OnReply | None = None) -> RoundResult:
     """Send, wait up to ``timeout``, and validate every reply; missing replies count as ``timeout``."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replies = exchange(grid, messages, timeout, on_reply)
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     result = RoundResult(exp.round, len(messages))
     for reply in replies:
@@ -147,7 +168,7 @@ def federated_evaluate(grid: Grid, node_ids: list[int], net: nn.Module, settings
 
 
 def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: LabeledImages,
-                  on_round: OnRound | None = None) -> dict[str, Any]:
+                  on_round: OnRound | None = None, on_reply: OnReply | None = None) -> dict[str, Any]:
     """The whole fedistill run; returns the summary (also written to ``summary.json``)."""
     start = time.perf_counter()
     task = settings.task
@@ -161,7 +182,7 @@ def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: Labe
         state = net.state_dict() if (net is not None and settings.mode == "iterative") else None
         exp = Expectation(test.info, task.method, task.ipc, rnd, settings.max_abs_pixel)
         result = collect(grid, make_messages(nodes, task.to_config(), rnd, MessageType.TRAIN, state), exp,
-                         settings.round_timeout)
+                         settings.round_timeout, on_reply)
         uploaded.update(result.bytes_by_node)
         for node, syn in result.accepted:
             pool.update(node, syn)

@@ -15,7 +15,9 @@ export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 NUM_SUPERNODES="${NUM_SUPERNODES:-10}"
 CPUS_PER_CLIENT="${CPUS_PER_CLIENT:-1}"
-FLWR="${FLWR:-.venv/bin/flwr}"
+# `flwr run` spawns `flower-superlink` from PATH: use the project venv's.
+if [[ -d .venv/bin ]]; then export PATH="$PWD/.venv/bin:$PATH"; fi
+FLWR="${FLWR:-flwr}"
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]
@@ -23,9 +25,6 @@ default = "local"
 
 [superlink.local]
 address = ":local:"
-options.num-supernodes = $NUM_SUPERNODES
-options.backend.client-resources.num-cpus = $CPUS_PER_CLIENT
-options.backend.client-resources.num-gpus = 0.0
 TOML
 
 stop_superlink() {
@@ -34,4 +33,9 @@ stop_superlink() {
   if [[ -n "$pid" ]]; then kill $pid; fi
 }
 trap stop_superlink EXIT
-"$FLWR" run . local --stream -c "runs-dir=\"$PWD/runs\" min-available-nodes=$NUM_SUPERNODES" "$@"
+# A FAB carries only text sources, so the bundled sample is named by its path here; the run
+# store goes to ./runs (the apps run from a copy under $FLWR_HOME/apps).
+DATA="$PWD/distill/assets/mnist10k.npz"
+"$FLWR" run . local --stream \
+  --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CPUS_PER_CLIENT" \
+  -c "dataset=\"$DATA\" runs-dir=\"$PWD/runs\" min-available-nodes=$NUM_SUPERNODES" "$@"

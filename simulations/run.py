@@ -130,7 +130,9 @@ def simulate(overrides: dict[str, Any], clients: int, cpus_per_client: int = 1, 
         logging.getLogger("flwr").setLevel(logging.WARNING)
     results: list[dict[str, Any]] = []
     on_round = None if quiet else (lambda r: print(progress_line(r), flush=True))
-    server_app = make_server_app(on_round=on_round, on_done=results.append, **overrides)
+    on_reply = None if quiet else (lambda k, n: print(f"\r  replies {k}/{n}", end="\n" if k == n else "",
+                                                      flush=True))
+    server_app = make_server_app(on_round=on_round, on_done=results.append, on_reply=on_reply, **overrides)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
                    backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                                    "init_args": {"logging_level": logging.INFO if verbose else logging.ERROR,

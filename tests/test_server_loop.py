@@ -58,7 +58,7 @@ def test_fedavg_runs_one_round_and_counts_bytes(tmp_path, task_identity):  # noq
 
 def test_a_round_without_enough_good_replies_trains_nothing(tmp_path, task_identity):  # noqa: F811
     grid = InProcessGrid(client_app, 2, tamper=lambda node, reply: None)
-    summary = run(grid, {}, runs_dir=str(tmp_path), **TINY)
+    summary = run(grid, {}, runs_dir=str(tmp_path), **{"round-timeout": 0.5}, **TINY)
     assert summary["status"] == "no-model" and summary["rejected"] == 2
     assert read_metrics(summary["run"])[0]["rejected-timeout"] == 2
 

@@ -123,6 +123,6 @@ def test_missing_replies_count_as_timeouts(task_identity):  # noqa: F811
     def crash(node, reply):
         return None if node == 101 else reply
     grid = InProcessGrid(client_app, 2, tamper=crash)
-    result = collect(grid, make_messages([101, 102], dict(TINY), 1, "train"), EXP, timeout=60)
+    result = collect(grid, make_messages([101, 102], dict(TINY), 1, "train"), EXP, timeout=0.5)
     assert len(result.accepted) == 1 and result.rejected == {"timeout": 1}
 
