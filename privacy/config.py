@@ -1,0 +1,115 @@
+"""Settings every DP method shares, and the privacy plan fixed from them before any data is read.
+
+A DP run's noise, sampling rate and number of queries are fixed in advance from the config
+alone (never from results: choosing them from the data would need a privacy filter). That is
+what lets a client ask its ledger "would this run exceed my budget?" before it starts, and what
+``meta.privacy`` of the uploaded set reports afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from distill.methods.base import MatchingConfig
+
+from .accounting import ACCOUNTANTS, Spend, calibrate_sigma, epsilon_of
+
+
+@dataclass(frozen=True)
+class DPConfig(MatchingConfig):
+    """Example-level (epsilon, delta)-DP settings, on top of the matching settings.
+
+    ``sigma = 0`` (the default) calibrates the noise so the whole run spends ``epsilon``;
+    ``sigma > 0`` uses that noise and reports the epsilon it costs. ``reuse`` synthetic
+    updates share each noisy release (free: post-processing). Initialisation is noise: a
+    real start would upload private images verbatim.
+    """
+
+    init: str = "noise"
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    sigma: float = 0.0
+    clip: float = 1.0
+    sample_rate: float = 0.04
+    accountant: str = "rdp"
+    reuse: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init != "noise":
+            raise ValueError(f"{self.method}: init must be 'noise' under DP, got {self.init!r} "
+                             "(starting from private images would release them verbatim)")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"unknown accountant {self.accountant!r}; known: {list(ACCOUNTANTS)}")
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+        if self.sigma < 0 or not math.isfinite(self.sigma):
+            raise ValueError(f"sigma must be finite and >= 0, got {self.sigma}")
+        if self.sigma == 0 and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon must be finite and > 0 when sigma is 0, got {self.epsilon} "
+                             "(for no privacy use the non-private method)")
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ValueError(f"clip must be finite and > 0, got {self.clip}")
+        if not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.reuse < 1:
+            raise ValueError(f"reuse must be >= 1, got {self.reuse}")
+
+    @property
+    def queries(self) -> int:
+        """Noisy releases over subsampled data (accountant steps) the run makes."""
+        return self.iterations
+
+    def fixed_spends(self) -> tuple[Spend, ...]:
+        """Releases with a noise level of their own (e.g. DP-DM's class counts)."""
+        return ()
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The noise and spending of one DP run, known before it starts."""
+
+    sigma: float
+    spends: tuple[Spend, ...]
+    epsilon: float
+    delta: float
+    accountant: str
+    sample_rate: float
+    steps: int
+    clip: float
+    rho: float
+    mode: str  # "target-epsilon" (sigma calibrated) or "sigma" (epsilon reported)
+
+    def meta(self, **extra: float | str) -> dict[str, float | str]:
+        """Flat scalars for ``SetMetadata.privacy`` and the reply's metrics."""
+        return {"epsilon": self.epsilon, "delta": self.delta, "sigma": self.sigma,
+                "sample_rate": self.sample_rate, "steps": self.steps, "accountant": self.accountant,
+                "clip": self.clip, "rho": self.rho, "mode": self.mode,
+                "spends": json.dumps([s.to_list() for s in self.spends]), **extra}
+
+
+def privacy_plan(config: DPConfig) -> PrivacyPlan:
+    """Calibrate (or take) sigma and compute the run's epsilon with the configured accountant."""
+    fixed = config.fixed_spends()
+    steps = config.queries
+    if config.sigma > 0:
+        sigma, mode = config.sigma, "sigma"
+    elif steps > 0:
+        sigma = calibrate_sigma(config.epsilon, config.delta, config.sample_rate, steps,
+                                config.accountant, fixed)
+        mode = "target-epsilon"
+    else:
+        sigma, mode = 0.0, "target-epsilon"  # no subsampled query: only the fixed releases spend
+    spends = (*fixed, Spend(sigma, config.sample_rate, steps)) if steps > 0 else fixed
+    return PrivacyPlan(sigma=sigma, spends=tuple(spends),
+                       epsilon=epsilon_of(spends, config.delta, config.accountant),
+                       delta=config.delta, accountant=config.accountant,
+                       sample_rate=config.sample_rate, steps=steps, clip=config.clip,
+                       rho=config.rho, mode=mode)
+
+
+def spends_from_meta(privacy: dict[str, float | str]) -> list[Spend]:
+    """The spends recorded in a set's ``meta.privacy`` (to charge a ledger after the fact)."""
+    return [Spend(float(s), float(q), int(n)) for s, q, n in json.loads(str(privacy["spends"]))]
