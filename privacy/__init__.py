@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from distill.methods import register
 
-from . import dp_dm
+from . import dp_dm, dp_gm
 from .accounting import ACCOUNTANTS, BudgetExceeded, PrivacyLedger, Spend, calibrate_sigma, epsilon_of
 from .config import DPConfig, PrivacyPlan, privacy_plan, spends_from_meta
 
 register("dp-dm", dp_dm.DPDMConfig, dp_dm.distill)
+register("dpsgd-gm", dp_gm.DPGMConfig, dp_gm.distill)
 
-DP_METHODS = ("dp-dm",)
+DP_METHODS = ("dp-dm", "dpsgd-gm")
 
 __all__ = ["ACCOUNTANTS", "BudgetExceeded", "DPConfig", "DP_METHODS", "PrivacyLedger", "PrivacyPlan",
            "Spend", "calibrate_sigma", "epsilon_of", "privacy_plan", "spends_from_meta"]

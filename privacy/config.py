@@ -24,7 +24,9 @@ class DPConfig(MatchingConfig):
     ``sigma = 0`` (the default) calibrates the noise so the whole run spends ``epsilon``;
     ``sigma > 0`` uses that noise and reports the epsilon it costs. ``reuse`` synthetic
     updates share each noisy release (free: post-processing). Initialisation is noise: a
-    real start would upload private images verbatim.
+    real start would upload private images verbatim. Which classes get synthetic images comes
+    from class counts released once with noise ``count_sigma`` (accounted); a class needs a
+    noisy count of ``count_threshold`` (< 0: ``3 * count_sigma``).
     """
 
     init: str = "noise"
@@ -35,6 +37,8 @@ class DPConfig(MatchingConfig):
     sample_rate: float = 0.04
     accountant: str = "rdp"
     reuse: int = 1
+    count_sigma: float = 10.0
+    count_threshold: float = -1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +60,13 @@ class DPConfig(MatchingConfig):
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.reuse < 1:
             raise ValueError(f"reuse must be >= 1, got {self.reuse}")
+        if not (self.count_sigma > 0 and math.isfinite(self.count_sigma)):
+            raise ValueError(f"count_sigma must be finite and > 0, got {self.count_sigma}")
+
+    @property
+    def min_count(self) -> float:
+        """Noisy count a class needs to get synthetic images (absent classes pass with p < 0.2%)."""
+        return 3 * self.count_sigma if self.count_threshold < 0 else self.count_threshold
 
     @property
     def queries(self) -> int:
@@ -63,8 +74,8 @@ class DPConfig(MatchingConfig):
         return self.iterations
 
     def fixed_spends(self) -> tuple[Spend, ...]:
-        """Releases with a noise level of their own (e.g. DP-DM's class counts)."""
-        return ()
+        """Releases with a noise level of their own: the class counts, over all the data, once."""
+        return (Spend(self.count_sigma, 1.0, 1),)
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,15 @@ Each iteration draws a fresh random network and a Poisson sample of the client's
 real side of DM's loss becomes a Gaussian mechanism: per-example embeddings row-clipped to
 ``clip``, summed per class, ``N(0, sigma^2 clip^2)`` added to every class's sum, divided by the
 *expected* class count ``q * n_c`` (never the actual Poisson count, as Opacus's DPOptimizer does).
-The class counts ``n_c`` are private too: they are released once with noise ``count_sigma``,
-which also decides which classes get synthetic images, and that release joins the same
-accountant. Synthetic images start from noise and their embeddings are clipped the same way,
+The class counts ``n_c`` are private too: they are released once with noise ``count_sigma``
+(:mod:`privacy.layout`), which also decides which classes get synthetic images, and that
+release joins the same accountant. Synthetic images start from noise and their embeddings are clipped the same way,
 so both sides of the loss live in the same space. Everything after the noisy releases is
 post-processing; ``reuse`` synthetic updates per release cost nothing more.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,56 +25,21 @@ from distill.methods.base import Callback, finish, generator, init_synthetic, ma
 from distill.networks import embed_in_chunks
 from distill.synthetic import SyntheticSet
 
-from .accounting import Spend
 from .config import DPConfig, privacy_plan
-from .noise import clip_rows, gaussian_noise, noisy_class_sums, poisson_sample
+from .layout import noisy_counts, public_layout
+from .noise import clip_rows, noisy_class_sums, poisson_sample
 
 
 @dataclass(frozen=True)
 class DPDMConfig(DPConfig):
-    """DP-DM settings; ``count_threshold`` < 0 means ``3 * count_sigma``.
+    """DP-DM settings.
 
     ``lr_img`` is 100, not DM's 1: clipping to ``clip = 1`` scales the embeddings (norm ~15-20
     for the ConvNet) down, and the loss with them by their squared norm.
     """
 
     lr_img: float = 100.0
-    count_sigma: float = 10.0
-    count_threshold: float = -1.0
     method: str = "dp-dm"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (self.count_sigma > 0 and math.isfinite(self.count_sigma)):
-            raise ValueError(f"count_sigma must be finite and > 0, got {self.count_sigma}")
-
-    @property
-    def min_count(self) -> float:
-        """Noisy count a class needs to get synthetic images (absent classes pass with p < 0.2%)."""
-        return 3 * self.count_sigma if self.count_threshold < 0 else self.count_threshold
-
-    def fixed_spends(self) -> tuple[Spend, ...]:
-        return (Spend(self.count_sigma, 1.0, 1),)  # the class counts, over all the data, once
-
-
-def noisy_counts(real: LabeledImages, count_sigma: float, gen: torch.Generator) -> torch.Tensor:
-    """Class counts plus ``N(0, count_sigma^2)``: sensitivity 1 under add/remove of one example."""
-    hist = torch.as_tensor(real.class_histogram(), dtype=torch.float32)
-    return hist + gaussian_noise(hist.shape, count_sigma, gen)
-
-
-def public_layout(counts: torch.Tensor, config: DPDMConfig, real: LabeledImages) -> LabeledImages:
-    """Zero images laid out as the noisy counts dictate, for ``init_synthetic`` to size the set.
-
-    Only post-processed noisy counts reach it, so neither the class composition nor a single
-    private pixel leaks into the initialisation.
-    """
-    per_class = [0 if n < config.min_count else min(config.ipc, max(1, int(n))) for n in counts.tolist()]
-    if not any(per_class):
-        raise ValueError(f"no class has a noisy count >= {config.min_count:g} "
-                         f"(count_sigma {config.count_sigma}): too little data for DP-DM")
-    labels = torch.cat([torch.full((k,), c, dtype=torch.long) for c, k in enumerate(per_class)])
-    return LabeledImages(torch.zeros(len(labels), *real.info.image_shape), labels, real.info)
 
 
 def noisy_real_means(net: torch.nn.Module, real: LabeledImages, counts: torch.Tensor,
@@ -98,7 +62,7 @@ def distill(real: LabeledImages, config: DPDMConfig, *, callback: Callback | Non
     plan_dp = privacy_plan(config)
     gen = generator(config.seed)
     counts = noisy_counts(real, config.count_sigma, gen)
-    plan = init_synthetic(public_layout(counts, config, real), config, gen)
+    plan = init_synthetic(public_layout(counts, config, real.info), config, gen)
     real = real.to(config.device)
     kept = torch.as_tensor(plan.classes, device=config.device)
     dsa = DSA(config.dsa_strategy) if config.dsa else None
