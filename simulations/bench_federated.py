@@ -1,0 +1,160 @@
+"""Benchmark the federation: accuracy vs MB uploaded per client, fedistill beside FedAvg.
+
+10 clients on the bundled MNIST sample at IID, Dirichlet 0.5 and 0.1: fedistill one-shot
+(DM, IPC 10), fedistill iterative (3 rounds), FedAvg (up to 50 rounds, 1 local epoch); the
+same ConvNet and partitions throughout. Then one-shot with 100 clients: wall time and peak
+memory. Every run is a ``simulations/run.py`` subprocess (its own Ray, its own memory) whose
+run store is read back; results are written after each run, so a cut-off benchmark keeps
+what it finished.
+
+    python simulations/bench_federated.py                        # everything (~1 h on 2 cores)
+    python simulations/bench_federated.py --splits 0.1 --fedavg-rounds 20 --no-100
+    python simulations/bench_federated.py --plot-only            # redraw from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "benchmarks"
+SPLITS = {"iid": ["--partitioner", "iid"], "0.5": ["--alpha", "0.5"], "0.1": ["--alpha", "0.1"]}
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants (Ray's raylet and actors included)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
+            rss[int(entry.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        total += rss.get(p, 0)
+        stack.extend(children.get(p, []))
+    return total
+
+
+def run_one(name: str, args: list[str], runs_dir: Path) -> dict[str, Any]:
+    """One ``simulations/run.py`` run; returns its summary, per-round metrics, wall time and peak memory."""
+    cmd = [sys.executable, str(ROOT / "simulations" / "run.py"), "--runs-dir", str(runs_dir), "--name", name, *args]
+    print("$", " ".join(cmd[1:]), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss_bytes(proc.pid))
+            time.sleep(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, _ = proc.communicate()
+    wall = time.perf_counter() - start
+    sampler.join(timeout=2)
+    tail = "\n".join(line for line in out.splitlines() if line.startswith(("round", "global", "uploaded")))
+    print(tail, flush=True)
+    if proc.returncode != 0:
+        print(out[-3000:], flush=True)
+        return {"name": name, "error": f"exit code {proc.returncode}", "wall-seconds": wall}
+    root = sorted(runs_dir.glob(f"*-{name}"))[-1]
+    summary = json.loads((root / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    curve = [{"round": m["round"], "accuracy": m.get("accuracy"), "mb-per-client": m["mb-uploaded-per-client"]}
+             for m in metrics]
+    return {"name": name, "args": args, "accuracy": summary["accuracy"],
+            "mb-per-client": summary["mb-uploaded-per-client"], "curve": curve, "run": str(root),
+            "wall-seconds": wall, "peak-rss-gib": peak[0] / 2**30, "clients": summary["clients"]}
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = [s for s in SPLITS if any(k.endswith(f"-{s}") for k in results)]
+    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), sharey=True, squeeze=False)
+    styles = {"oneshot": ("fedistill one-shot", "o", "C0"), "iterative": ("fedistill iterative", "s-", "C1"),
+              "fedavg": ("FedAvg", ".-", "C2")}
+    for ax, split in zip(axes[0], splits):
+        for kind, (label, fmt, color) in styles.items():
+            r = results.get(f"{kind}-{split}")
+            if not r or "curve" not in r:
+                continue
+            pts = [(c["mb-per-client"], 100 * c["accuracy"]) for c in r["curve"] if c["accuracy"] is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt, color=color, label=label, markersize=5)
+        ax.set_xscale("log")
+        ax.set_title("IID" if split == "iid" else f"Dirichlet alpha={split}")
+        ax.set_xlabel("MB uploaded per client")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("global test accuracy (%)")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    extra = " ".join(results.get("_settings", [])) or "defaults"
+    fig.suptitle(f"10 clients, bundled MNIST (8k train / 2k test), same ConvNet for all ({extra})", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
+    p.add_argument("--methods", nargs="*", default=["oneshot", "iterative", "fedavg"],
+                   choices=["oneshot", "iterative", "fedavg"])
+    p.add_argument("--fedavg-rounds", type=int, default=50)
+    p.add_argument("--iterative-rounds", type=int, default=3)
+    p.add_argument("--no-100", action="store_true", help="skip the 100-client one-shot run")
+    p.add_argument("--out", type=Path, default=OUT / "federated.json")
+    p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="run-config passed to every run (e.g. a smoke test: --set iterations=2)")
+    args = p.parse_args(argv)
+
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if not args.plot_only:
+        runs_dir = ROOT / "bench_results" / "federated" / "runs"
+        plan = {"oneshot": ["--mode", "one-shot"],
+                "iterative": ["--mode", "iterative", "--rounds", str(args.iterative_rounds)],
+                "fedavg": ["--algorithm", "fedavg", "--rounds", str(args.fedavg_rounds)]}
+        extra = [a for kv in args.set for a in ("--set", kv)]
+        common = ["--clients", "10", "--set", "fraction-evaluate=0", *extra]
+        jobs = [(f"{m}-{s}", plan[m] + SPLITS[s] + common) for s in args.splits for m in args.methods]
+        if not args.no_100:
+            jobs.append(("oneshot100-0.5", ["--mode", "one-shot", "--alpha", "0.5", "--clients", "100",
+                                            "--set", "fraction-evaluate=0", *extra]))
+        for name, job_args in jobs:
+            results[name] = run_one(name, job_args, runs_dir)
+            results["_machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+            results["_settings"] = list(args.set)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
+    plot(results, args.out.with_suffix(".png"))
+    for name, r in sorted(results.items()):
+        if name.startswith("_"):
+            continue
+        acc = "n/a" if r.get("accuracy") is None else f"{100 * r['accuracy']:.2f}%"
+        print(f"{name:<16} acc {acc:>7}  {r.get('mb-per-client', 0):8.3f} MB/client  "
+              f"{r.get('wall-seconds', 0):7.1f} s  peak {r.get('peak-rss-gib', 0):.2f} GiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
