@@ -1,0 +1,227 @@
+"""Accuracy vs epsilon on the bundled MNIST sample: DP-DM and DP gradient matching beside DP-SGD.
+
+IPC 10, delta 1e-5, epsilon in {1, 2, 4, 8, inf}: each DP distillation method's synthetic set
+is evaluated by training fresh networks on it (several seeds); the baseline trains the same
+kind of network directly on the real data with Opacus DP-SGD at the same (epsilon, delta).
+At epsilon = inf the rows are the non-private counterparts (DM and DSA from noise, plain SGD).
+KIP-rho rows: non-private DM (real initialisation) at rho in {0, 0.5, 0.9}. Writes JSON, a
+markdown table and a PNG plot (accuracy vs epsilon).
+
+    python simulations/bench_privacy.py --quick          # smoke run, ~2 min on 2 CPU cores
+    python simulations/bench_privacy.py                  # the full run: hours on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import privacy  # noqa: E402,F401  (registers dp-dm, dpsgd-gm)
+from distill import load_dataset  # noqa: E402
+from distill.data import LabeledImages  # noqa: E402
+from distill.methods import distill, make_config  # noqa: E402
+from distill.networks import seeded_network  # noqa: E402
+from distill.train import TrainConfig, accuracy, evaluate, train_network  # noqa: E402
+from privacy.dpsgd_baseline import DPSGDConfig, train_dpsgd  # noqa: E402
+
+EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
+RHOS = (0.0, 0.5, 0.9)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Budgets of one benchmark run."""
+
+    per_class: int = 0          # real training images per class (0: all 800)
+    test_size: int = 0          # test images (0: all 2000)
+    ipc: int = 10
+    net: dict = field(default_factory=dict)  # distillation network (ConvNet kwargs)
+    dm_steps: int = 1000
+    dm_sample_rate: float = 0.04
+    gm_iterations: int = 30
+    gm_outer: int = 10
+    gm_inner: int = 10
+    gm_sample_rate: float = 0.04
+    rho_iterations: int = 1000
+    eval_net: dict = field(default_factory=lambda: {"width": 128})
+    eval_epochs: int = 300
+    eval_seeds: tuple[int, ...] = (0, 1, 2)
+    dpsgd_epochs: int = 15
+    dpsgd_net: dict = field(default_factory=lambda: {"width": 32})
+
+
+PRESETS = {
+    "full": Preset(),
+    "quick": Preset(per_class=100, test_size=500, ipc=10, net={"width": 16, "depth": 2}, dm_steps=20,
+                    dm_sample_rate=0.1, gm_iterations=2, gm_outer=2, gm_inner=1, gm_sample_rate=0.1,
+                    rho_iterations=20, eval_net={"width": 16, "depth": 2}, eval_epochs=20,
+                    eval_seeds=(0,), dpsgd_epochs=2, dpsgd_net={"width": 16, "depth": 2}),
+}
+
+
+def _subset(data: LabeledImages, per_class: int) -> LabeledImages:
+    if per_class <= 0:
+        return data
+    return data.subset(torch.cat([idx[:per_class] for idx in data.class_indices()]))
+
+
+def _evaluate(images: torch.Tensor, labels: torch.Tensor, test: LabeledImages, p: Preset) -> list[float]:
+    cfg = TrainConfig(arch_kwargs=p.eval_net, epochs=p.eval_epochs)
+    return list(evaluate(images, labels, test, cfg, seeds=p.eval_seeds).accuracies)
+
+
+def distilled_row(name: str, method: str, eps: float, settings: dict, train: LabeledImages,
+                  test: LabeledImages, p: Preset) -> dict:
+    """Distill, evaluate, and record what the set cost (epsilon and sigma from its metadata)."""
+    start = time.perf_counter()
+    syn = distill(train, make_config(method, ipc=p.ipc, arch_kwargs=p.net, **settings))
+    seconds = time.perf_counter() - start
+    accs = _evaluate(syn.images, syn.labels, test, p)
+    priv = dict(syn.meta.privacy)
+    return {"row": name, "method": method, "target_epsilon": eps, "accuracies": accs,
+            "accuracy": sum(accs) / len(accs), "epsilon": priv.get("epsilon", math.inf),
+            "privacy": priv, "seconds": seconds}
+
+
+def dpsgd_row(eps: float, train: LabeledImages, test: LabeledImages, p: Preset) -> dict:
+    """The baseline: the network trained on the real data, with DP-SGD (or plain SGD at inf)."""
+    start = time.perf_counter()
+    accs, priv = [], {}
+    for seed in p.eval_seeds:
+        if math.isinf(eps):
+            info = train.info
+            net = seeded_network("convnet", info.channels, info.num_classes, (info.height, info.width),
+                                 seed=seed, **p.dpsgd_net)
+            train_network(net, train.images, train.labels,
+                          TrainConfig(arch_kwargs=p.dpsgd_net, epochs=p.dpsgd_epochs, dsa=False), seed=seed)
+        else:
+            res = train_dpsgd(train, DPSGDConfig(epsilon=eps, epochs=p.dpsgd_epochs,
+                                                 arch_kwargs=p.dpsgd_net, seed=seed))
+            net = res.net
+            priv = {k: v for k, v in asdict(res).items() if k != "net"}
+        accs.append(accuracy(net, test))
+    return {"row": "dp-sgd", "method": "dp-sgd", "target_epsilon": eps, "accuracies": accs,
+            "accuracy": sum(accs) / len(accs), "epsilon": priv.get("epsilon", math.inf),
+            "privacy": priv, "seconds": time.perf_counter() - start}
+
+
+def run(p: Preset, log) -> list[dict]:
+    data = load_dataset("mnist10k")
+    train = _subset(data.train, p.per_class)
+    test = data.test if p.test_size <= 0 else data.test.subset(torch.arange(p.test_size))
+    rows = []
+    for eps in EPSILONS:
+        if math.isinf(eps):
+            dm = ("dm (no DP)", "dm", {"init": "noise", "iterations": p.dm_steps})
+            gm = ("dsa (no DP)", "dsa", {"init": "noise", "iterations": p.gm_iterations,
+                                         "outer_loop": p.gm_outer, "inner_loop": p.gm_inner})
+        else:
+            dm = ("dp-dm", "dp-dm", {"epsilon": eps, "iterations": p.dm_steps,
+                                     "sample_rate": p.dm_sample_rate})
+            gm = ("dpsgd-gm", "dpsgd-gm", {"epsilon": eps, "iterations": p.gm_iterations,
+                                           "outer_loop": p.gm_outer, "inner_loop": p.gm_inner,
+                                           "sample_rate": p.gm_sample_rate})
+        for name, method, settings in (dm, gm):
+            rows.append(distilled_row(name, method, eps, settings, train, test, p))
+            log(rows[-1])
+        rows.append(dpsgd_row(eps, train, test, p))
+        log(rows[-1])
+    for rho in RHOS:
+        rows.append(distilled_row(f"dm rho={rho}", "dm", math.inf,
+                                  {"init": "real", "rho": rho, "iterations": p.rho_iterations}, train, test, p))
+        log(rows[-1])
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| row | target eps | eps spent (accountant) | sigma | accuracy % | seconds |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        priv = r["privacy"]
+        spent = "inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:.3f} ({priv.get('accountant', '')})"
+        sigma = f"{priv['sigma']:.3f}" if "sigma" in priv else "-"
+        accs = [100 * a for a in r["accuracies"]]
+        std = (sum((a - sum(accs) / len(accs)) ** 2 for a in accs) / len(accs)) ** 0.5
+        lines.append(f"| {r['row']} | {r['target_epsilon']:g} | {spent} | {sigma} | "
+                     f"{100 * r['accuracy']:.2f} +- {std:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    finite = [e for e in EPSILONS if not math.isinf(e)]
+    x_inf = 2 * max(finite)
+    for family, names in (("DP-DM", ("dp-dm", "dm (no DP)")), ("DP gradient matching", ("dpsgd-gm", "dsa (no DP)")),
+                          ("DP-SGD on the network", ("dp-sgd",))):
+        pts = sorted((x_inf if math.isinf(r["target_epsilon"]) else r["target_epsilon"], 100 * r["accuracy"])
+                     for r in rows if r["row"] in names)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=family)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([*finite, x_inf], [f"{e:g}" for e in finite] + ["inf"])
+    ax.set_xlabel("epsilon (delta = 1e-5)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("MNIST sample, IPC 10")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _jsonable(x):
+    """Strict JSON: infinite epsilons become the string "inf"."""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny subsets and budgets")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_privacy",
+                        help="folder for results.json, table.md and accuracy_vs_epsilon.png")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset_name = "quick" if args.quick else "full"
+    preset = PRESETS[preset_name]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def log(row: dict) -> None:
+        print(f"{row['row']:>14} eps={row['target_epsilon']:<4g} spent={row['epsilon']:.3f} "
+              f"acc={100 * row['accuracy']:.2f}% ({row['seconds']:.0f}s)", flush=True)
+
+    rows = run(preset, log)
+    result = {"preset": preset_name, "settings": asdict(preset), "delta": 1e-5,
+              "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                          "threads": torch.get_num_threads()}, "rows": rows}
+    (args.out / "results.json").write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False))
+    (args.out / "table.md").write_text(table(rows) + "\n")
+    plot(rows, args.out / "accuracy_vs_epsilon.png")
+    print(table(rows))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
