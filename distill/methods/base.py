@@ -138,12 +138,18 @@ def make_network(config: MethodConfig, real: LabeledImages, seed: int) -> torch.
     return net
 
 
-def finish(plan: SyntheticPlan, real: LabeledImages, config: MethodConfig, **extra) -> SyntheticSet:
-    """Package the optimised images as a :class:`SyntheticSet` with provenance metadata."""
+def finish(plan: SyntheticPlan, real: LabeledImages, config: MethodConfig, *,
+           soft_labels: torch.Tensor | None = None, lr: float | None = None, **extra) -> SyntheticSet:
+    """Package the optimised images as a :class:`SyntheticSet` with provenance metadata.
+
+    ``soft_labels`` (float32 [N, K] distributions) replace the hard labels when a method learns
+    them; ``lr`` is a learned training learning rate to ship with the set.
+    """
     privacy = {"rho": config.rho} if config.rho > 0 else {}
     meta = SetMetadata(dataset=real.info, method=config.method, ipc=config.ipc, seed=config.seed,
                        iterations=config.iterations, privacy=privacy, extra={"init": config.init, **extra})
-    return SyntheticSet(plan.images().detach().cpu().clone(), plan.labels.cpu().clone(), meta)
+    labels = plan.labels.cpu().clone() if soft_labels is None else soft_labels.detach().float().cpu().clone()
+    return SyntheticSet(plan.images().detach().cpu().clone(), labels, meta, lr=lr)
 
 
 def generator(seed: int) -> torch.Generator:
