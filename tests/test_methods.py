@@ -14,7 +14,8 @@ from .conftest import SMALL_NET
 FAST = {"dm": {"batch_real": 32}, "dc": {"batch_real": 32, "outer_loop": 1, "inner_loop": 1},
         "dsa": {"batch_real": 32, "outer_loop": 1, "inner_loop": 1},
         "kip": {"batch_real": 40, "lr_img": 0.1}, "rfad": {"batch_real": 40, "n_models": 2, "lr_img": 0.1},
-        "frepo": {"batch_real": 40, "pool_size": 2, "lr_img": 0.1}}
+        "frepo": {"batch_real": 40, "pool_size": 2, "lr_img": 0.1},
+        "bptt": {"batch_real": 40, "inner_steps": 3, "truncate": 2, "lr_img": 0.1}}
 
 
 def _cfg(method, **kw):

@@ -101,10 +101,11 @@ def distill(real_data: LabeledImages, config: MethodConfig, *,
 register("dm", dm.DMConfig, dm.distill)
 register("dc", gm.GMConfig, gm.distill, dsa=False)
 register("dsa", gm.GMConfig, gm.distill, dsa=True)
-from . import frepo, kip, rfad  # noqa: E402  (meta-learning family, issue 7)
+from . import bptt, frepo, kip, rfad  # noqa: E402  (meta-learning family, issue 7)
 
 register("kip", kip.KIPConfig, kip.distill)
 register("rfad", rfad.RFADConfig, rfad.distill)
 register("frepo", frepo.FRePoConfig, frepo.distill)
+register("bptt", bptt.BPTTConfig, bptt.distill)
 
 __all__ = ["available_methods", "coerce_settings", "config_fields", "distill", "make_config", "register", "MethodConfig"]
