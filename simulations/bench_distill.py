@@ -1,8 +1,8 @@
 """Benchmark the distillation core on the bundled MNIST sample.
 
-For each method (random real subset, DM, DC, DSA) and IPC: test accuracy mean +- std over
-several evaluation seeds, seconds per outer iteration, peak memory; plus the whole-pool
-accuracy with the same evaluator. Each (method, IPC) runs in its own subprocess so its peak
+For each method (random real subset, DM, DC, DSA, KIP, RFAD, FRePo, BPTT) and IPC: test
+accuracy mean +- std over several evaluation seeds, seconds per outer iteration, peak
+memory; plus the whole-pool accuracy with the same evaluator. Each (method, IPC) runs in its own subprocess so its peak
 RSS is its own. ``--reference-dir`` adds the DM speed comparison against the reference code.
 
     python simulations/bench_distill.py --quick                       # one-minute smoke run
@@ -35,7 +35,7 @@ from distill.synthetic import SetMetadata, SyntheticSet  # noqa: E402
 from distill.train import TrainConfig, evaluate  # noqa: E402
 from distill.visualize import save_grid  # noqa: E402
 
-METHODS = ("random", "dm", "dc", "dsa")
+METHODS = ("random", "dm", "dc", "dsa", "kip", "rfad", "frepo", "bptt")
 
 
 @dataclass(frozen=True)
@@ -55,21 +55,30 @@ class Preset:
 PRESETS = {
     # Smoke run: every code path, tiny budgets.
     "quick": Preset(
-        iterations={("dm", 0): 3, ("dc", 0): 1, ("dsa", 0): 1},
-        settings={"dm": {"batch_real": 64}, "dc": {"batch_real": 32}, "dsa": {"batch_real": 32}},
+        iterations={("dm", 0): 3, ("dc", 0): 1, ("dsa", 0): 1,
+                    ("kip", 0): 3, ("rfad", 0): 3, ("frepo", 0): 3, ("bptt", 0): 2},
+        settings={"dm": {"batch_real": 64}, "dc": {"batch_real": 32}, "dsa": {"batch_real": 32},
+                  "kip": {"batch_real": 64}, "rfad": {"batch_real": 64, "n_models": 2},
+                  "frepo": {"batch_real": 64}, "bptt": {"batch_real": 64, "inner_steps": 5, "truncate": 5}},
         gm_loops={1: (1, 1), 10: (2, 2), 50: (2, 2)},
         eval_epochs={1: 20, 10: 20, 50: 10}, pool_epochs=1),
     # About 20 minutes per method and IPC on a 2-core CPU (measured iteration costs).
     "cpu": Preset(
         iterations={("dm", 1): 600, ("dm", 10): 600, ("dm", 50): 400,
                     ("dc", 1): 200, ("dsa", 1): 200, ("dc", 10): 40, ("dsa", 10): 40,
-                    ("dc", 50): 15, ("dsa", 50): 15},
-        settings={"dc": {"batch_real": 64}, "dsa": {"batch_real": 64}},
+                    ("dc", 50): 15, ("dsa", 50): 15,
+                    ("kip", 1): 4000, ("kip", 10): 2000, ("kip", 50): 500,
+                    ("rfad", 1): 1500, ("rfad", 10): 600, ("rfad", 50): 120,
+                    ("frepo", 1): 5000, ("frepo", 10): 1500, ("frepo", 50): 300,
+                    ("bptt", 1): 600, ("bptt", 10): 150, ("bptt", 50): 25},
+        settings={"dc": {"batch_real": 64}, "dsa": {"batch_real": 64},
+                  "bptt": {"inner_steps": 10, "truncate": 5}},
         gm_loops={1: (1, 1), 10: (10, 10), 50: (10, 10)},
         eval_epochs={1: 1000, 10: 1000, 50: 500}, pool_epochs=20),
     # The papers' settings (GPU): DM 20k iterations, DC/DSA 1000, 1000 evaluation epochs.
     "paper": Preset(
-        iterations={("dm", 0): 20000, ("dc", 0): 1000, ("dsa", 0): 1000},
+        iterations={("dm", 0): 20000, ("dc", 0): 1000, ("dsa", 0): 1000,
+                    ("kip", 0): 5000, ("rfad", 0): 5000, ("frepo", 0): 20000, ("bptt", 0): 5000},
         eval_epochs={1: 1000, 10: 1000, 50: 1000}, pool_epochs=50),
 }
 
