@@ -106,7 +106,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("global test accuracy (%)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
-    extra = " ".join(results.get("_settings", [])) or "defaults"
+    plotted = [r for k, r in results.items() if not k.startswith(("_", "oneshot100"))]
+    extra = " ".join(sorted({kv for r in plotted for kv in r.get("settings", [])})) or "defaults"
     fig.suptitle(f"10 clients, bundled MNIST (8k train / 2k test), same ConvNet for all ({extra})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs.append(("oneshot100-0.5", ["--mode", "one-shot", "--alpha", "0.5", "--clients", "100",
                                             "--set", "fraction-evaluate=0", *extra]))
         for name, job_args in jobs:
-            results[name] = run_one(name, job_args, runs_dir)
+            results[name] = dict(run_one(name, job_args, runs_dir), settings=list(args.set))
             results["_machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-            results["_settings"] = list(args.set)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
     plot(results, args.out.with_suffix(".png"))
