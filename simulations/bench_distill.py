@@ -3,7 +3,8 @@
 For each method (random real subset, DM, DC, DSA, KIP, RFAD, FRePo, BPTT) and IPC: test
 accuracy mean +- std over several evaluation seeds, seconds per outer iteration, peak
 memory; plus the whole-pool accuracy with the same evaluator. Each (method, IPC) runs in its
-own subprocess so its peak RSS is its own. ``--reference-dir`` adds the DM speed comparison against the reference code.
+own subprocess so its peak RSS is its own. ``--reference-dir`` adds the DM speed comparison
+against the reference code.
 
     python simulations/bench_distill.py --quick                       # one-minute smoke run
     python simulations/bench_distill.py --preset cpu --ipc 1 10       # ~20 min per method/IPC
