@@ -120,3 +120,8 @@ def relu_nngp_kernel(x: torch.Tensor, y: torch.Tensor, weight_var: float = 2.0) 
 def one_hot_targets(labels: torch.Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Zero-mean one-hot regression targets (``onehot - 1/K``), KIP's label encoding."""
     return torch.nn.functional.one_hot(labels, num_classes).to(dtype) - 1.0 / num_classes
+
+
+def krr_squared_error(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """KIP's loss (eq. 8 of the survey): half the squared error to one-hot targets, mean over rows."""
+    return 0.5 * ((pred - one_hot_targets(labels, num_classes)) ** 2).sum(1).mean()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import LabeledImages
-from ..kernels import krr_predict_features, one_hot_targets
+from ..kernels import krr_predict_features, krr_squared_error
 from ..labels import LabelLogits
 from ..networks import embed_in_chunks
 from ..synthetic import SyntheticSet
@@ -77,7 +77,7 @@ def feature_krr_loss(net: torch.nn.Module, images: torch.Tensor, y_s: torch.Tens
     """KRR loss with the conjugate kernel of ``net``'s features (differentiable in images and y_s)."""
     phi_t = embed_in_chunks(net, real_x)
     pred = krr_predict_features(phi_t, net.embed(images), y_s, reg)
-    return 0.5 * ((pred - one_hot_targets(real_y, num_classes)) ** 2).sum(1).mean()
+    return krr_squared_error(pred, real_y, num_classes)
 
 
 def distill(real: LabeledImages, config: FRePoConfig, *, callback: Callback | None = None) -> SyntheticSet:

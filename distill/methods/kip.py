@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import LabeledImages
-from ..kernels import empirical_ntk_features, krr_predict_features, one_hot_targets, random_network_features
+from ..kernels import (empirical_ntk_features, krr_predict_features, krr_squared_error, one_hot_targets,
+                       random_network_features)
 from ..labels import LabelLogits
 from ..synthetic import SyntheticSet
 from .base import (Callback, MethodConfig, RealSampler, SyntheticPlan, finish, generator,
@@ -96,7 +97,7 @@ def krr_loss(phi: FeatureFn, images: torch.Tensor, y_s: torch.Tensor, real_x: to
     with torch.no_grad():
         phi_t = phi(real_x)
     pred = krr_predict_features(phi_t, phi(images), y_s, reg)
-    return 0.5 * ((pred - one_hot_targets(real_y, num_classes)) ** 2).sum(1).mean()
+    return krr_squared_error(pred, real_y, num_classes)
 
 
 def distill(real: LabeledImages, config: KIPConfig, *, callback: Callback | None = None) -> SyntheticSet:

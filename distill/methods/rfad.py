@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data import LabeledImages
-from ..kernels import krr_predict_features, one_hot_targets, random_network_features
+from ..kernels import krr_predict_features, krr_squared_error, random_network_features
 from ..labels import LabelLogits
 from ..synthetic import SyntheticSet
 from .base import Callback, RealSampler, finish, generator, init_synthetic, make_network
@@ -51,7 +51,7 @@ def rfad_loss(pred: torch.Tensor, real_y: torch.Tensor, num_classes: int, log_te
     """Platt-scaled cross-entropy ``CE(exp(log_temp) * pred, y)``, or KIP's squared error."""
     if log_temp is not None:
         return F.cross_entropy(log_temp.exp() * pred, real_y)
-    return 0.5 * ((pred - one_hot_targets(real_y, num_classes)) ** 2).sum(1).mean()
+    return krr_squared_error(pred, real_y, num_classes)
 
 
 def distill(real: LabeledImages, config: RFADConfig, *, callback: Callback | None = None) -> SyntheticSet:
