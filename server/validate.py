@@ -18,6 +18,7 @@ from distill.data import DatasetInfo
 from distill.synthetic import SetMetadata, SyntheticSet
 
 MAX_META_CHARS = 65_536
+MAX_REASON_CHARS = 300
 SOFT_LABEL_TOLERANCE = 1e-3
 # Rejection kinds, one counter each in metrics.jsonl ("rejected-<kind>").
 KINDS = ("error-reply", "malformed", "keys", "dtype", "shape", "non-finite", "magnitude",
@@ -121,7 +122,9 @@ def decode(record: ArrayRecord) -> dict[str, np.ndarray]:
 def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
     """The validated synthetic set in ``reply``, or :class:`Rejected` saying why not."""
     if reply.has_error():
-        raise Rejected("error-reply", f"code {reply.error.code}: {reply.error.reason}")
+        reason = reply.error.reason  # a remote traceback can be long: its end says what happened
+        reason = reason if len(reason) <= MAX_REASON_CHARS else "..." + reason[-MAX_REASON_CHARS:]
+        raise Rejected("error-reply", f"code {reply.error.code}: {reason}")
     content = reply.content
     types = {"synthetic": ArrayRecord, "meta": ConfigRecord, "metrics": MetricRecord}
     bad = [k for k, t in types.items() if not isinstance(content.get(k), t)]
