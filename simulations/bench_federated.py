@@ -89,9 +89,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = [s for s in SPLITS if any(k.endswith(f"-{s}") for k in results)]
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits), 3.6), sharey=True, squeeze=False)
-    styles = {"oneshot": ("fedistill one-shot", "o", "C0"), "iterative": ("fedistill iterative", "s-", "C1"),
+    splits = [s for s in SPLITS if any(f"{m}-{s}" in results for m in ("oneshot", "iterative", "fedavg"))]
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(7.5, 4.2 * len(splits)), 3.8), sharey=True, squeeze=False)
+    styles = {"iterative": ("fedistill iterative", "s-", "C1"), "oneshot": ("fedistill one-shot", "*", "C0"),
               "fedavg": ("FedAvg", ".-", "C2")}
     for ax, split in zip(axes[0], splits):
         for kind, (label, fmt, color) in styles.items():
@@ -99,7 +99,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             if not r or "curve" not in r:
                 continue
             pts = [(c["mb-per-client"], 100 * c["accuracy"]) for c in r["curve"] if c["accuracy"] is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt, color=color, label=label, markersize=5)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt, color=color, label=label,
+                    markersize=12 if kind == "oneshot" else 5, zorder=3 if kind == "oneshot" else 2)
         ax.set_xscale("log")
         ax.set_title("IID" if split == "iid" else f"Dirichlet alpha={split}")
         ax.set_xlabel("MB uploaded per client")
