@@ -83,9 +83,6 @@ class SyntheticSet:
     def with_meta(self, **changes) -> "SyntheticSet":
         return replace(self, meta=replace(self.meta, **changes))
 
-    def detach(self) -> "SyntheticSet":
-        return replace(self, images=self.images.detach().cpu().clone(), labels=self.labels.detach().cpu().clone())
-
     # -- wire format -------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"images": self.images.detach().cpu().numpy().astype(np.float32),
