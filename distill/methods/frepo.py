@@ -20,11 +20,10 @@ from tqdm.auto import tqdm
 
 from ..data import LabeledImages
 from ..kernels import krr_predict_features, krr_squared_error
-from ..labels import LabelLogits
 from ..networks import embed_in_chunks
 from ..synthetic import SyntheticSet
 from .base import Callback, RealSampler, finish, generator, init_synthetic, make_network
-from .kip import KRRConfig, real_batch, support_targets
+from .kip import KRRConfig, image_and_label_groups, real_batch, support_targets
 
 
 @dataclass(frozen=True)
@@ -85,11 +84,8 @@ def distill(real: LabeledImages, config: FRePoConfig, *, callback: Callback | No
     plan = init_synthetic(real, config, gen)
     sampler = RealSampler(real, config.device, gen)
     k = real.info.num_classes
-    labels = LabelLogits(plan.labels, k) if config.learn_labels else None
+    labels, groups = image_and_label_groups(plan, config, k)
     variables = plan.parameters() + (labels.parameters() if labels is not None else [])
-    groups = [{"params": plan.parameters(), "lr": config.lr_img}]
-    if labels is not None:
-        groups.append({"params": labels.parameters(), "lr": config.lr_labels})
     opt = torch.optim.Adam(groups)
     pool = ModelPool(config, real)
     bar = tqdm(range(config.iterations), desc="FRePo", disable=not config.progress)

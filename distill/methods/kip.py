@@ -74,6 +74,16 @@ def real_batch(sampler: RealSampler, plan: SyntheticPlan, batch_real: int) -> tu
     return torch.cat(xs), torch.cat(ys)
 
 
+def image_and_label_groups(plan: SyntheticPlan, config: KRRConfig,
+                           num_classes: int) -> tuple[LabelLogits | None, list[dict]]:
+    """Learnable labels (when configured) and the optimiser groups for images and labels."""
+    labels = LabelLogits(plan.labels, num_classes) if config.learn_labels else None
+    groups = [{"params": plan.parameters(), "lr": config.lr_img}]
+    if labels is not None:
+        groups.append({"params": labels.parameters(), "lr": config.lr_labels})
+    return labels, groups
+
+
 def support_targets(plan: SyntheticPlan, labels: LabelLogits | None, num_classes: int) -> torch.Tensor:
     """Regression targets of the synthetic images: learned distributions or one-hot, centred."""
     if labels is None:
@@ -105,10 +115,7 @@ def distill(real: LabeledImages, config: KIPConfig, *, callback: Callback | None
     plan = init_synthetic(real, config, gen)
     sampler = RealSampler(real, config.device, gen)
     k = real.info.num_classes
-    labels = LabelLogits(plan.labels, k) if config.learn_labels else None
-    groups = [{"params": plan.parameters(), "lr": config.lr_img}]
-    if labels is not None:
-        groups.append({"params": labels.parameters(), "lr": config.lr_labels})
+    labels, groups = image_and_label_groups(plan, config, k)
     opt = torch.optim.Adam(groups)
     bar = tqdm(range(config.iterations), desc="KIP", disable=not config.progress)
     for it in bar:

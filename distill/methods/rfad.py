@@ -21,10 +21,9 @@ from tqdm.auto import tqdm
 
 from ..data import LabeledImages
 from ..kernels import krr_predict_features, krr_squared_error, random_network_features
-from ..labels import LabelLogits
 from ..synthetic import SyntheticSet
 from .base import Callback, RealSampler, finish, generator, init_synthetic, make_network
-from .kip import KRRConfig, real_batch, support_targets
+from .kip import KRRConfig, image_and_label_groups, real_batch, support_targets
 
 LOSSES = ("platt", "mse")
 
@@ -59,11 +58,8 @@ def distill(real: LabeledImages, config: RFADConfig, *, callback: Callback | Non
     plan = init_synthetic(real, config, gen)
     sampler = RealSampler(real, config.device, gen)
     k = real.info.num_classes
-    labels = LabelLogits(plan.labels, k) if config.learn_labels else None
+    labels, groups = image_and_label_groups(plan, config, k)
     log_temp = None
-    groups = [{"params": plan.parameters(), "lr": config.lr_img}]
-    if labels is not None:
-        groups.append({"params": labels.parameters(), "lr": config.lr_labels})
     if config.loss == "platt":
         log_temp = torch.tensor(math.log(config.platt_init), device=config.device, requires_grad=True)
         groups.append({"params": [log_temp], "lr": config.lr_labels})
