@@ -45,6 +45,9 @@ class DPConfig(MatchingConfig):
         if self.init != "noise":
             raise ValueError(f"{self.method}: init must be 'noise' under DP, got {self.init!r} "
                              "(starting from private images would release them verbatim)")
+        if self.time_limit_s is not None:
+            raise ValueError(f"{self.method}: time_limit_s is not allowed under DP (the spend is fixed "
+                             "from the config in advance; set iterations instead)")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"unknown accountant {self.accountant!r}; known: {list(ACCOUNTANTS)}")
         if not 0.0 < self.delta < 1.0:

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +78,11 @@ PRESETS = {
         gm_loops={1: (1, 1), 10: (10, 10), 50: (10, 10)},
         eval_epochs={1: 1000, 10: 1000, 50: 500}, pool_epochs=20),
     # The papers' settings (GPU): DM 20k iterations, DC/DSA 1000, 1000 evaluation epochs.
+    # DC/DSA loops as in Zhao et al. (outer, inner): IPC 1 (1, 1), IPC 10 (10, 50), IPC 50 (50, 10).
     "paper": Preset(
         iterations={("dm", 0): 20000, ("dc", 0): 1000, ("dsa", 0): 1000,
                     ("kip", 0): 5000, ("rfad", 0): 5000, ("frepo", 0): 20000, ("bptt", 0): 5000},
+        gm_loops={1: (1, 1), 10: (10, 50), 50: (50, 10)},
         eval_epochs={1: 1000, 10: 1000, 50: 1000}, pool_epochs=50),
 }
 
@@ -88,7 +91,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, out_dir: Path) -> dict:
+def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, out_dir: Path,
+            time_limit: float | None = None, overrides: dict | None = None) -> dict:
     """Distill (or subsample) and evaluate one (method, ipc); runs inside its own process."""
     preset = PRESETS[preset_name]
     data = load_dataset()
@@ -103,7 +107,9 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
         settings = dict(preset.settings.get(method, {}))
         if method in ("dc", "dsa") and ipc in preset.gm_loops:
             settings["outer_loop"], settings["inner_loop"] = preset.gm_loops[ipc]
-        config = make_config(method, ipc=ipc, iterations=iterations, seed=0, device=device, **settings)
+        settings.update(overrides or {})
+        config = make_config(method, ipc=ipc, iterations=iterations, seed=0, device=device,
+                             time_limit_s=time_limit, **settings)
         syn = distill(data.train, config, callback=lambda it, loss: stamps.append(time.perf_counter()))
     distill_s = time.perf_counter() - start
     steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
@@ -113,7 +119,8 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
     syn.save(out_dir / f"{name}.npz")
     save_grid(syn, out_dir / f"{name}.png")
     return {
-        "method": method, "ipc": ipc, "preset": preset_name, "iterations": iterations,
+        "method": method, "ipc": ipc, "preset": preset_name, "iterations": syn.meta.iterations,
+        "iterations_configured": iterations, "overrides": overrides or {},
         "sec_per_iter": statistics.median(steps) if steps else 0.0, "distill_seconds": distill_s,
         "acc_mean": result.mean, "acc_std": result.std, "accuracies": list(result.accuracies),
         "eval_epochs": eval_cfg.epochs, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss,
@@ -159,6 +166,42 @@ def speed_comparison(reference_dir: str, ipcs: list[int], iterations: int, round
     return rows
 
 
+def spawn_job(method: str, ipc: int, args: argparse.Namespace, out: Path) -> dict | None:
+    """Run one (method, ipc) in its own process; append its row to ``results.jsonl`` as it lands."""
+    cmd = [sys.executable, __file__, "--job", method, str(ipc), "--preset", args.preset,
+           "--eval-seeds", str(args.eval_seeds), "--device", args.device, "--out", str(out)]
+    if args.time_limit is not None:
+        cmd += ["--time-limit", str(args.time_limit)]
+    for assignment in args.set:
+        cmd += ["--set", assignment]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"job {method} ipc={ipc} failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"{method:>6} ipc={ipc:<3} acc {100 * row['acc_mean']:.2f} +- {100 * row['acc_std']:.2f} "
+          f"| {row['sec_per_iter']:.3f} s/it x {row['iterations']} | {row['peak_rss_mb']:.0f} MB", flush=True)
+    return row
+
+
+def parse_overrides(assignments: list[str], method: str) -> dict:
+    """``--set dm.lr_img=0.5`` style overrides that apply to ``method``; values parse as JSON if they can."""
+    settings = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        target, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set expects METHOD.KEY=VALUE, got {item!r}")
+        if target == method:
+            try:
+                settings[name] = json.loads(value)
+            except json.JSONDecodeError:
+                settings[name] = value
+    return settings
+
+
 def table(results: list[dict]) -> str:
     lines = ["| method | IPC | iterations | accuracy % (mean +- std) | s / iteration | peak RSS MB |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -181,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_results/distill", help="output directory")
     p.add_argument("--reference-dir", default=None, help="DatasetCondensation checkout for the speed comparison")
     p.add_argument("--speed-only", action="store_true", help="only the DM speed comparison")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="wall-clock seconds per distillation; the report gives the iterations run")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override one method setting, e.g. --set frepo.lr_img=0.03 (repeatable)")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="jobs at once (a GPU box; keep 1 on a small CPU so timings stay honest)")
     p.add_argument("--speed-iterations", type=int, default=6)
     p.add_argument("--speed-rounds", type=int, default=3)
     p.add_argument("--job", nargs=2, metavar=("METHOD", "IPC"), help=argparse.SUPPRESS)
@@ -191,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     if args.job:  # child process: one (method, ipc), result as JSON on the last stdout line
-        print(json.dumps(run_job(args.job[0], int(args.job[1]), args.preset, args.eval_seeds, args.device, out)))
+        print(json.dumps(run_job(args.job[0], int(args.job[1]), args.preset, args.eval_seeds, args.device, out,
+                                 args.time_limit, parse_overrides(args.set, args.job[0]))))
         return 0
 
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
@@ -202,22 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         report["speed"] = speed_comparison(args.reference_dir, [i for i in args.ipc if i <= 10] or [1],
                                            args.speed_iterations, args.speed_rounds, args.device)
     if not args.speed_only:
-        results = []
-        for ipc in args.ipc:
-            for method in args.methods:
-                cmd = [sys.executable, __file__, "--job", method, str(ipc), "--preset", args.preset,
-                       "--eval-seeds", str(args.eval_seeds), "--device", args.device, "--out", str(out)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(proc.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"job {method} ipc={ipc} failed")
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-                results.append(row)
-                print(f"{method:>6} ipc={ipc:<3} acc {100 * row['acc_mean']:.2f} +- {100 * row['acc_std']:.2f} "
-                      f"| {row['sec_per_iter']:.2f} s/it x {row['iterations']} | {row['peak_rss_mb']:.0f} MB",
-                      flush=True)
-        if not args.no_pool:
-            results.append(run_pool(args.preset, args.eval_seeds, args.device))
+        jobs = [(method, ipc) for ipc in args.ipc for method in args.methods]
+        with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+            pool_row = None if args.no_pool else pool.submit(run_pool, args.preset, args.eval_seeds, args.device)
+            rows = list(pool.map(lambda job: spawn_job(*job, args, out), jobs))
+            results = [r for r in rows if r is not None]
+            if pool_row is not None:
+                results.append(pool_row.result())
         report["results"] = results
         print(table(results))
     (out / f"{args.preset}.json").write_text(json.dumps(report, indent=2))

@@ -110,3 +110,20 @@ def test_kip_rho_frozen_pixels_stay_bit_identical(method, small_train):
 def test_rho_is_validated():
     with pytest.raises(ValueError, match="rho"):
         make_config("dm", rho=1.0)
+
+
+@pytest.mark.parametrize("method", ["dm", "kip"])
+def test_time_limit_stops_early_and_records_iterations_run(method, small_train):
+    # a budget that ends during the first iteration: exactly one runs, and the set says so
+    out = distill(small_train, _cfg(method, iterations=50, time_limit_s=1e-9))
+    assert out.meta.iterations == 1
+    assert distill(small_train, _cfg(method, iterations=2)).meta.iterations == 2
+    with pytest.raises(ValueError, match="time_limit_s"):
+        make_config(method, time_limit_s=0)
+
+
+def test_time_limit_is_refused_under_dp():
+    import privacy  # noqa: F401  (registers the DP methods)
+
+    with pytest.raises(ValueError, match="time_limit_s is not allowed under DP"):
+        make_config("dp-dm", time_limit_s=10.0)

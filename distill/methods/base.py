@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from ..augment import DEFAULT_STRATEGY
 from ..data import LabeledImages
@@ -36,6 +38,10 @@ class MethodConfig:
     embedder_noise: float = 0.1
     # KIP-rho corruption: this fraction of every image's pixels is frozen random noise.
     rho: float = 0.0
+    # Wall-clock budget for the outer loop: stop after the iteration that crosses it and ship
+    # what is there (a client with a round deadline, a benchmark with a device lease). The
+    # set's metadata records the iterations actually run.
+    time_limit_s: float | None = None
     method: str = "base"
 
     def __post_init__(self) -> None:
@@ -47,6 +53,8 @@ class MethodConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0.0 <= self.rho < 1.0:
             raise ValueError(f"rho must be in [0, 1), got {self.rho}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"time_limit_s must be > 0 or None, got {self.time_limit_s}")
 
 
 @dataclass(frozen=True)
@@ -138,16 +146,45 @@ def make_network(config: MethodConfig, real: LabeledImages, seed: int) -> torch.
     return net
 
 
+class OuterLoop:
+    """The outer iterations behind a progress bar, cut short when ``time_limit_s`` runs out.
+
+    At least one iteration always runs; ``done`` counts those that finished.
+    """
+
+    def __init__(self, config: MethodConfig, desc: str) -> None:
+        self.bar = tqdm(range(config.iterations), desc=desc, disable=not config.progress)
+        limit = config.time_limit_s
+        self.deadline = None if limit is None else time.monotonic() + limit
+        self.done = 0
+
+    def __iter__(self) -> Iterator[int]:
+        try:
+            for it in self.bar:
+                if it > 0 and self.deadline is not None and time.monotonic() >= self.deadline:
+                    break
+                yield it
+                self.done = it + 1
+        finally:
+            self.bar.close()
+
+    def set_postfix(self, **values: object) -> None:
+        self.bar.set_postfix(**values)
+
+
 def finish(plan: SyntheticPlan, real: LabeledImages, config: MethodConfig, *,
-           soft_labels: torch.Tensor | None = None, lr: float | None = None, **extra) -> SyntheticSet:
+           soft_labels: torch.Tensor | None = None, lr: float | None = None,
+           iterations: int | None = None, **extra) -> SyntheticSet:
     """Package the optimised images as a :class:`SyntheticSet` with provenance metadata.
 
     ``soft_labels`` (float32 [N, K] distributions) replace the hard labels when a method learns
-    them; ``lr`` is a learned training learning rate to ship with the set.
+    them; ``lr`` is a learned training learning rate to ship with the set; ``iterations`` is
+    how many outer iterations ran (default: all configured).
     """
     privacy = {"rho": config.rho} if config.rho > 0 else {}
     meta = SetMetadata(dataset=real.info, method=config.method, ipc=config.ipc, seed=config.seed,
-                       iterations=config.iterations, privacy=privacy, extra={"init": config.init, **extra})
+                       iterations=config.iterations if iterations is None else iterations,
+                       privacy=privacy, extra={"init": config.init, **extra})
     labels = plan.labels.cpu().clone() if soft_labels is None else soft_labels.detach().float().cpu().clone()
     return SyntheticSet(plan.images().detach().cpu().clone(), labels, meta, lr=lr)
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from ..data import LabeledImages
 from ..labels import LabelLogits
 from ..synthetic import SyntheticSet
-from .base import Callback, MethodConfig, RealSampler, finish, generator, init_synthetic, make_network
+from .base import (Callback, OuterLoop, MethodConfig, RealSampler, finish,
+                   generator, init_synthetic, make_network)
 from .kip import real_batch
 
 
@@ -95,7 +95,7 @@ def distill(real: LabeledImages, config: BPTTConfig, *, callback: Callback | Non
     if labels is not None:
         groups.append({"params": labels.parameters(), "lr": config.lr_labels})
     opt = torch.optim.Adam(groups)
-    bar = tqdm(range(config.iterations), desc="BPTT", disable=not config.progress)
+    bar = OuterLoop(config, "BPTT")
     for it in bar:
         net = make_network(config, real, seed=config.seed * 100_003 + it)
         real_x, real_y = real_batch(sampler, plan, config.batch_real)
@@ -109,5 +109,5 @@ def distill(real: LabeledImages, config: BPTTConfig, *, callback: Callback | Non
         if callback is not None:
             callback(it, loss.item())
     soft = labels.export() if labels is not None else None
-    return finish(plan, real, config, soft_labels=soft, lr=float(log_lr.detach().exp()),
+    return finish(plan, real, config, iterations=bar.done, soft_labels=soft, lr=float(log_lr.detach().exp()),
                   inner_steps=config.inner_steps, truncate=config.truncate)

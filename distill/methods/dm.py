@@ -11,14 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ..augment import DSA
 from ..data import LabeledImages
 from ..losses import class_means, mean_embedding_distance
 from ..networks import embed_in_chunks
 from ..synthetic import SyntheticSet
-from .base import Callback, MatchingConfig, RealSampler, finish, generator, init_synthetic, make_network
+from .base import (Callback, OuterLoop, MatchingConfig, RealSampler, finish,
+                   generator, init_synthetic, make_network)
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def distill(real: LabeledImages, config: DMConfig, *, callback: Callback | None 
     dsa = DSA(config.dsa_strategy) if config.dsa else None
     opt = torch.optim.SGD(plan.parameters(), lr=config.lr_img, momentum=config.momentum)
     k = real.info.num_classes
-    bar = tqdm(range(config.iterations), desc="DM", disable=not config.progress)
+    bar = OuterLoop(config, "DM")
     for it in bar:
         net = make_network(config, real, seed=config.seed * 100_003 + it)
         for p in net.parameters():
@@ -70,4 +70,4 @@ def distill(real: LabeledImages, config: DMConfig, *, callback: Callback | None 
         bar.set_postfix(loss=f"{value:.4f}")
         if callback is not None:
             callback(it, value)
-    return finish(plan, real, config)
+    return finish(plan, real, config, iterations=bar.done)

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data import LabeledImages
 from ..kernels import krr_predict_features, krr_squared_error
 from ..networks import embed_in_chunks
 from ..synthetic import SyntheticSet
-from .base import Callback, RealSampler, finish, generator, init_synthetic, make_network
+from .base import Callback, OuterLoop, RealSampler, finish, generator, init_synthetic, make_network
 from .kip import KRRConfig, image_and_label_groups, real_batch, support_targets
 
 
@@ -88,7 +87,7 @@ def distill(real: LabeledImages, config: FRePoConfig, *, callback: Callback | No
     variables = plan.parameters() + (labels.parameters() if labels is not None else [])
     opt = torch.optim.Adam(groups)
     pool = ModelPool(config, real)
-    bar = tqdm(range(config.iterations), desc="FRePo", disable=not config.progress)
+    bar = OuterLoop(config, "FRePo")
     for it in bar:
         i = int(torch.randint(config.pool_size, (1,), generator=gen))
         total = 0.0
@@ -108,4 +107,4 @@ def distill(real: LabeledImages, config: FRePoConfig, *, callback: Callback | No
         if callback is not None:
             callback(it, value)
     soft = labels.export() if labels is not None else None
-    return finish(plan, real, config, soft_labels=soft, pool_size=config.pool_size)
+    return finish(plan, real, config, iterations=bar.done, soft_labels=soft, pool_size=config.pool_size)

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..augment import DSA
 from ..data import LabeledImages
 from ..losses import gradient_match_distance
 from ..synthetic import SyntheticSet
-from .base import Callback, MatchingConfig, RealSampler, finish, generator, init_synthetic, make_network
+from .base import (Callback, OuterLoop, MatchingConfig, RealSampler, finish,
+                   generator, init_synthetic, make_network)
 
 # (outer_loop, inner_loop) per ipc, from the DC paper's released settings.
 LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -90,7 +90,7 @@ def distill(real: LabeledImages, config: GMConfig, *, callback: Callback | None 
     dsa = DSA(config.dsa_strategy) if config.dsa else None
     opt_img = torch.optim.SGD(plan.parameters(), lr=config.lr_img, momentum=config.momentum)
     outer_loop, inner_loop = config.loops
-    bar = tqdm(range(config.iterations), desc=config.method.upper(), disable=not config.progress)
+    bar = OuterLoop(config, config.method.upper())
     for it in bar:
         net = make_network(config, real, seed=config.seed * 100_003 + it)
         params = list(net.parameters())
@@ -117,4 +117,4 @@ def distill(real: LabeledImages, config: GMConfig, *, callback: Callback | None 
         bar.set_postfix(loss=f"{value:.4f}")
         if callback is not None:
             callback(it, value)
-    return finish(plan, real, config, outer_loop=outer_loop, inner_loop=inner_loop)
+    return finish(plan, real, config, iterations=bar.done, outer_loop=outer_loop, inner_loop=inner_loop)

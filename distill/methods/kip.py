@@ -15,14 +15,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import LabeledImages
 from ..kernels import (empirical_ntk_features, krr_predict_features, krr_squared_error, one_hot_targets,
                        random_network_features)
 from ..labels import LabelLogits
 from ..synthetic import SyntheticSet
-from .base import (Callback, MethodConfig, RealSampler, SyntheticPlan, finish, generator,
+from .base import (Callback, OuterLoop, MethodConfig, RealSampler, SyntheticPlan, finish, generator,
                    init_synthetic, make_network)
 
 KERNELS = ("nngp", "ntk")
@@ -117,7 +116,7 @@ def distill(real: LabeledImages, config: KIPConfig, *, callback: Callback | None
     k = real.info.num_classes
     labels, groups = image_and_label_groups(plan, config, k)
     opt = torch.optim.Adam(groups)
-    bar = tqdm(range(config.iterations), desc="KIP", disable=not config.progress)
+    bar = OuterLoop(config, "KIP")
     for it in bar:
         phi = kernel_features(config, real, seed=(config.seed * 100_003 + it) * 16)
         real_x, real_y = real_batch(sampler, plan, config.batch_real)
@@ -129,4 +128,4 @@ def distill(real: LabeledImages, config: KIPConfig, *, callback: Callback | None
         if callback is not None:
             callback(it, loss.item())
     soft = labels.export() if labels is not None else None
-    return finish(plan, real, config, soft_labels=soft, kernel=config.kernel)
+    return finish(plan, real, config, iterations=bar.done, soft_labels=soft, kernel=config.kernel)

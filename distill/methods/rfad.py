@@ -17,12 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data import LabeledImages
 from ..kernels import krr_predict_features, krr_squared_error, random_network_features
 from ..synthetic import SyntheticSet
-from .base import Callback, RealSampler, finish, generator, init_synthetic, make_network
+from .base import Callback, OuterLoop, RealSampler, finish, generator, init_synthetic, make_network
 from .kip import KRRConfig, image_and_label_groups, real_batch, support_targets
 
 LOSSES = ("platt", "mse")
@@ -64,7 +63,7 @@ def distill(real: LabeledImages, config: RFADConfig, *, callback: Callback | Non
         log_temp = torch.tensor(math.log(config.platt_init), device=config.device, requires_grad=True)
         groups.append({"params": [log_temp], "lr": config.lr_labels})
     opt = torch.optim.Adam(groups)
-    bar = tqdm(range(config.iterations), desc="RFAD", disable=not config.progress)
+    bar = OuterLoop(config, "RFAD")
     for it in bar:
         base = (config.seed * 100_003 + it) * 64
         nets = [make_network(config, real, seed=base + m).requires_grad_(False) for m in range(config.n_models)]
@@ -82,4 +81,4 @@ def distill(real: LabeledImages, config: RFADConfig, *, callback: Callback | Non
             callback(it, loss.item())
     soft = labels.export() if labels is not None else None
     extra = {"platt_temperature": float(log_temp.detach().exp())} if log_temp is not None else {}
-    return finish(plan, real, config, soft_labels=soft, loss=config.loss, **extra)
+    return finish(plan, real, config, iterations=bar.done, soft_labels=soft, loss=config.loss, **extra)
