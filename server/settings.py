@@ -29,9 +29,9 @@ class RunSettings:
     wait_for_nodes: float = 300.0
     round_timeout: float = 1800.0
     min_replies: int = 1
-    server_epochs: int = 100
+    server_epochs: int = 300
     server_lr: float = 0.01
-    server_batch_size: int = 256
+    server_batch_size: int = 64
     server_dsa: bool = True
     max_abs_pixel: float = 100.0
     run_name: str = ""
