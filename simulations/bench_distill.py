@@ -92,7 +92,8 @@ def peak_rss_mb() -> float:
 
 
 def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, out_dir: Path,
-            time_limit: float | None = None, overrides: dict | None = None) -> dict:
+            time_limit: float | None = None, overrides: dict | None = None,
+            eval_epochs: int | None = None) -> dict:
     """Distill (or subsample) and evaluate one (method, ipc); runs inside its own process."""
     preset = PRESETS[preset_name]
     data = load_dataset()
@@ -112,8 +113,9 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
                              time_limit_s=time_limit, **settings)
         syn = distill(data.train, config, callback=lambda it, loss: stamps.append(time.perf_counter()))
     distill_s = time.perf_counter() - start
+    distill_rss = peak_rss_mb()  # ru_maxrss only grows: this is the distillation's peak
     steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
-    eval_cfg = TrainConfig(epochs=preset.eval_epochs.get(ipc, 300), device=device)
+    eval_cfg = TrainConfig(epochs=eval_epochs or preset.eval_epochs.get(ipc, 300), device=device)
     result = evaluate(syn.images, syn.labels, data.test, eval_cfg, seeds=tuple(range(seeds)))
     name = f"{method}_ipc{ipc}"
     syn.save(out_dir / f"{name}.npz")
@@ -124,6 +126,7 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
         "sec_per_iter": statistics.median(steps) if steps else 0.0, "distill_seconds": distill_s,
         "acc_mean": result.mean, "acc_std": result.std, "accuracies": list(result.accuracies),
         "eval_epochs": eval_cfg.epochs, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss,
+        "distill_peak_rss_mb": distill_rss,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
     }
 
@@ -172,6 +175,8 @@ def spawn_job(method: str, ipc: int, args: argparse.Namespace, out: Path) -> dic
            "--eval-seeds", str(args.eval_seeds), "--device", args.device, "--out", str(out)]
     if args.time_limit is not None:
         cmd += ["--time-limit", str(args.time_limit)]
+    if args.eval_epochs is not None:
+        cmd += ["--eval-epochs", str(args.eval_epochs)]
     for assignment in args.set:
         cmd += ["--set", assignment]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -228,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="wall-clock seconds per distillation; the report gives the iterations run")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override one method setting, e.g. --set frepo.lr_img=0.03 (repeatable)")
+    p.add_argument("--eval-epochs", type=int, default=None,
+                   help="override the preset's evaluation epochs (e.g. 1 for a memory-only probe)")
     p.add_argument("--parallel", type=int, default=1,
                    help="jobs at once (a GPU box; keep 1 on a small CPU so timings stay honest)")
     p.add_argument("--speed-iterations", type=int, default=6)
@@ -241,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.job:  # child process: one (method, ipc), result as JSON on the last stdout line
         print(json.dumps(run_job(args.job[0], int(args.job[1]), args.preset, args.eval_seeds, args.device, out,
-                                 args.time_limit, parse_overrides(args.set, args.job[0]))))
+                                 args.time_limit, parse_overrides(args.set, args.job[0]), args.eval_epochs)))
         return 0
 
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
