@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -106,6 +107,15 @@ def calibrate_sigma(target_epsilon: float, delta: float, sample_rate: float, ste
         raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    return _calibrate(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant,
+                      tuple(fixed))
+
+
+@lru_cache(maxsize=64)
+def _calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+               fixed: tuple[Spend, ...]) -> float:
+    """The search behind :func:`calibrate_sigma`, cached: a client plans a round, then distills it
+    (which plans again), and each search can take seconds."""
     target = target_epsilon
     for _ in range(30):
         if target <= 0:
