@@ -7,8 +7,16 @@ Wire protocol (keys of the message's RecordDict):
   update under FedAvg).
 - fedistill reply: ``synthetic`` (ArrayRecord: images, labels), ``meta`` (ConfigRecord:
   ``set-meta`` JSON of :class:`distill.synthetic.SetMetadata`), ``metrics`` (MetricRecord).
+- DP reply (``dp`` set): as above, but ``metrics`` carry the privacy figures (epsilon-round,
+  epsilon-total, delta, sigma, sample-rate, steps, clip, rho, privacy-budget) and no exact
+  count of the private data. Past the budget the client declines: ``declined`` (ConfigRecord:
+  kind "budget", reason) and ``metrics`` (declined=1, epsilon-total, epsilon-planned), no arrays.
 - FedAvg reply: ``arrays`` and ``metrics`` (with ``num-examples``), as Flower's FedAvg expects.
-- evaluate in: ``arrays`` (+ ``config``); reply ``metrics``: num-examples, accuracy, loss.
+- evaluate in: ``arrays`` (+ ``config``); reply ``metrics``: num-examples, accuracy, loss
+  (under DP: declined=1 and num-examples 0, since held-out accuracy is not covered by the guarantee).
+
+The DP ledger lives in ``context.state["privacy-ledger"]`` (ConfigRecord, JSON under ``ledger``):
+one accountant over every round of the run.
 """
 
 from __future__ import annotations
@@ -21,9 +29,12 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from .local import build_network, evaluate_model, train_local
+from distill.synthetic import SyntheticSet
+
 from .task import DistillTask, client_seed, distill_partition, load_partition
 
 app = ClientApp()
+LEDGER_KEY = "privacy-ledger"
 
 
 def _task(msg: Message) -> DistillTask:
@@ -43,9 +54,11 @@ def _partition_id(context: Context) -> int:
 def train(msg: Message, context: Context) -> Message:
     """Distill the local partition (fedistill) or run local SGD on the global model (FedAvg)."""
     task = _task(msg)
-    real, _ = load_partition(task, context.node_config)
     seed = client_seed(task.seed, _partition_id(context), task.round)
     global_state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+    if task.dp != "none":
+        return _train_private(msg, context, task, seed, global_state)
+    real, _ = load_partition(task, context.node_config)
     if task.algorithm == "fedavg":
         net = build_network(task, real.info)
         net.load_state_dict(global_state)
@@ -56,25 +69,57 @@ def train(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
     syn, report = distill_partition(real, task, seed, embedder_state=global_state)
     syn = syn.with_meta(client=str(_partition_id(context)))
-    content = RecordDict({
+    metrics = {
+        "num-examples": int(report["examples"]),
+        "class-histogram": [int(v) for v in report["class-histogram"]],
+        "seconds": float(report["seconds"]),
+        "bytes-uploaded": int(report["bytes-uploaded"]),
+        "classes-capped": len(report["classes-capped"]),
+        "classes-skipped": len(report["classes-skipped"]),
+        **({"rho": float(task.rho)} if task.rho > 0 else {}),
+    }
+    return Message(_set_content(syn, metrics), reply_to=msg)
+
+
+def _set_content(syn: SyntheticSet, metrics: dict[str, Any]) -> RecordDict:
+    return RecordDict({
         "synthetic": ArrayRecord({k: Array(v) for k, v in syn.to_arrays().items()}),
         "meta": ConfigRecord({"set-meta": json.dumps(syn.meta.to_dict())}),
-        "metrics": MetricRecord({
-            "num-examples": int(report["examples"]),
-            "class-histogram": [int(v) for v in report["class-histogram"]],
-            "seconds": float(report["seconds"]),
-            "bytes-uploaded": int(report["bytes-uploaded"]),
-            "classes-capped": len(report["classes-capped"]),
-            "classes-skipped": len(report["classes-skipped"]),
-        }),
+        "metrics": MetricRecord(metrics),
     })
-    return Message(content, reply_to=msg)
+
+
+def _train_private(msg: Message, context: Context, task: DistillTask, seed: int,
+                   global_state: dict | None) -> Message:
+    """One DP round: charge the ledger (or decline) before the data is read, then distill once."""
+    from privacy import BudgetExceeded, privacy_plan  # Opacus only on DP clients
+
+    from . import private
+
+    config = private.dp_config(task, seed, global_state)
+    stored = context.state[LEDGER_KEY]["ledger"] if LEDGER_KEY in context.state else None
+    ledger = private.load_ledger(stored, task, context.node_config)
+    plan = privacy_plan(config)
+    try:
+        ledger.charge(plan.spends)
+    except BudgetExceeded as err:
+        declined = ConfigRecord({"kind": "budget", "reason": str(err)})
+        metrics = MetricRecord(private.decline_metrics(plan, ledger))
+        return Message(RecordDict({"declined": declined, "metrics": metrics}), reply_to=msg)
+    context.state[LEDGER_KEY] = ConfigRecord({"ledger": private.ledger_json(ledger)})  # spent from here on
+    real, _ = load_partition(task, context.node_config)
+    syn, metrics = private.distill_private(real, task, config, plan, ledger)
+    syn = syn.with_meta(client=str(_partition_id(context)))
+    return Message(_set_content(syn, metrics), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model's accuracy on this node's held-out data."""
     task = _task(msg)
+    if task.dp != "none":  # held-out accuracy is a release the DP accountant does not cover
+        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "accuracy": 0.0, "loss": 0.0,
+                                                            "declined": 1})}), reply_to=msg)
     _, holdout = load_partition(task, context.node_config)
     net = build_network(task, holdout.info)
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())

@@ -6,6 +6,7 @@ they can be tested and reused (benchmarks, attacks) without a federation.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
@@ -20,6 +21,10 @@ from distill.partition import PARTITIONERS, partition
 from distill.synthetic import SyntheticSet
 
 ALGORITHMS = ("fedistill", "fedavg")
+# ``dp`` values: no DP, or the name of a DP method that ``import privacy`` registers. Kept as
+# strings here so the server (which imports this module) never needs Opacus.
+DP_MODES = ("none", "dpsgd-gm", "dp-dm")
+DP_ACCOUNTANTS = ("rdp", "prv")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,16 @@ class DistillTask:
     local_lr: float = 0.01
     local_batch_size: int = 32
     client_threads: int = 1
+    # Example-level DP (privacy/, docs/privacy.md): ``dp`` replaces ``method`` when not "none".
+    dp: str = "none"
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    clip: float = 1.0
+    sigma: float = 0.0
+    sample_rate: float = 0.04
+    accountant: str = "rdp"
+    privacy_budget: float = 0.0
+    rho: float = 0.0
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -64,6 +79,36 @@ class DistillTask:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.client_threads < 1 or self.local_epochs < 1:
             raise ValueError(f"client_threads and local_epochs must be >= 1: {self}")
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        """Refuse privacy settings that cannot run, before any message goes out."""
+        if self.dp not in DP_MODES:
+            raise ValueError(f"dp must be one of {DP_MODES}, got {self.dp!r}")
+        if self.method in DP_MODES[1:]:
+            raise ValueError(f"method {self.method!r} is a DP method: set dp={self.method!r} instead "
+                             "(the client then accounts its spending across rounds)")
+        if self.dp != "none" and self.algorithm != "fedistill":
+            raise ValueError(f"dp={self.dp!r} needs algorithm 'fedistill' (DP FedAvg is not built)")
+        if not 0.0 <= self.rho < 1.0:
+            raise ValueError(f"rho must be in [0, 1), got {self.rho}")
+        if not (self.privacy_budget >= 0 and math.isfinite(self.privacy_budget)):
+            raise ValueError(f"privacy-budget must be finite and >= 0 (0 = no limit), got {self.privacy_budget}")
+        if self.dp == "none":
+            return
+        if not 0.0 < self.delta < 1.0 or not 0.0 < self.sample_rate <= 1.0:
+            raise ValueError(f"delta must be in (0, 1) and sample-rate in (0, 1]: {self.delta}, {self.sample_rate}")
+        if not (self.clip > 0 and math.isfinite(self.clip)) or not (self.sigma >= 0 and math.isfinite(self.sigma)):
+            raise ValueError(f"clip must be finite and > 0, sigma finite and >= 0: {self.clip}, {self.sigma}")
+        if self.sigma == 0 and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"epsilon must be finite and > 0 when sigma is 0, got {self.epsilon}")
+        if self.accountant not in DP_ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {DP_ACCOUNTANTS}, got {self.accountant!r}")
+
+    @property
+    def distill_method(self) -> str:
+        """The method that produces the upload: the DP method under DP, else ``method``."""
+        return self.method if self.dp == "none" else self.dp
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "DistillTask":
@@ -150,6 +195,8 @@ def distill_partition(real: LabeledImages, task: DistillTask, seed: int,
     Classes with the same budget are distilled together (the core gives each class
     ``min(ipc, n_c)`` images, so a smaller budget means a separate call with that ipc).
     """
+    if task.dp != "none":  # budgets come from exact counts: under DP see client.private
+        raise ValueError(f"distill_partition is not private; dp={task.dp!r} goes through client.private")
     start = time.perf_counter()
     hist = real.class_histogram()
     budget = class_budget(hist, task.ipc, task.min_class_samples, task.samples_per_image)
@@ -163,7 +210,8 @@ def distill_partition(real: LabeledImages, task: DistillTask, seed: int,
         group = real.subset(np.flatnonzero(np.isin(real.labels.numpy(), classes)))
         settings: dict[str, Any] = dict(ipc=int(k), iterations=task.iterations, init=task.init, seed=seed,
                                         arch="convnet", arch_kwargs=task.arch_kwargs,
-                                        embedder_state=embedder_state, embedder_noise=task.embedder_noise)
+                                        embedder_state=embedder_state, embedder_noise=task.embedder_noise,
+                                        rho=task.rho)
         if task.method == "dm":
             settings.update(lr_img=task.lr_img, batch_real=task.batch_real)
         parts.append(distill(group, make_config(task.method, **settings)))
