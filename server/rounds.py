@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -25,7 +25,7 @@ from distill.train import TrainConfig, train_network
 
 from .pool import SyntheticPool
 from .settings import RunSettings
-from .store import RunStore
+from .store import RunStore, privacy_summary
 from .validate import Expectation, Rejected, check_reply
 
 log = logging.getLogger("fedistill.server")
@@ -85,6 +85,31 @@ class RoundResult:
     client_seconds: list[float] = field(default_factory=list)
     classes_capped: int = 0
     classes_skipped: int = 0
+    privacy: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> its privacy figures
+
+
+# Privacy figures copied from a reply's metrics into metrics.jsonl (only finite numbers).
+PRIVACY_METRICS = ("epsilon-round", "epsilon-total", "epsilon-planned", "delta", "sigma", "sample-rate",
+                   "steps", "clip", "rho", "privacy-budget")
+
+
+def privacy_figures(reply: Message, syn: SyntheticSet | None) -> dict[str, Any]:
+    """What a reply says about its client's privacy: figures, accountant, accepted or declined.
+
+    Empty for a reply without privacy figures (no DP, rho 0). Declines are not validated
+    beyond this: only finite numbers are kept.
+    """
+    metrics = reply.content.get("metrics") if reply.has_content() else None
+    if not isinstance(metrics, MetricRecord):
+        return {}
+    figures: dict[str, Any] = {k: metrics[k] for k in PRIVACY_METRICS
+                               if isinstance(metrics.get(k), (int, float)) and np.isfinite(metrics[k])}
+    if not figures:
+        return {}
+    if syn is not None and "accountant" in syn.meta.privacy:
+        figures["accountant"] = str(syn.meta.privacy["accountant"])
+    figures["status"] = "accepted" if syn is not None else "declined"
+    return figures
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float, on_reply: OnReply | None = None,
@@ -122,6 +147,8 @@ def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: floa
             result.rejected[err.kind] += 1
             result.reasons.append(f"node {node}: {err}")
             log.warning("round %d: rejected node %s: %s", exp.round, node, err)
+            if err.kind.startswith("declined-") and (figures := privacy_figures(reply, None)):
+                result.privacy[node] = figures
             continue
         except Exception as err:  # noqa: BLE001 - a hostile payload must never stop the round
             result.rejected["malformed"] += 1
@@ -133,6 +160,8 @@ def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: floa
         result.classes_capped += int(metrics.get("classes-capped", 0))
         result.classes_skipped += int(metrics.get("classes-skipped", 0))
         result.accepted.append((node, syn))
+        if figures := privacy_figures(reply, syn):
+            result.privacy[node] = figures
     missing = len(messages) - len(replies)
     if missing > 0:
         result.rejected["timeout"] += missing
@@ -180,7 +209,8 @@ def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: Labe
     for rnd in range(1, settings.rounds + 1):
         nodes = select_nodes(grid.get_node_ids(), settings.fraction_train, settings.min_train_nodes, rng)
         state = net.state_dict() if (net is not None and settings.mode == "iterative") else None
-        exp = Expectation(test.info, task.method, task.ipc, rnd, settings.max_abs_pixel)
+        exp = Expectation(test.info, task.distill_method, task.ipc, rnd, settings.max_abs_pixel, task.dp,
+                          task.delta, task.rho)
         result = collect(grid, make_messages(nodes, task.to_config(), rnd, MessageType.TRAIN, state), exp,
                          settings.round_timeout, on_reply)
         uploaded.update(result.bytes_by_node)
@@ -195,6 +225,8 @@ def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: Labe
                   "classes-skipped": result.classes_skipped,
                   "client-seconds-max": max(result.client_seconds, default=0.0),
                   "mb-uploaded-per-client": _mb_per_client(uploaded)}
+        if result.privacy:
+            record["privacy"] = {str(node): figs for node, figs in sorted(result.privacy.items())}
         if len(result.accepted) < settings.min_replies:
             log.error("round %d: %d accepted replies, fewer than min-replies=%d: the round ends without "
                       "training", rnd, len(result.accepted), settings.min_replies)
@@ -232,6 +264,7 @@ def finish_run(store: RunStore, settings: RunSettings, last: dict[str, Any], upl
         "mb-uploaded-max-client": max(uploaded.values(), default=0) / 1e6,
         "wall-seconds": time.perf_counter() - start,
         "status": "ok" if trained else "no-model",
+        "dp": settings.task.dp, **privacy_summary(metrics),
     }
     store.write_json("summary.json", summary)
     return summary

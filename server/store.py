@@ -82,3 +82,29 @@ def read_metrics(root: str | Path) -> list[dict[str, Any]]:
     """The per-round records of a finished (or interrupted) run."""
     path = Path(root) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def client_privacy(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per client (node id): total epsilon, delta, accountant, rho, rounds participated and declined.
+
+    Built from the ``privacy`` entries of the round records. A client's total is the largest it
+    reported: composition never lowers it, so a smaller later figure would be wrong.
+    """
+    clients: dict[str, dict[str, Any]] = {}
+    for record in metrics:
+        for node, figures in record.get("privacy", {}).items():
+            c = clients.setdefault(node, {"rounds-participated": 0, "rounds-declined": 0})
+            c["rounds-declined" if figures.get("status") == "declined" else "rounds-participated"] += 1
+            for key in ("delta", "accountant", "rho", "privacy-budget"):
+                if key in figures:
+                    c[key] = figures[key]
+            if "epsilon-total" in figures:
+                c["epsilon-total"] = max(c.get("epsilon-total", 0.0), float(figures["epsilon-total"]))
+    return clients
+
+
+def privacy_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """``summary.json``'s privacy part: per-client figures and the largest total epsilon."""
+    clients = client_privacy(metrics)
+    totals = [c["epsilon-total"] for c in clients.values() if "epsilon-total" in c]
+    return {"privacy": clients, "epsilon-max": max(totals) if totals else None}

@@ -8,11 +8,12 @@ human-readable ``detail`` (logged). Arrays are decoded by Flower with ``allow_pi
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from distill.data import DatasetInfo
 from distill.synthetic import SetMetadata, SyntheticSet
@@ -22,7 +23,11 @@ MAX_REASON_CHARS = 300
 SOFT_LABEL_TOLERANCE = 1e-3
 # Rejection kinds, one counter each in metrics.jsonl ("rejected-<kind>").
 KINDS = ("error-reply", "malformed", "keys", "dtype", "shape", "non-finite", "magnitude",
-         "label-range", "soft-labels", "too-many", "metadata")
+         "label-range", "soft-labels", "too-many", "metadata", "privacy", "declined-budget")
+DECLINE_KINDS = {"budget": "declined-budget"}  # a client's ``declined`` record kind -> rejection kind
+# Privacy figures of a DP reply: metric key -> the set-meta ``privacy`` key that must agree with it.
+DP_FIGURES = {"epsilon-round": "epsilon", "delta": "delta", "sigma": "sigma", "sample-rate": "sample_rate",
+              "steps": "steps", "rho": "rho"}
 
 
 class Rejected(ValueError):
@@ -42,6 +47,9 @@ class Expectation:
     ipc: int
     round: int
     max_abs_pixel: float = 100.0
+    dp: str = "none"
+    delta: float = 1e-5
+    rho: float = 0.0
 
 
 def check_arrays(arrays: dict[str, np.ndarray], exp: Expectation) -> None:
@@ -102,13 +110,66 @@ def check_meta(meta_json: object, exp: Expectation) -> SetMetadata:
 
 
 def check_metrics(metrics: MetricRecord, arrays: dict[str, np.ndarray], exp: Expectation) -> None:
-    """The reported metrics must agree with the upload (bytes) and the dataset (histogram)."""
-    hist = metrics.get("class-histogram", [])
-    if not isinstance(hist, list) or len(hist) != exp.info.num_classes or min(hist, default=0) < 0:
+    """The reported metrics must agree with the upload (bytes) and the dataset (histogram).
+
+    A DP client reports no exact counts of its data, so under DP the histogram is optional.
+    """
+    hist = metrics.get("class-histogram", None if exp.dp != "none" else [])
+    if hist is not None and (not isinstance(hist, list) or len(hist) != exp.info.num_classes
+                             or min(hist, default=0) < 0):
         raise Rejected("metadata", f"class-histogram must list {exp.info.num_classes} counts >= 0")
     sent = sum(a.nbytes for a in arrays.values())
     if metrics.get("bytes-uploaded") != sent:
         raise Rejected("metadata", f"bytes-uploaded {metrics.get('bytes-uploaded')} != {sent} received")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_privacy(meta: SetMetadata, metrics: MetricRecord, exp: Expectation) -> None:
+    """A DP upload's privacy figures must be well-formed, match its metrics, and fit the run.
+
+    The server cannot verify a client's noise; it refuses figures that cannot be true
+    (non-finite epsilon, delta outside (0, 1), a total below the round's spend) or that
+    contradict the run (delta, rho) or each other (metadata vs metrics).
+    """
+    if exp.dp == "none":
+        rho = meta.privacy.get("rho", 0.0)
+        if not _finite(rho) or abs(float(rho) - exp.rho) > 1e-12:
+            raise Rejected("privacy", f"rho {rho!r} in the metadata, run has {exp.rho}")
+        return
+    claims = {m: meta.privacy.get(k) for m, k in DP_FIGURES.items()}
+    bad = [k for k, v in claims.items() if not _finite(v) or not _finite(metrics.get(k))]
+    if bad or not _finite(metrics.get("epsilon-total")):
+        raise Rejected("privacy", f"missing or non-finite privacy figures {bad or ['epsilon-total']}")
+    eps, total = float(claims["epsilon-round"]), float(metrics["epsilon-total"])
+    if eps < 0 or not 0.0 < claims["delta"] < 1.0 or claims["sigma"] < 0 \
+            or not 0.0 < claims["sample-rate"] <= 1.0 or claims["steps"] < 0:
+        raise Rejected("privacy", f"impossible privacy figures {claims}")
+    differ = [k for k, v in claims.items() if float(metrics[k]) != float(v)]
+    if differ:
+        raise Rejected("privacy", f"metrics {differ} differ from the set's metadata")
+    if total < eps * (1 - 1e-9):
+        raise Rejected("privacy", f"epsilon-total {total} below this round's epsilon {eps}")
+    if claims["delta"] != exp.delta or abs(claims["rho"] - exp.rho) > 1e-12:
+        raise Rejected("privacy", f"delta {claims['delta']} / rho {claims['rho']} contradict the run "
+                                  f"({exp.delta} / {exp.rho})")
+
+
+def check_declined(content: RecordDict) -> None:
+    """A client that declined the round: raise :class:`Rejected` with its kind and (bounded) reason."""
+    record = content["declined"]
+    kind = DECLINE_KINDS.get(str(record.get("kind")) if isinstance(record, ConfigRecord) else "")
+    if kind is None:
+        raise Rejected("malformed", f"declined record of unknown kind; known: {sorted(DECLINE_KINDS)}")
+    reason = str(record.get("reason", ""))
+    raise Rejected(kind, _tail(reason) or "no reason given")
+
+
+def _tail(reason: str) -> str:
+    """A long remote message's end says what happened."""
+    return reason if len(reason) <= MAX_REASON_CHARS else "..." + reason[-MAX_REASON_CHARS:]
 
 
 def decode(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -122,10 +183,10 @@ def decode(record: ArrayRecord) -> dict[str, np.ndarray]:
 def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
     """The validated synthetic set in ``reply``, or :class:`Rejected` saying why not."""
     if reply.has_error():
-        reason = reply.error.reason  # a remote traceback can be long: its end says what happened
-        reason = reason if len(reason) <= MAX_REASON_CHARS else "..." + reason[-MAX_REASON_CHARS:]
-        raise Rejected("error-reply", f"code {reply.error.code}: {reason}")
+        raise Rejected("error-reply", f"code {reply.error.code}: {_tail(reply.error.reason)}")
     content = reply.content
+    if "declined" in content:
+        check_declined(content)
     types = {"synthetic": ArrayRecord, "meta": ConfigRecord, "metrics": MetricRecord}
     bad = [k for k, t in types.items() if not isinstance(content.get(k), t)]
     if bad:
@@ -134,6 +195,7 @@ def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
     check_arrays(arrays, exp)
     meta = check_meta(content["meta"].get("set-meta"), exp)
     check_metrics(content["metrics"], arrays, exp)
+    check_privacy(meta, content["metrics"], exp)
     lr = float(arrays["lr"][0]) if "lr" in arrays else None
     return SyntheticSet(torch.from_numpy(arrays["images"].copy()), torch.from_numpy(arrays["labels"].copy()),
                         meta, lr)
