@@ -236,7 +236,8 @@ def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: Labe
             acc, loss = evaluate_model(net, test)
             record.update({"accuracy": acc, "loss": loss, "train-seconds": time.perf_counter() - t0})
             store.save_model(net.state_dict())
-        if net is not None and rnd == settings.rounds and settings.fraction_evaluate > 0:
+        # Under DP, clients decline: accuracy on their held-out data is a release nobody accounts.
+        if net is not None and rnd == settings.rounds and settings.fraction_evaluate > 0 and task.dp == "none":
             eval_nodes = select_nodes(grid.get_node_ids(), settings.fraction_evaluate, 1, rng)
             record.update(federated_evaluate(grid, eval_nodes, net, settings, rnd))
         record["elapsed-seconds"] = time.perf_counter() - start

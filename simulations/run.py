@@ -4,6 +4,7 @@
     python simulations/run.py --alpha 0.1 --mode iterative --rounds 3
     python simulations/run.py --algorithm fedavg --rounds 20
     python simulations/run.py --clients 100 --set fraction-evaluate=0
+    python simulations/run.py --dp dp-dm --epsilon 8 --mode iterative --rounds 3 --privacy-budget 20
 
 Any run-config key (README "Run-config reference") can be set with ``--set key=value``.
 ``flwr.simulation.run_simulation`` hands the apps an empty run-config, so the settings are
@@ -31,6 +32,9 @@ os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
 from server.settings import RunSettings  # noqa: E402
 
 
+PRIVACY_FLAGS = ("dp", "epsilon", "delta", "clip", "sigma", "rho", "privacy-budget")  # same name as the key
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=10, help="number of virtual clients (SuperNodes)")
@@ -49,6 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Ray CPUs per virtual client; also torch threads per client")
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the run store directory goes")
     p.add_argument("--name", default="", help="run name (default: algorithm-mode)")
+    dp = p.add_argument_group("privacy (docs/privacy.md); unset flags keep the run-config defaults")
+    dp.add_argument("--dp", choices=("none", "dpsgd-gm", "dp-dm"), help="example-level DP method (replaces --method)")
+    dp.add_argument("--epsilon", type=float, help="target epsilon per round and client (with sigma 0)")
+    dp.add_argument("--delta", type=float, help="delta every epsilon is reported at")
+    dp.add_argument("--clip", type=float, help="per-example clipping bound")
+    dp.add_argument("--sigma", type=float, help="noise multiplier; 0 = calibrate from --epsilon")
+    dp.add_argument("--rho", type=float, help="KIP-rho: fraction of frozen noise pixels (no guarantee)")
+    dp.add_argument("--privacy-budget", type=float,
+                    help="total epsilon a client spends over the run; past it, it declines (0 = no limit)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run-config key, e.g. --set server-epochs=50 (repeatable)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -76,6 +89,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.iterations is not None:
         out["iterations"] = args.iterations
+    for key in PRIVACY_FLAGS:
+        if getattr(args, key.replace("-", "_")) is not None:
+            out[key] = getattr(args, key.replace("-", "_"))
     for item in args.set:
         key, sep, val = item.partition("=")
         if not sep:
@@ -102,8 +118,10 @@ def final_table(summary: dict[str, Any], settings: RunSettings, clients: int) ->
     rows = [("algorithm", f"{summary['algorithm']} ({summary['mode']})" if summary["algorithm"] == "fedistill"
              else "fedavg"),
             ("clients / split", f"{clients} / {split} on {task.dataset}"),
-            ("method", f"{task.method}, ipc {task.ipc}, {task.iterations} iterations, init {task.init}"
+            ("method", f"{task.distill_method}, ipc {task.ipc}, {task.iterations} iterations, "
+             f"init {task.init if task.dp == 'none' else 'noise'}"
              if task.algorithm == "fedistill" else f"{task.local_epochs} local epoch(s), lr {task.local_lr}"),
+            *_privacy_rows(summary, task),
             ("rounds", str(summary["rounds"])),
             ("global accuracy", "n/a" if summary["accuracy"] is None else f"{100 * summary['accuracy']:.2f} %"),
             ("federated eval", "n/a" if summary.get("federated-accuracy") is None
@@ -115,6 +133,18 @@ def final_table(summary: dict[str, Any], settings: RunSettings, clients: int) ->
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(v) for _, v in rows))
     return "\n".join([line, *(f"{k:<{width}} | {v}" for k, v in rows), line])
+
+
+def _privacy_rows(summary: dict[str, Any], task: Any) -> list[tuple[str, str]]:
+    """The final table's privacy line: what was asked per round, and the most a client spent."""
+    if task.dp == "none":
+        return [("privacy", f"none (KIP-rho {task.rho}, no guarantee)")] if task.rho > 0 else []
+    ask = f"sigma {task.sigma}" if task.sigma > 0 else f"epsilon {task.epsilon}"
+    budget = f", budget {task.privacy_budget:g}" if task.privacy_budget > 0 else ""
+    spent = "n/a" if summary.get("epsilon-max") is None else f"{summary['epsilon-max']:.3f}"
+    declined = sum(c.get("rounds-declined", 0) for c in summary.get("privacy", {}).values())
+    return [("privacy", f"{task.dp}, {ask} per round, delta {task.delta:g}{budget}; max client epsilon "
+                        f"{spent} ({task.accountant}), {declined} declined round(s)")]
 
 
 def simulate(overrides: dict[str, Any], clients: int, cpus_per_client: int = 1, verbose: bool = False,
