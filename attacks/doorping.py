@@ -1,0 +1,137 @@
+"""DOORPING (Liu, Li, Backes, Shen & Zhang, NDSS 2023): the trigger is optimised *during* distillation.
+
+Between outer distillation iterations the attacker (1) trains a proxy network a few steps on
+the current poisoned real data, (2) picks the top-k units of its feature layer (largest summed
+|weight| into the classifier), (3) optimises the trigger with Adam, inside the patch only,
+until those units reach ``alpha`` times their initial activation on stamped images, and (4)
+re-stamps the poisoned real images with the new trigger. Trigger and networks co-evolve.
+
+The paper's networks are the ones trained inside DC/DD; DM draws a fresh random network
+every iteration, so here a persistent proxy plays that role for every method. The update runs
+as the method's per-iteration callback and re-stamps the real images *in place*: the method's
+real-batch sampler holds the same tensor (the data is moved to the method's device first, so
+``.to(device)`` inside the method is a no-op).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill.data import LabeledImages
+from distill.methods import MethodConfig, distill
+from distill.networks import seeded_network
+from distill.synthetic import SyntheticSet
+
+from .backdoor import Trigger, poison
+
+SUPPORTED = ("dm", "dc", "dsa")
+
+
+@dataclass(frozen=True)
+class DoorpingConfig:
+    """Attack settings; defaults follow the paper (Adam lr 0.08, alpha 10) scaled down for CPU."""
+
+    target: int = 0
+    fraction: float = 0.01
+    size: int = 2
+    margin: int = 1
+    update_every: int = 10
+    trigger_steps: int = 50
+    trigger_lr: float = 0.08
+    alpha: float = 10.0
+    top_k: int = 1
+    proxy_steps: int = 20
+    proxy_lr: float = 0.01
+    proxy_batch: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.update_every < 1 or self.trigger_steps < 1 or self.top_k < 1 or self.proxy_steps < 0:
+            raise ValueError(f"update_every, trigger_steps, top_k must be >= 1, proxy_steps >= 0: {self}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+
+
+class TriggerUpdater:
+    """The callback that co-evolves the trigger; ``history`` keeps a copy of every trigger used."""
+
+    def __init__(self, data: LabeledImages, poisoned: np.ndarray, trigger: Trigger, method: MethodConfig,
+                 config: DoorpingConfig) -> None:
+        self.data, self.trigger, self.config = data, trigger, config
+        self.poisoned = torch.as_tensor(poisoned, dtype=torch.long, device=data.images.device)
+        info = data.info
+        self.proxy = seeded_network(method.arch, info.channels, info.num_classes, (info.height, info.width),
+                                    seed=config.seed + 7, device=data.images.device, **method.arch_kwargs)
+        self.opt = torch.optim.SGD(self.proxy.parameters(), lr=config.proxy_lr, momentum=0.9)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        lo = [(0.0 - m) / s for m, s in zip(info.mean, info.std)]
+        hi = [(1.0 - m) / s for m, s in zip(info.mean, info.std)]
+        self.lo = torch.tensor(lo).view(-1, 1, 1)
+        self.hi = torch.tensor(hi).view(-1, 1, 1)
+        self.history: list[torch.Tensor] = [trigger.pattern.detach().clone()]
+
+    def __call__(self, iteration: int, loss: float) -> None:
+        if (iteration + 1) % self.config.update_every:
+            return
+        self._train_proxy()
+        self._optimise_trigger()
+        with torch.no_grad():
+            self.data.images[self.poisoned] = self.trigger.stamp(self.data.images[self.poisoned])
+        self.history.append(self.trigger.pattern.detach().clone())
+
+    def _train_proxy(self) -> None:
+        self.proxy.train()
+        n = len(self.data)
+        for _ in range(self.config.proxy_steps):
+            idx = torch.randint(n, (min(self.config.proxy_batch, n),), generator=self.gen).to(self.data.images.device)
+            loss = F.cross_entropy(self.proxy(self.data.images[idx]), self.data.labels[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        self.proxy.eval()
+
+    def _optimise_trigger(self) -> None:
+        """Raise the top-k feature units towards ``alpha`` x their initial activation (MSE, as the paper)."""
+        for p in self.proxy.parameters():
+            p.requires_grad_(False)
+        weight = self.proxy.classifier.weight.abs().sum(0)
+        units = torch.topk(weight, min(self.config.top_k, weight.numel())).indices
+        x = self.data.images[self.poisoned[:64]] if len(self.poisoned) else self.data.images[:64]
+        pattern = self.trigger.pattern.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([pattern], lr=self.config.trigger_lr)
+        probe = Trigger(pattern, self.trigger.margin, self.trigger.corner)
+        with torch.no_grad():
+            goal = self.config.alpha * self.proxy.embed(probe.stamp(x))[:, units].mean(0).clamp_min(1e-3)
+        for _ in range(self.config.trigger_steps):
+            act = self.proxy.embed(probe.stamp(x))[:, units].mean(0)
+            loss = F.mse_loss(act, goal)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():  # stay a valid image: pixel values in [0, 1]
+                pattern.copy_(torch.maximum(torch.minimum(pattern, self.hi), self.lo))
+        self.trigger = Trigger(pattern.detach(), self.trigger.margin, self.trigger.corner)
+        for p in self.proxy.parameters():
+            p.requires_grad_(True)
+
+
+def doorping_distill(real: LabeledImages, method: MethodConfig,
+                     config: DoorpingConfig) -> tuple[SyntheticSet, Trigger, TriggerUpdater]:
+    """Poison ``real`` with a random trigger, distill while optimising it; returns set, final trigger, updater."""
+    if method.method not in SUPPORTED:
+        raise ValueError(f"DOORPING is wired for {SUPPORTED}, got method {method.method!r}")
+    info = real.info
+    gen = torch.Generator().manual_seed(config.seed)
+    lo = torch.tensor([(0.0 - m) / s for m, s in zip(info.mean, info.std)]).view(-1, 1, 1)
+    hi = torch.tensor([(1.0 - m) / s for m, s in zip(info.mean, info.std)]).view(-1, 1, 1)
+    start = lo + (hi - lo) * torch.rand(info.channels, config.size, config.size, generator=gen)
+    trigger = Trigger(start, config.margin)
+    data, idx = poison(real, trigger, config.fraction, config.target, seed=config.seed)
+    data = data.to(method.device)
+    updater = TriggerUpdater(data, idx, trigger, method, config)
+    syn = distill(data, replace(method, seed=method.seed), callback=updater)
+    return syn, updater.trigger, updater

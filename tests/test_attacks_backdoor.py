@@ -1,0 +1,69 @@
+"""Trigger stamping is exact; poisoning relabels what it stamps; ASR/CTA behave; DOORPING's trigger moves."""
+
+import numpy as np
+import pytest
+import torch
+
+from attacks.backdoor import Trigger, attack_success_rate, clean_test_accuracy, poison
+from attacks.doorping import DoorpingConfig, doorping_distill
+from distill.methods import make_config
+from distill.networks import seeded_network
+from distill.train import TrainConfig, train_network
+
+from .conftest import SMALL_NET
+
+
+@pytest.mark.parametrize("corner", ["bottom-right", "top-left"])
+def test_stamp_changes_only_the_patch_to_the_given_value(mnist, corner):
+    x = mnist.test.images[:5]
+    t = Trigger.solid(mnist.info, size=3, value=1.0, margin=1, corner=corner)
+    y = t.stamp(x)
+    changed = (y != x).any(dim=(0, 1))
+    rows, cols = (slice(24, 27), slice(24, 27)) if corner == "bottom-right" else (slice(1, 4), slice(1, 4))
+    expect = torch.zeros(28, 28, dtype=torch.bool)
+    expect[rows, cols] = True
+    assert not (changed & ~expect).any()  # nothing outside the patch moved
+    white = (1.0 - 0.1307) / 0.3081
+    assert torch.allclose(y[:, :, rows, cols], torch.full_like(y[:, :, rows, cols], white))
+    assert torch.equal(x, mnist.test.images[:5])  # the input is not modified
+
+
+def test_poison_stamps_and_relabels_exactly_the_chosen_fraction(small_train):
+    t = Trigger.solid(small_train.info, size=2)
+    data, idx = poison(small_train, t, fraction=0.1, target=0, seed=0)
+    assert len(idx) == 60 and (small_train.labels[idx] != 0).all()
+    assert (data.labels[idx] == 0).all()
+    rest = np.setdiff1d(np.arange(len(small_train)), idx)
+    assert torch.equal(data.images[rest], small_train.images[rest]) and torch.equal(data.labels[rest], small_train.labels[rest])
+    assert torch.equal(data.images[idx], t.stamp(small_train.images[idx]))
+    with pytest.raises(ValueError):
+        poison(small_train, t, fraction=1.5, target=0)
+
+
+def test_asr_high_on_a_model_trained_on_poisoned_data_and_low_on_a_clean_one(small_train, mnist):
+    t = Trigger.solid(small_train.info, size=4)
+    cfg = TrainConfig(arch="mlp", arch_kwargs={"width": 64}, epochs=30, lr=0.05, batch_size=64, dsa=False)
+    test = mnist.test.subset(np.arange(500))
+    asr, cta = {}, {}
+    for name, frac in (("clean", 0.0), ("poisoned", 0.2)):
+        data, _ = poison(small_train, t, fraction=frac, target=0, seed=0)
+        net = train_network(seeded_network("mlp", 1, 10, (28, 28), seed=0, width=64), data.images, data.labels, cfg)
+        asr[name], cta[name] = attack_success_rate(net, test, t, 0), clean_test_accuracy(net, test)
+    assert asr["poisoned"] > 0.8 and asr["clean"] < 0.2, asr
+    assert cta["clean"] > 0.7 and cta["poisoned"] > 0.6, cta
+
+
+def test_doorping_trigger_changes_during_distillation_and_real_data_carry_the_latest(small_train):
+    method = make_config("dm", ipc=1, iterations=6, arch_kwargs=SMALL_NET, batch_real=32)
+    cfg = DoorpingConfig(target=0, fraction=0.05, size=3, update_every=2, trigger_steps=10, proxy_steps=5)
+    syn, trigger, updater = doorping_distill(small_train, method, cfg)
+    assert len(updater.history) == 4  # the start + an update after iterations 2, 4, 6
+    for before, after in zip(updater.history, updater.history[1:]):
+        assert not torch.equal(before, after)
+    assert torch.equal(trigger.pattern, updater.history[-1])
+    info = small_train.info
+    lo, hi = (0 - info.mean[0]) / info.std[0], (1 - info.mean[0]) / info.std[0]
+    assert trigger.pattern.min() >= lo - 1e-6 and trigger.pattern.max() <= hi + 1e-6
+    poisoned = updater.data.images[updater.poisoned]
+    assert torch.equal(poisoned, trigger.stamp(poisoned))
+    assert len(syn) == 10 and torch.isfinite(syn.images).all()
