@@ -7,7 +7,7 @@ that never saw the members.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,12 +25,13 @@ class MembershipReport:
     test_accuracy: float
     results: list[AttackResult]
     bank: ShadowBank | None
+    privacy: dict = field(default_factory=dict)  # the target's synthetic-set privacy metadata, if any
 
     def by_attack(self) -> dict[str, AttackResult]:
         return {r.attack: r for r in self.results}
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "test_accuracy": self.test_accuracy,
+        return {"target": self.target, "test_accuracy": self.test_accuracy, "privacy": self.privacy,
                 "attacks": [r.to_dict() for r in self.results]}
 
 
@@ -51,4 +52,5 @@ def run_membership(pipeline: Pipeline, pool: LabeledImages, test: LabeledImages,
     if n_shadows >= 2:
         bank = train_shadows(pipeline, pool, n_shadows, seed=seed + 1, progress=progress)
         results += lira_attack(out.model, pool, mask, bank, name)
-    return MembershipReport(name, accuracy(out.model, test), results, bank)
+    privacy = dict(out.synthetic.meta.privacy) if out.synthetic is not None else {}
+    return MembershipReport(name, accuracy(out.model, test), results, bank, privacy)

@@ -1,0 +1,5 @@
+"""``python -m attacks`` is ``python -m attacks.audit``."""
+
+from .audit import main
+
+main()

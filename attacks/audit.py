@@ -1,0 +1,115 @@
+"""``python -m attacks.audit <run store dir | audit config .json> --out DIR``: report.json + report.html.
+
+A directory with ``config.json`` is a run store (:mod:`attacks.store_audit`); a ``.json`` file
+is a central-scenario config (:class:`attacks.central.CentralConfig`; ``{}`` takes the defaults).
+``--quick`` shrinks the central scenario to a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from distill.data import load_dataset
+
+from .central import CentralConfig, clean_floor, run_central
+from .membership import AttackResult
+from .report import bars_figure, render_html, roc_figure
+from .store_audit import audit_store
+
+QUICK = dict(pool_size=100, shadows=4,
+             train={"arch": "mlp", "arch_kwargs": {"width": 64}, "epochs": 30, "lr": 0.05, "batch_size": 50, "dsa": False},
+             targets=({"kind": "real"}, {"kind": "distill", "method": "dm", "settings": {"ipc": 2, "iterations": 5}}),
+             backdoor={"method": "dm", "settings": {"ipc": 2, "iterations": 5}, "fraction": 0.1, "size": 3, "target": 0,
+                       "client_size": 300, "doorping": True,
+                       "doorping_settings": {"update_every": 2, "trigger_steps": 5, "proxy_steps": 5}})
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The verdict in numbers: strongest attack per target at 1% FPR, backdoor ASR/CTA, epsilon bounds."""
+    lines = []
+    by_target: dict[str, list[dict]] = defaultdict(list)
+    for a in report["membership_inference"]["attacks"]:
+        by_target[a["target"]].append(a)
+    for target, rows in by_target.items():
+        best = max(rows, key=lambda a: (a["tpr_at_1pct_fpr"], a["auc"]))
+        lo, hi = best["tpr_at_1pct_ci"]
+        verdict = ("leaks at low FPR (the 95% interval excludes the 1% chance level)" if lo > 0.01
+                   else "no evidence of leakage at 1% FPR (the interval includes chance)")
+        lines.append(f"{target}: strongest attack {best['attack']}, AUC {best['auc']:.3f}, TPR@1%FPR "
+                     f"{best['tpr_at_1pct_fpr']:.3f} [{lo:.3f}, {hi:.3f}] over {best['members']} members / "
+                     f"{best['non_members']} non-members: {verdict}.")
+        if best["non_members"] < 1000:
+            lines.append(f"{target}: with {best['non_members']} non-members TPR@0.1%FPR is not resolvable "
+                         f"(needs >= 1000, better 10^4).")
+    rows = report["backdoor"].get("rows", [])
+    if rows and "asr" in rows[0]:
+        floor = clean_floor(rows)
+        for r in rows:
+            if r["name"] != "clean":
+                lines.append(f"backdoor {r['name']} (poison {r['fraction']:.0%}): ASR {r['asr']:.3f}, CTA {r['cta']:.3f}"
+                             + (f" (clean run: ASR floor {floor:.3f})" if floor is not None else "") + ".")
+    for r in report["dp_audit"].get("rows", []):
+        lb = r.get("empirical_epsilon_lb", r.get("indicative_epsilon_lb"))
+        lines.append(f"{r['target']}: accountant epsilon {r['claimed_epsilon']}, empirical lower bound {lb:.3f} "
+                     f"({r['attack']}, {r['trials']} trials).")
+    return lines or ["nothing was audited"]
+
+
+def figures_for(results: list[AttackResult], backdoor_rows: list[dict]) -> dict[str, list[str]]:
+    by_target: dict[str, list[AttackResult]] = defaultdict(list)
+    for r in results:
+        by_target[r.target].append(r)
+    figs = {"Membership inference": [roc_figure(rs, t) for t, rs in by_target.items()]}
+    if backdoor_rows and "asr" in backdoor_rows[0]:
+        figs["Backdoor"] = [bars_figure(backdoor_rows, "backdoor: ASR and CTA")]
+    return figs
+
+
+def run_audit(source: str | Path, out: str | Path, quick: bool = False, num_partitions: int | None = None,
+              max_clients: int = 10, progress: bool = True) -> dict[str, Any]:
+    """Audit ``source``, write ``report.json`` and ``report.html`` under ``out``; returns the JSON report."""
+    source, out = Path(source), Path(out)
+    if source.is_dir():
+        cfg = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+        data = load_dataset(cfg.get("dataset", "mnist10k"))
+        raw = audit_store(source, data.test, num_partitions, max_clients)
+        results = raw.pop("results")
+    elif source.suffix == ".json":
+        cfg_obj = CentralConfig.from_dict(json.loads(source.read_text()))
+        if quick:
+            cfg_obj = replace(cfg_obj, **QUICK)
+        data = load_dataset(cfg_obj.dataset)
+        raw = run_central(cfg_obj, data, progress)
+        results = [r for rep in raw.pop("membership") for r in rep.results]
+        raw["config"] = cfg_obj.__dict__ | {"targets": list(cfg_obj.targets)}
+    else:
+        raise ValueError(f"{source}: expected a run-store directory or an audit config .json")
+    report = {"source": str(source), **raw}
+    report["summary"] = {"lines": summary_lines(report)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "report.html").write_text(render_html(report, figures_for(results, report["backdoor"].get("rows", []))))
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m attacks.audit", description=__doc__.splitlines()[0])
+    p.add_argument("source", help="run store directory (runs/<time>-<name>) or audit config .json")
+    p.add_argument("--out", required=True, help="directory for report.json and report.html")
+    p.add_argument("--quick", action="store_true", help="tiny central scenario (smoke test)")
+    p.add_argument("--num-partitions", type=int, default=None,
+                   help="partitions of the stored run (default: number of clients in the store)")
+    p.add_argument("--max-clients", type=int, default=10, help="audit at most this many stored clients")
+    args = p.parse_args(argv)
+    report = run_audit(args.source, args.out, args.quick, args.num_partitions, args.max_clients)
+    print("\n".join(report["summary"]["lines"]))
+    print(f"wrote {Path(args.out) / 'report.html'} and report.json")
+
+
+if __name__ == "__main__":
+    main()

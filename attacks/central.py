@@ -1,0 +1,145 @@
+"""The config-driven central scenario: one client's data, each target pipeline, every attack.
+
+No federation: the "client" is a random slice of the training split. This is what
+``python -m attacks.audit config.json --out DIR`` runs; a run store is audited by
+:mod:`attacks.store_audit` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from distill.data import Dataset, LabeledImages
+from distill.methods import make_config
+from distill.networks import seeded_network
+from distill.train import TrainConfig, train_network
+
+from .backdoor import Trigger, attack_success_rate, clean_test_accuracy, poison
+from .doorping import DoorpingConfig, doorping_distill
+from .experiment import MembershipReport, run_membership
+from .membership import audit_pool
+from .metrics import epsilon_lower_bound_from_scores
+from .pipelines import make_pipeline
+
+DP_AUDIT_ATTACK = ("lira-online", "loss")  # fixed before looking at any scores
+
+
+@dataclass(frozen=True)
+class CentralConfig:
+    """What to audit; every field has a small default so an empty ``{}`` runs in minutes."""
+
+    dataset: str = "mnist10k"
+    seed: int = 0
+    pool_size: int = 400
+    shadows: int = 8
+    train: dict = field(default_factory=lambda: {"arch": "convnet", "arch_kwargs": {"width": 16, "depth": 2},
+                                                 "epochs": 50, "batch_size": 64, "dsa": False})
+    targets: tuple = ({"kind": "real"}, {"kind": "distill", "method": "dm", "settings": {"ipc": 10, "iterations": 50}})
+    backdoor: dict | None = field(default_factory=lambda: {"method": "dm", "settings": {"ipc": 10, "iterations": 50},
+                                                           "fraction": 0.1, "size": 3, "target": 0,
+                                                           "client_size": 1000, "doorping": True})
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 20 or self.shadows < 0:
+            raise ValueError(f"pool_size must be >= 20 and shadows >= 0: {self}")
+        for t in self.targets:
+            if t.get("kind") not in ("real", "distill"):
+                raise ValueError(f"target kind must be 'real' or 'distill', got {t!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CentralConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known - {"scenario"})
+        if unknown:
+            raise ValueError(f"unknown audit config keys {unknown}; known: {sorted(known)}")
+        d = {k: v for k, v in d.items() if k in known}
+        if "targets" in d:
+            d["targets"] = tuple(d["targets"])
+        return cls(**d)
+
+
+def _target_pipeline(spec: dict, train: TrainConfig):
+    if spec["kind"] == "real":
+        return make_pipeline("real", train)
+    if str(spec["method"]).startswith("dp"):
+        import privacy  # noqa: F401  (registers the DP methods before make_config)
+    return make_pipeline("distill", train, make_config(spec["method"], **spec.get("settings", {})))
+
+
+def membership_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[MembershipReport]:
+    train = TrainConfig(**cfg.train)
+    pool = audit_pool(data.train, cfg.pool_size, cfg.seed)
+    reports = []
+    for spec in tqdm(cfg.targets, desc="membership targets", disable=not progress):
+        rep = run_membership(_target_pipeline(spec, train), pool, data.test, cfg.shadows, cfg.seed, progress=progress)
+        reports.append(rep)
+    return reports
+
+
+def dp_rows(reports: list[MembershipReport], delta: float) -> list[dict[str, Any]]:
+    """Accountant epsilon (if the target claims one) beside the empirical lower bound of a pre-chosen attack."""
+    rows = []
+    for rep in reports:
+        found = rep.by_attack()
+        name = next((a for a in DP_AUDIT_ATTACK if a in found), None)
+        if name is None:
+            continue
+        r = found[name]
+        lb = epsilon_lower_bound_from_scores(r.scores_in, r.scores_out, delta=delta)
+        rows.append({"target": rep.target, "attack": name, "claimed_epsilon": rep.privacy.get("epsilon", "none"),
+                     "empirical_epsilon_lb": lb, "trials": r.metrics.members + r.metrics.non_members})
+    return rows
+
+
+def backdoor_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[dict[str, Any]]:
+    """Clean run (the false-trigger floor), naive poisoning and, if asked, DOORPING; ASR and CTA each."""
+    b = cfg.backdoor or {}
+    train = TrainConfig(**cfg.train)
+    client = audit_pool(data.train, int(b.get("client_size", 1000)), cfg.seed + 1)
+    method = make_config(b.get("method", "dm"), **{**b.get("settings", {}), "seed": cfg.seed})
+    trigger = Trigger.solid(data.info, size=int(b.get("size", 3)))
+    target, frac = int(b.get("target", 0)), float(b.get("fraction", 0.1))
+
+    def evaluate(name: str, real: LabeledImages, trig: Trigger, syn=None) -> dict[str, Any]:
+        from distill.methods import distill
+        syn = syn if syn is not None else distill(real, method)
+        info = data.info
+        net = seeded_network(train.arch, info.channels, info.num_classes, (info.height, info.width),
+                             seed=cfg.seed, **train.arch_kwargs)
+        net = train_network(net, syn.images, syn.labels, train, seed=cfg.seed)
+        return {"name": name, "fraction": frac if name != "clean" else 0.0,
+                "asr": attack_success_rate(net, data.test, trig, target), "cta": clean_test_accuracy(net, data.test)}
+
+    steps = ["clean", "naive"] + (["doorping"] if b.get("doorping") else [])
+    rows = []
+    for step in tqdm(steps, desc="backdoor", disable=not progress):
+        if step == "clean":
+            rows.append(evaluate("clean", client, trigger))
+        elif step == "naive":
+            rows.append(evaluate("naive", poison(client, trigger, frac, target, cfg.seed)[0], trigger))
+        elif method.method in ("dm", "dc", "dsa"):
+            dcfg = DoorpingConfig(target=target, fraction=frac, size=trigger.size, seed=cfg.seed,
+                                  **b.get("doorping_settings", {}))
+            syn, trig, _ = doorping_distill(client, method, dcfg)
+            rows.append(evaluate("doorping", client, trig, syn))
+    return rows
+
+
+def run_central(cfg: CentralConfig, data: Dataset, progress: bool = True) -> dict[str, Any]:
+    """Everything the report needs, as plain JSON-able data plus the attack results for plots."""
+    reports = membership_section(cfg, data, progress)
+    attacks = [{**a, "test_accuracy": rep.test_accuracy} for rep in reports for a in rep.to_dict()["attacks"]]
+    backdoor = backdoor_section(cfg, data, progress) if cfg.backdoor else []
+    return {"scenario": "central", "membership": reports, "membership_inference": {"attacks": attacks},
+            "backdoor": {"rows": backdoor}, "dp_audit": {"rows": dp_rows(reports, cfg.delta)}}
+
+
+def clean_floor(rows: list[dict[str, Any]]) -> float | None:
+    return next((r["asr"] for r in rows if r["name"] == "clean"), None)
+
+
+__all__ = ["CentralConfig", "clean_floor", "run_central"]

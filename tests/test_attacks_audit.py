@@ -1,0 +1,77 @@
+"""The audit report builds from a tiny run store (and a tiny central config) and names every section."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from attacks.audit import run_audit
+from attacks.report import SECTIONS
+from attacks.store_audit import client_members, read_store
+from distill.networks import seeded_network
+from distill.synthetic import SetMetadata
+from server.store import RunStore
+
+CONFIG = {"dataset": "mnist10k", "partitioner": "iid", "alpha": 0.5, "shards-per-client": 2, "seed": 0,
+          "holdout-fraction": 0.1, "method": "dm", "ipc": 2, "net-width": 8, "net-depth": 2, "mode": "one-shot"}
+
+
+@pytest.fixture()
+def tiny_store(tmp_path, mnist):
+    """Two of four iid clients uploaded sets that copy 20 of their own images (real init, no steps)."""
+    store = RunStore(tmp_path / "runs" / "20250101-000000-tiny")
+    store.write_json("config.json", CONFIG)
+    from distill.synthetic import SyntheticSet
+    for pid in (0, 1):
+        members = client_members(CONFIG, pid, 4)
+        pick = members.subset(np.arange(20))
+        meta = SetMetadata(dataset=mnist.info, method="dm", ipc=2, client=str(pid), round=1)
+        store.save_set(SyntheticSet(pick.images.clone(), pick.labels.clone(), meta), 1, 1000 + pid)
+    store.save_model(seeded_network("convnet", 1, 10, (28, 28), seed=0, width=8, depth=2).state_dict())
+    store.write_json("summary.json", {"accuracy": 0.1})
+    return store.root
+
+
+def test_members_are_the_clients_distilled_partition(tiny_store):
+    a, b = client_members(CONFIG, 0, 4), client_members(CONFIG, 1, 4)
+    assert len(a) == len(b) == 1800  # 2000 per client, 10 % held out
+    run = read_store(tiny_store)
+    assert [c for _, c, _ in run.sets] == ["0", "1"] and run.model_state is not None
+
+
+def test_report_builds_from_a_tiny_run_store(tiny_store, tmp_path):
+    report = run_audit(tiny_store, tmp_path / "out", num_partitions=4, progress=False)
+    html = (tmp_path / "out" / "report.html").read_text()
+    for section in SECTIONS:
+        assert f">{section}</h2>" in html
+    assert "data:image/png;base64," in html
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert on_disk["summary"]["lines"] == report["summary"]["lines"]
+    dist = [a for a in report["membership_inference"]["attacks"] if a["attack"] == "distance-pixel"]
+    assert len(dist) == 2 and all(a["tpr_at_0_fpr"] > 0 for a in dist)  # the copied members are found
+    assert any(a["target"] == "global model" for a in report["membership_inference"]["attacks"])
+    assert any("TPR@1%FPR" in line for line in report["summary"]["lines"])
+
+
+def test_report_builds_from_a_tiny_central_config(tmp_path, mnist):
+    cfg = {"pool_size": 40, "shadows": 2,
+           "train": {"arch": "mlp", "arch_kwargs": {"width": 32}, "epochs": 5, "batch_size": 20, "dsa": False},
+           "targets": [{"kind": "real"}],
+           "backdoor": {"method": "dm", "settings": {"ipc": 1, "iterations": 2, "arch_kwargs": {"width": 8, "depth": 1}},
+                        "fraction": 0.1, "size": 3, "target": 0, "client_size": 100, "doorping": False}}
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps(cfg))
+    report = run_audit(path, tmp_path / "out", progress=False)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert all(f">{s}</h2>" in html for s in SECTIONS)
+    assert [r["name"] for r in report["backdoor"]["rows"]] == ["clean", "naive"]
+    assert {a["attack"] for a in report["membership_inference"]["attacks"]} >= {"loss", "lira-online", "lira-offline"}
+
+
+def test_attacks_never_import_flower():
+    code = ("import sys, attacks.audit, attacks.doorping, attacks.store_audit, attacks.central; "
+            "print(any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
