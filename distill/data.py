@@ -7,6 +7,7 @@ attacks never re-derive the preprocessing.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -157,9 +158,22 @@ def load_npz(path: str | Path, name: str | None = None) -> Dataset:
     return from_arrays(key, **arrays, stats=NORMALISATION.get(key.lower()))
 
 
+BUNDLED_ENV = "FEDISTILL_MNIST10K"
+
+
 def bundled_path() -> Path:
-    """Path of the real-MNIST sample shipped inside the package (see README for provenance)."""
-    return Path(str(resources.files("distill") / "assets" / "mnist10k.npz"))
+    """Path of the real-MNIST sample shipped inside the package (see README for provenance).
+
+    ``$FEDISTILL_MNIST10K`` overrides it: a Flower app bundle (FAB) carries only text sources,
+    so under ``flwr run`` the package copy has no ``assets/`` and the nodes are pointed at the file.
+    """
+    override = os.environ.get(BUNDLED_ENV)
+    path = Path(override) if override else Path(str(resources.files("distill") / "assets" / "mnist10k.npz"))
+    if not path.is_file():
+        where = f"${BUNDLED_ENV}={override}" if override else "the package's assets/"
+        raise FileNotFoundError(f"bundled MNIST sample not found at {path} (from {where}); set "
+                                f"{BUNDLED_ENV} to the path of mnist10k.npz")
+    return path
 
 
 def _torchvision_arrays(name: str, root: Path, download: bool) -> dict[str, np.ndarray]:

@@ -33,9 +33,10 @@ stop_superlink() {
   if [[ -n "$pid" ]]; then kill $pid; fi
 }
 trap stop_superlink EXIT
-# A FAB carries only text sources, so the bundled sample is named by its path here; the run
-# store goes to ./runs (the apps run from a copy under $FLWR_HOME/apps).
-DATA="$PWD/distill/assets/mnist10k.npz"
+# A FAB carries only text sources, so the nodes find the bundled sample through
+# $FEDISTILL_MNIST10K (distill.data.bundled_path); the run store goes to ./runs (the apps run
+# from a copy under $FLWR_HOME/apps).
+export FEDISTILL_MNIST10K="${FEDISTILL_MNIST10K:-$PWD/distill/assets/mnist10k.npz}"
 "$FLWR" run . local --stream \
   --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CPUS_PER_CLIENT" \
-  -c "dataset=\"$DATA\" runs-dir=\"$PWD/runs\" min-available-nodes=$NUM_SUPERNODES" "$@"
+  -c "runs-dir=\"$PWD/runs\" min-available-nodes=$NUM_SUPERNODES" "$@"

@@ -40,3 +40,15 @@ def test_offline_torchvision_names_the_bundled_alternative(tmp_path):
 def test_unknown_dataset_lists_known_ones():
     with pytest.raises(ValueError, match="cifar10"):
         load_dataset("imagenet")
+
+
+def test_bundled_path_env_override(tmp_path, monkeypatch):
+    from distill.data import BUNDLED_ENV
+
+    copy = tmp_path / "sample.npz"
+    copy.write_bytes(bundled_path().read_bytes())
+    monkeypatch.setenv(BUNDLED_ENV, str(copy))
+    assert bundled_path() == copy
+    monkeypatch.setenv(BUNDLED_ENV, str(tmp_path / "missing.npz"))
+    with pytest.raises(FileNotFoundError, match=BUNDLED_ENV):
+        bundled_path()
