@@ -63,6 +63,10 @@ class _Embedder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
 
+    def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features at every block, shallow to deep (layer-wise matching, CAFE); here only the last."""
+        return [self.features(x)]
+
 
 @torch.no_grad()
 def embed_in_chunks(net: nn.Module, x: torch.Tensor, chunk: int = 32) -> torch.Tensor:
@@ -97,6 +101,15 @@ class ConvNet(_Embedder):
             c = width
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(_feature_dim(self.features, (channels, *image_size)), num_classes)
+
+    def block_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of each conv-norm-activation-pool block; the last is ``embed``'s, unflattened."""
+        outs = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i % 4 == 3:
+                outs.append(x)
+        return outs
 
 
 class MLP(_Embedder):

@@ -107,5 +107,9 @@ register("kip", kip.KIPConfig, kip.distill)
 register("rfad", rfad.RFADConfig, rfad.distill)
 register("frepo", frepo.FRePoConfig, frepo.distill)
 register("bptt", bptt.BPTTConfig, bptt.distill)
+from . import cafe, mtt  # noqa: E402  (trajectory and feature matching, issue 8)
+
+register("mtt", mtt.MTTConfig, mtt.distill)
+register("cafe", cafe.CAFEConfig, cafe.distill)
 
 __all__ = ["available_methods", "coerce_settings", "config_fields", "distill", "make_config", "register", "MethodConfig"]
