@@ -15,7 +15,18 @@ FAST = {"dm": {"batch_real": 32}, "dc": {"batch_real": 32, "outer_loop": 1, "inn
         "dsa": {"batch_real": 32, "outer_loop": 1, "inner_loop": 1},
         "kip": {"batch_real": 40, "lr_img": 0.1}, "rfad": {"batch_real": 40, "n_models": 2, "lr_img": 0.1},
         "frepo": {"batch_real": 40, "pool_size": 2, "lr_img": 0.1},
-        "bptt": {"batch_real": 40, "inner_steps": 3, "truncate": 2, "lr_img": 0.1}}
+        "bptt": {"batch_real": 40, "inner_steps": 3, "truncate": 2, "lr_img": 0.1},
+        "mtt": {"num_experts": 1, "expert_train_epochs": 2, "expert_epochs": 1, "max_start_epoch": 1,
+                "syn_steps": 2, "expert_batch": 128},
+        "cafe": {"batch_real": 40, "outer_loop": 2, "inner_loop": 1}}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _expert_cache(tmp_path_factory):
+    """MTT's expert buffers go to a temporary cache, never to the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDISTILL_EXPERT_CACHE", str(tmp_path_factory.mktemp("experts")))
+        yield
 
 
 def _cfg(method, **kw):
