@@ -1,0 +1,73 @@
+"""Membership inference and backdoor benchmark on the bundled MNIST sample (issue 5), central part.
+
+LiRA (online/offline, whole-pipeline shadows) and the loss/confidence attacks against a
+real-trained ConvNet (the leaky baseline), DM-, DC- and DP-DM-distilled targets; the distance
+attack on each synthetic set; naive and DOORPING backdoors through DM with ASR/CTA beside the
+clean floor. Writes ``bench_attacks.json`` and the audit report (HTML) under ``--out``.
+
+    python simulations/bench_attacks.py --quick     # smoke run: small pool, 8 shadows, leaky + DM targets
+    python simulations/bench_attacks.py             # the benchmark: 1000-image pool, 16 shadows (hours on CPU)
+
+Not yet here: the 10-client federation with one malicious client and the server-side
+defenses (they need a malicious ClientApp in simulations/ and defense switches in server/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from attacks.audit import run_audit  # noqa: E402
+
+CONVNET = {"arch": "convnet", "arch_kwargs": {"width": 32, "depth": 3}, "epochs": 100, "batch_size": 64, "dsa": False}
+FULL = {
+    "pool_size": 1000, "shadows": 16, "train": CONVNET,
+    "targets": [
+        {"kind": "real"},
+        {"kind": "distill", "method": "dm", "settings": {"ipc": 10, "iterations": 200}},
+        {"kind": "distill", "method": "dc", "settings": {"ipc": 10, "iterations": 100}},
+        {"kind": "distill", "method": "dp-dm", "settings": {"ipc": 10, "iterations": 200, "epsilon": 4.0}},
+    ],
+    "backdoor": {"method": "dm", "settings": {"ipc": 10, "iterations": 200}, "fraction": 0.01, "size": 2,
+                 "target": 0, "client_size": 5000, "doorping": True},
+}
+QUICK = {
+    "pool_size": 400, "shadows": 8,
+    "train": {"arch": "convnet", "arch_kwargs": {"width": 16, "depth": 2}, "epochs": 30, "batch_size": 50, "dsa": False},
+    "targets": [{"kind": "real"}, {"kind": "distill", "method": "dm", "settings": {"ipc": 10, "iterations": 20}}],
+    "backdoor": {"method": "dm", "settings": {"ipc": 10, "iterations": 20}, "fraction": 0.1, "size": 3, "target": 0,
+                 "client_size": 1000, "doorping": True,
+                 "doorping_settings": {"update_every": 5, "trigger_steps": 20, "proxy_steps": 10}},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run (minutes on 2 CPU cores)")
+    p.add_argument("--out", default="bench_results/attacks", help="output directory")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "audit_config.json"
+    cfg_path.write_text(json.dumps(QUICK if args.quick else FULL, indent=2))
+    start = time.perf_counter()
+    report = run_audit(cfg_path, out)
+    report["wall_seconds"] = time.perf_counter() - start
+    (out / "bench_attacks.json").write_text(json.dumps(report, indent=2, default=str))
+    print("\n".join(report["summary"]["lines"]))
+    print(f"{report['wall_seconds']:.0f} s; wrote {out}/bench_attacks.json and {out}/report.html")
+
+
+if __name__ == "__main__":
+    main()
