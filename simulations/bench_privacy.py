@@ -8,6 +8,7 @@ KIP-rho rows: non-private DM (real initialisation) at rho in {0, 0.5, 0.9}. Writ
 markdown table and a PNG plot (accuracy vs epsilon).
 
     python simulations/bench_privacy.py --quick          # smoke run, ~2 min on 2 CPU cores
+    python simulations/bench_privacy.py --preset medium  # about an hour on 2 CPU cores
     python simulations/bench_privacy.py                  # the full run: hours on CPU
 """
 
@@ -55,6 +56,7 @@ class Preset:
     gm_inner: int = 10
     gm_sample_rate: float = 0.04
     rho_iterations: int = 1000
+    nodp_batch_real: int = 256  # real images per class per step of the non-private DM rows
     eval_net: dict = field(default_factory=lambda: {"width": 128})
     eval_epochs: int = 300
     eval_seeds: tuple[int, ...] = (0, 1, 2)
@@ -64,6 +66,10 @@ class Preset:
 
 PRESETS = {
     "full": Preset(),
+    # What fits in about an hour on 2 CPU cores: 300 real images per class, shorter runs, two
+    # evaluation seeds; the same rows as "full".
+    "medium": Preset(per_class=300, dm_steps=400, gm_iterations=10, gm_outer=5, gm_inner=5,
+                     rho_iterations=200, nodp_batch_real=64, eval_seeds=(0, 1)),
     "quick": Preset(per_class=100, test_size=500, ipc=10, net={"width": 16, "depth": 2}, dm_steps=20,
                     dm_sample_rate=0.1, gm_iterations=2, gm_outer=2, gm_inner=1, gm_sample_rate=0.1,
                     rho_iterations=20, eval_net={"width": 16, "depth": 2}, eval_epochs=20,
@@ -124,7 +130,8 @@ def run(p: Preset, log) -> list[dict]:
     rows = []
     for eps in EPSILONS:
         if math.isinf(eps):
-            dm = ("dm (no DP)", "dm", {"init": "noise", "iterations": p.dm_steps})
+            dm = ("dm (no DP)", "dm", {"init": "noise", "iterations": p.dm_steps,
+                                       "batch_real": p.nodp_batch_real})
             gm = ("dsa (no DP)", "dsa", {"init": "noise", "iterations": p.gm_iterations,
                                          "outer_loop": p.gm_outer, "inner_loop": p.gm_inner})
         else:
@@ -140,7 +147,8 @@ def run(p: Preset, log) -> list[dict]:
         log(rows[-1])
     for rho in RHOS:
         rows.append(distilled_row(f"dm rho={rho}", "dm", math.inf,
-                                  {"init": "real", "rho": rho, "iterations": p.rho_iterations}, train, test, p))
+                                  {"init": "real", "rho": rho, "iterations": p.rho_iterations,
+                                   "batch_real": p.nodp_batch_real}, train, test, p))
         log(rows[-1])
     return rows
 
@@ -197,17 +205,21 @@ def _jsonable(x):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny subsets and budgets")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                        help="full (hours on CPU), medium (about an hour), quick (same as --quick)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_privacy",
                         help="folder for results.json, table.md and accuracy_vs_epsilon.png")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset_name = "quick" if args.quick else "full"
+    preset_name = "quick" if args.quick else args.preset
     preset = PRESETS[preset_name]
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def log(row: dict) -> None:
+    def log(row: dict) -> None:  # each row also lands on disk at once: a cut-off run keeps it
+        with open(args.out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(_jsonable(row), allow_nan=False) + "\n")
         print(f"{row['row']:>14} eps={row['target_epsilon']:<4g} spent={row['epsilon']:.3f} "
               f"acc={100 * row['accuracy']:.2f}% ({row['seconds']:.0f}s)", flush=True)
 
