@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.data import DatasetInfo, LabeledImages
-from distill.networks import seeded_network
+from distill.networks import network_for
+from distill.train import accuracy_and_loss
 
 from .task import DistillTask
 
 
 def build_network(task: DistillTask, info: DatasetInfo, seed: int = 0) -> nn.Module:
     """The run's ConvNet (width/depth from the task) for ``info``'s image geometry."""
-    return seeded_network("convnet", info.channels, info.num_classes, (info.height, info.width),
-                          seed=seed, device="cpu", width=task.net_width, depth=task.net_depth)
+    return network_for(info, seed=seed, width=task.net_width, depth=task.net_depth)
 
 
 def train_local(net: nn.Module, data: LabeledImages, task: DistillTask, seed: int) -> nn.Module:
@@ -37,18 +37,9 @@ def train_local(net: nn.Module, data: LabeledImages, task: DistillTask, seed: in
     return net.eval()
 
 
-@torch.no_grad()
 def evaluate_model(net: nn.Module, data: LabeledImages, batch_size: int = 1000) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``net`` on ``data``; (nan, nan) when ``data`` is empty."""
-    if len(data) == 0:
-        return float("nan"), float("nan")
-    net.eval()
-    correct, loss = 0, 0.0
-    for xb, yb in zip(data.images.split(batch_size), data.labels.split(batch_size)):
-        out = net(xb)
-        correct += int((out.argmax(1) == yb).sum())
-        loss += float(F.cross_entropy(out, yb, reduction="sum"))
-    return correct / len(data), loss / len(data)
+    return accuracy_and_loss(net, data, batch_size)
 
 
 def state_arrays(net: nn.Module) -> dict[str, np.ndarray]:

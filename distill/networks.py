@@ -7,10 +7,13 @@ instance norm as ``GroupNorm(C, C)``, so Opacus's per-sample gradient hooks acce
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .data import DatasetInfo
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTIVATIONS = ("relu", "leakyrelu", "sigmoid", "gelu", "tanh")
@@ -214,3 +217,10 @@ def seeded_network(name: str, channels: int, num_classes: int, image_size: tuple
         torch.manual_seed(seed)
         net = get_network(name, channels, num_classes, image_size, **kwargs)
     return net.to(device)
+
+
+def network_for(info: DatasetInfo, arch: str = "convnet", seed: int = 0,
+                device: torch.device | str = "cpu", **kwargs) -> nn.Module:
+    """``seeded_network`` sized for a dataset's image geometry and classes."""
+    return seeded_network(arch, info.channels, info.num_classes, (info.height, info.width),
+                          seed=seed, device=device, **kwargs)

@@ -85,17 +85,27 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, data: LabeledImages, batch_size: int = 1000,
-             device: str | torch.device | None = None) -> float:
-    """Top-1 accuracy of ``net`` on ``data``."""
+def accuracy_and_loss(net: nn.Module, data: LabeledImages, batch_size: int = 1000,
+                      device: str | torch.device | None = None) -> tuple[float, float]:
+    """(top-1 accuracy, mean cross-entropy) of ``net`` on ``data``; (nan, nan) when it is empty."""
+    if len(data) == 0:
+        return float("nan"), float("nan")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     was_training = net.training
     net.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     for xb, yb in zip(data.images.split(batch_size), data.labels.split(batch_size)):
-        correct += int((net(xb.to(device)).argmax(1).cpu() == yb).sum())
+        out = net(xb.to(device)).cpu()
+        correct += int((out.argmax(1) == yb).sum())
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
     net.train(was_training)
-    return correct / max(len(data), 1)
+    return correct / len(data), loss / len(data)
+
+
+def accuracy(net: nn.Module, data: LabeledImages, batch_size: int = 1000,
+             device: str | torch.device | None = None) -> float:
+    """Top-1 accuracy of ``net`` on ``data`` (nan when it is empty)."""
+    return accuracy_and_loss(net, data, batch_size, device)[0]
 
 
 def evaluate(images: torch.Tensor, labels: torch.Tensor, test: LabeledImages, config: TrainConfig,

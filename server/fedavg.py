@@ -15,8 +15,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from client.local import build_network, evaluate_model
 from distill.data import LabeledImages
+from distill.networks import network_for
+from distill.train import accuracy_and_loss
 
 from .rounds import OnRound, finish_run, payload_bytes, wait_for_nodes
 from .settings import RunSettings
@@ -42,7 +43,7 @@ def run_fedavg(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
     """FedAvg for ``num-server-rounds`` rounds with server-side evaluation after each."""
     start = time.perf_counter()
     task = settings.task
-    net = build_network(task, test.info, seed=task.seed)
+    net = network_for(test.info, seed=task.seed, width=task.net_width, depth=task.net_depth)
     min_nodes = max(settings.min_available_nodes, settings.min_train_nodes)
     wait_for_nodes(grid, min_nodes, settings.wait_for_nodes)  # FedAvg itself would wait forever
     strategy = CountingFedAvg(fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
@@ -53,7 +54,7 @@ def run_fedavg(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         nonlocal record
         net.load_state_dict(arrays.to_torch_state_dict())
-        acc, loss = evaluate_model(net, test)
+        acc, loss = accuracy_and_loss(net, test)
         if server_round == 0:
             return MetricRecord({"accuracy": acc, "loss": loss})
         mb = [b / 1e6 for b in strategy.uploaded.values()]

@@ -18,10 +18,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from torch import nn
 
-from client.local import build_network, evaluate_model
 from distill.data import LabeledImages
+from distill.networks import network_for
 from distill.synthetic import SyntheticSet
-from distill.train import TrainConfig, train_network
+from distill.train import TrainConfig, accuracy_and_loss, train_network
 
 from .pool import SyntheticPool
 from .settings import RunSettings
@@ -173,7 +173,8 @@ def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: floa
 def train_global(pool: SyntheticPool, settings: RunSettings, info_seed: int) -> nn.Module:
     """A fresh ConvNet trained on the merged pool with the distill trainer."""
     images, labels = pool.merged()
-    net = build_network(settings.task, pool.items()[0][1].meta.dataset, seed=info_seed)
+    net = network_for(pool.items()[0][1].meta.dataset, seed=info_seed, width=settings.task.net_width,
+                      depth=settings.task.net_depth)
     config = TrainConfig(arch="convnet", arch_kwargs=settings.task.arch_kwargs, epochs=settings.server_epochs,
                          lr=settings.server_lr, batch_size=settings.server_batch_size, dsa=settings.server_dsa)
     return train_network(net, images, labels, config, seed=info_seed)
@@ -233,7 +234,7 @@ def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: Labe
         if len(result.accepted) >= settings.min_replies and len(pool):
             t0 = time.perf_counter()
             net = train_global(pool, settings, task.seed)
-            acc, loss = evaluate_model(net, test)
+            acc, loss = accuracy_and_loss(net, test)
             record.update({"accuracy": acc, "loss": loss, "train-seconds": time.perf_counter() - t0})
             store.save_model(net.state_dict())
         # Under DP, clients decline: accuracy on their held-out data is a release nobody accounts.

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from client.local import evaluate_model  # noqa: E402
+from distill.train import accuracy_and_loss  # noqa: E402
 from client.task import cached_dataset  # noqa: E402
 from distill.synthetic import SyntheticSet  # noqa: E402
 from server.pool import SyntheticPool  # noqa: E402
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         pool.update(int(path.stem.split("node")[1]), SyntheticSet.load(path))
     start = time.perf_counter()
     net = train_global(pool, settings, settings.task.seed)
-    acc, _ = evaluate_model(net, cached_dataset(settings.task.dataset).test)
+    acc, _ = accuracy_and_loss(net, cached_dataset(settings.task.dataset).test)
     print(json.dumps({"run": str(args.run), "pool-images": pool.num_images(), "settings": args.set,
                       "accuracy": acc, "train-seconds": round(time.perf_counter() - start, 1)}))
     return 0
