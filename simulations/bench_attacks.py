@@ -5,7 +5,7 @@ real-trained ConvNet (the leaky baseline), DM-, DC- and DP-DM-distilled targets;
 attack on each synthetic set; naive and DOORPING backdoors through DM with ASR/CTA beside the
 clean floor. Writes ``bench_attacks.json`` and the audit report (HTML) under ``--out``.
 
-    python simulations/bench_attacks.py --quick     # smoke run: small pool, 8 shadows, leaky + DM targets
+    python simulations/bench_attacks.py --quick     # 400-image pool, 8 shadows, leaky + DM targets: ~11 min on a busy 2-core CPU
     python simulations/bench_attacks.py             # the benchmark: 1000-image pool, 16 shadows (hours on CPU)
 
 Not yet here: the 10-client federation with one malicious client and the server-side
@@ -52,7 +52,7 @@ QUICK = {
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run (minutes on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="small run (~11 min on a busy 2-core CPU)")
     p.add_argument("--out", default="bench_results/attacks", help="output directory")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
