@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,15 @@ class DPGMConfig(DPConfig):
         return self.iterations * self.outer_loop
 
 
-def noisy_gradient(gsm: GradSampleModule, real: LabeledImages, config: DPGMConfig, sigma: float,
+class StepSettings(Protocol):
+    """What one DP-SGD gradient needs from a config (DP gradient matching, DP experts)."""
+
+    sample_rate: float
+    clip: float
+    chunk: int
+
+
+def noisy_gradient(gsm: GradSampleModule, real: LabeledImages, config: StepSettings, sigma: float,
                    augment, gen: torch.Generator) -> list[torch.Tensor]:
     """One DP-SGD gradient of the mean cross-entropy at ``gsm``'s weights (one accountant step)."""
     params = [p for p in gsm.parameters() if p.requires_grad]
