@@ -3,6 +3,11 @@
 On disk it is one ``.npz`` (arrays plus the metadata as a JSON string stored as a unicode
 array), read with ``allow_pickle=False``; on the wire it is a dict of arrays plus a flat dict
 of metadata scalars. Nothing here ever unpickles.
+
+A factorised set (:mod:`distill.factors`) stores its factors instead of its images: the
+arrays are ``labels``, optional ``lr``, ``factors_json`` (the spec as UTF-8 bytes, uint8) and
+one ``factor_<name>`` float32 array per factor, so what is saved, sent and counted in
+``nbytes`` is the factors; ``images`` are decoded from them when the set is built.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ import numpy as np
 import torch
 
 from .data import DatasetInfo
+from .factors import Factors, check_factors
 
 ARRAY_KEYS = ("images", "labels")
 OPTIONAL_ARRAY_KEYS = ("lr",)
+FACTOR_SPEC_KEY = "factors_json"
+FACTOR_PREFIX = "factor_"
 
 
 @dataclass(frozen=True)
@@ -51,17 +59,40 @@ class SetMetadata:
 
 @dataclass
 class SyntheticSet:
-    """``images`` float32 [N, C, H, W] (normalised space); ``labels`` int64 [N] or float32 [N, K]."""
+    """``images`` float32 [N, C, H, W] (normalised space); ``labels`` int64 [N] or float32 [N, K].
+
+    With ``factors`` the images are decoded from them (pass ``images=None``, or use
+    :meth:`from_factors`); images passed alongside factors must be exactly their decoding.
+    ``labels`` always label the decoded images.
+    """
 
     images: torch.Tensor
     labels: torch.Tensor
     meta: SetMetadata
     lr: float | None = None
+    factors: Factors | None = None
 
     def __post_init__(self) -> None:
-        problem = check_arrays(self.images, self.labels, self.meta.dataset)
+        info = self.meta.dataset
+        if self.factors is not None:
+            problem = check_factors(self.factors, info.channels, info.height, info.width)
+            if problem:
+                raise ValueError(problem)
+            decoded = self.factors.decode()
+            if self.images is not None and not torch.equal(self.images.detach().cpu(), decoded):
+                raise ValueError("images differ from the decoding of the factors")
+            self.images = decoded
+        elif self.images is None:
+            raise ValueError("a set needs images or factors")
+        problem = check_arrays(self.images, self.labels, info, self.factors)
         if problem:
             raise ValueError(problem)
+
+    @classmethod
+    def from_factors(cls, factors: Factors, labels: torch.Tensor, meta: SetMetadata,
+                     lr: float | None = None) -> "SyntheticSet":
+        """A factorised set; its images are decoded from ``factors``."""
+        return cls(None, labels, meta, lr, factors)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -77,7 +108,7 @@ class SyntheticSet:
         return np.bincount(self.hard_labels().cpu().numpy(), minlength=self.meta.dataset.num_classes)
 
     def nbytes(self) -> int:
-        """Bytes of the arrays as uploaded (what a client pays in bandwidth)."""
+        """Bytes of the arrays as uploaded (what a client pays in bandwidth): the factors, if any."""
         return sum(a.nbytes for a in self.to_arrays().values())
 
     def with_meta(self, **changes) -> "SyntheticSet":
@@ -85,8 +116,13 @@ class SyntheticSet:
 
     # -- wire format -------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
-        arrays = {"images": self.images.detach().cpu().numpy().astype(np.float32),
-                  "labels": self.labels.detach().cpu().numpy()}
+        if self.factors is None:
+            arrays = {"images": self.images.detach().cpu().numpy().astype(np.float32)}
+        else:
+            spec = np.frombuffer(self.factors.spec_json().encode("utf-8"), dtype=np.uint8).copy()
+            arrays = {FACTOR_SPEC_KEY: spec, **{FACTOR_PREFIX + k: v.detach().cpu().numpy().astype(np.float32)
+                                                for k, v in self.factors.arrays.items()}}
+        arrays["labels"] = self.labels.detach().cpu().numpy()
         if self.lr is not None:
             arrays["lr"] = np.asarray([self.lr], dtype=np.float32)
         return arrays
@@ -94,13 +130,14 @@ class SyntheticSet:
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], meta: SetMetadata) -> "SyntheticSet":
         """Build from untrusted arrays; raises ``ValueError`` naming what is wrong."""
-        missing = [k for k in ARRAY_KEYS if k not in arrays]
-        extra = [k for k in arrays if k not in ARRAY_KEYS + OPTIONAL_ARRAY_KEYS]
+        factored = FACTOR_SPEC_KEY in arrays
+        required = ("labels", FACTOR_SPEC_KEY) if factored else ARRAY_KEYS
+        missing = [k for k in required if k not in arrays]
+        extra = [k for k in arrays if k not in required + OPTIONAL_ARRAY_KEYS
+                 and not (factored and k.startswith(FACTOR_PREFIX))]
         if missing or extra:
             raise ValueError(f"bad keys: missing {missing}, unexpected {extra}")
-        images, labels = np.asarray(arrays["images"]), np.asarray(arrays["labels"])
-        if images.dtype != np.float32:
-            raise ValueError(f"images dtype must be float32, got {images.dtype}")
+        labels = np.asarray(arrays["labels"])
         if labels.dtype not in (np.int64, np.float32):
             raise ValueError(f"labels dtype must be int64 or float32, got {labels.dtype}")
         lr = None
@@ -109,7 +146,13 @@ class SyntheticSet:
             if lr_arr.shape != (1,) or lr_arr.dtype != np.float32 or not np.isfinite(lr_arr).all():
                 raise ValueError("lr must be one finite float32")
             lr = float(lr_arr[0])
-        return cls(torch.from_numpy(images.copy()), torch.from_numpy(labels.copy()), meta, lr)
+        labels_t = torch.from_numpy(labels.copy())
+        if factored:
+            return cls.from_factors(factors_from_arrays(arrays), labels_t, meta, lr)
+        images = np.asarray(arrays["images"])
+        if images.dtype != np.float32:
+            raise ValueError(f"images dtype must be float32, got {images.dtype}")
+        return cls(torch.from_numpy(images.copy()), labels_t, meta, lr)
 
     # -- disk format ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -141,8 +184,43 @@ class SyntheticSet:
         return cls.from_arrays(arrays, meta)
 
 
-def check_arrays(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> str | None:
-    """The reason ``images``/``labels`` are not a valid set for ``info``, or None if they are."""
+def factors_from_arrays(arrays: dict[str, np.ndarray]) -> Factors:
+    """The factors in untrusted wire/disk arrays (spec bounded, float32 only); ``ValueError`` if bad.
+
+    Shapes against the dataset are checked by :func:`distill.factors.check_factors`, before decoding.
+    """
+    spec = np.asarray(arrays[FACTOR_SPEC_KEY])
+    if spec.dtype != np.uint8 or spec.ndim != 1:
+        raise ValueError(f"{FACTOR_SPEC_KEY} must be 1-D uint8 (UTF-8 JSON), got {spec.dtype} {spec.shape}")
+    try:
+        text = spec.tobytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{FACTOR_SPEC_KEY} is not UTF-8 ({err})") from err
+    tensors = {}
+    for key, value in arrays.items():
+        if key.startswith(FACTOR_PREFIX):
+            a = np.asarray(value)
+            if a.dtype != np.float32:
+                raise ValueError(f"{key} dtype must be float32, got {a.dtype}")
+            tensors[key[len(FACTOR_PREFIX):]] = torch.from_numpy(a.copy())
+    return Factors.from_json(text, tensors)
+
+
+def check_arrays(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo,
+                 factors: Factors | None = None) -> str | None:
+    """The reason ``images``/``labels`` (decoded from ``factors``, if given) are not a valid set for
+    ``info``, or None if they are.
+
+    With factors, the images must number ``per_base`` per stored base, and hard labels must be
+    constant over each base's images (a decoded image carries its base's class).
+    """
+    if factors is not None:
+        problem = check_factors(factors, info.channels, info.height, info.width)
+        if problem:
+            return problem
+        n = factors.num_bases * factors.per_base
+        if images.shape[0] != n:
+            return f"{images.shape[0]} images, the factors decode to {n}"
     if images.dtype != torch.float32:
         return f"images dtype must be float32, got {images.dtype}"
     if images.ndim != 4 or tuple(images.shape[1:]) != info.image_shape:
@@ -157,6 +235,10 @@ def check_arrays(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) 
             return f"{labels.shape[0]} labels for {n} images"
         if n and (labels.min() < 0 or labels.max() >= info.num_classes):
             return f"labels outside [0, {info.num_classes})"
+        if factors is not None:
+            groups = labels.reshape(factors.num_bases, factors.per_base)
+            if not (groups == groups[:, :1]).all():
+                return "labels differ among the images of one stored base"
     elif labels.ndim == 2:
         if labels.dtype != torch.float32:
             return f"soft labels must be float32, got {labels.dtype}"

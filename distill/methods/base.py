@@ -12,7 +12,8 @@ from tqdm.auto import tqdm
 from ..augment import DEFAULT_STRATEGY
 from ..data import LabeledImages
 from ..networks import seeded_network
-from ..parameterize import Pixels, make_parameterization
+from ..parameterize import (RHO_COMPOSES, Parameterization, check_options, decoded_per_base,
+                            make_parameterization, real_per_base)
 from ..synthetic import SetMetadata, SyntheticSet
 
 INITS = ("real", "noise")
@@ -38,6 +39,11 @@ class MethodConfig:
     embedder_noise: float = 0.1
     # KIP-rho corruption: this fraction of every image's pixels is frozen random noise.
     rho: float = 0.0
+    # What is optimised and stored (distill/parameterize.py): "pixels", or a factorised set
+    # ("idc", "haba", "latent") where ``ipc`` counts stored bases per class, each decoding to
+    # several images; ``param_kwargs`` are its options (e.g. {"factor": 2}).
+    param: str = "pixels"
+    param_kwargs: dict = field(default_factory=dict)
     # Wall-clock budget for the outer loop: stop after the iteration that crosses it and ship
     # what is there (a client with a round deadline, a benchmark with a device lease). The
     # set's metadata records the iterations actually run.
@@ -53,6 +59,10 @@ class MethodConfig:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0.0 <= self.rho < 1.0:
             raise ValueError(f"rho must be in [0, 1), got {self.rho}")
+        check_options(self.param, self.param_kwargs)
+        if self.rho > 0 and self.param not in RHO_COMPOSES:
+            raise ValueError(f"rho > 0 does not compose with param {self.param!r} (learned networks remap "
+                             f"every stored pixel); use one of {RHO_COMPOSES}")
         if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise ValueError(f"time_limit_s must be > 0 or None, got {self.time_limit_s}")
 
@@ -77,10 +87,10 @@ class MatchingConfig(MethodConfig):
 class SyntheticPlan:
     """The synthetic images under optimisation (through a parameterisation) and their classes."""
 
-    param: Pixels         # what the optimiser updates; ``images()`` decodes
-    labels: torch.Tensor  # int64 [N]
-    classes: list[int]    # classes present in the real data
-    slices: dict[int, slice]  # rows of each class in ``images``
+    param: Parameterization  # what the optimiser updates; ``images()`` decodes
+    labels: torch.Tensor     # int64 [N], one per decoded image
+    classes: list[int]       # classes present in the real data
+    slices: dict[int, slice]  # rows of each class in ``images`` (decoded)
 
     def parameters(self) -> list[torch.Tensor]:
         return self.param.parameters()
@@ -90,11 +100,17 @@ class SyntheticPlan:
 
 
 def init_synthetic(real: LabeledImages, config: MethodConfig, gen: torch.Generator) -> SyntheticPlan:
-    """``min(ipc, n_c)`` images for each class c present in ``real``, from real samples or noise.
+    """``min(ipc, n_c)`` stored images (bases) for each class c present in ``real``, from real
+    samples or noise, decoded through ``config.param``.
 
     Capping at ``n_c`` keeps a barely-held class from being spread over more synthetic images
-    than it has real ones; classes absent from ``real`` get none.
+    than it has real ones; classes absent from ``real`` get none. A factorised base starts from
+    ``real_per_base`` real images (IDC: one per tile), drawn without repetition while the class
+    has enough. Labels and slices are those of the decoded images (base-major, so per class
+    contiguous).
     """
+    per_real = real_per_base(config.param, config.param_kwargs)
+    per_out = decoded_per_base(config.param, config.param_kwargs)
     rows, labels, slices, classes = [], [], {}, []
     start = 0
     for c, idx in enumerate(real.class_indices()):
@@ -102,17 +118,20 @@ def init_synthetic(real: LabeledImages, config: MethodConfig, gen: torch.Generat
         if k == 0:
             continue
         if config.init == "real":
-            pick = idx[torch.randperm(len(idx), generator=gen)[:k]]
+            order = torch.cat([torch.randperm(len(idx), generator=gen)
+                               for _ in range(-(-k * per_real // len(idx)))])
+            pick = idx[order[:k * per_real]]
             rows.append(real.images[pick.to(real.images.device)].detach().cpu().clone())
         else:
-            rows.append(torch.randn(k, *real.info.image_shape, generator=gen))
-        labels.append(torch.full((k,), c, dtype=torch.long))
-        slices[c] = slice(start, start + k)
+            rows.append(torch.randn(k * per_real, *real.info.image_shape, generator=gen))
+        labels.append(torch.full((k * per_out,), c, dtype=torch.long))
+        slices[c] = slice(start, start + k * per_out)
         classes.append(c)
-        start += k
+        start += k * per_out
     if not rows:
         raise ValueError("real data is empty: nothing to distill")
-    param = make_parameterization(torch.cat(rows).to(config.device), config.rho, gen)
+    param = make_parameterization(torch.cat(rows).to(config.device), config.rho, gen,
+                                  config.param, config.param_kwargs)
     return SyntheticPlan(param, torch.cat(labels).to(config.device), classes, slices)
 
 
@@ -182,10 +201,15 @@ def finish(plan: SyntheticPlan, real: LabeledImages, config: MethodConfig, *,
     how many outer iterations ran (default: all configured).
     """
     privacy = {"rho": config.rho} if config.rho > 0 else {}
+    if config.param != "pixels":
+        extra = {"param": config.param, **extra}
     meta = SetMetadata(dataset=real.info, method=config.method, ipc=config.ipc, seed=config.seed,
                        iterations=config.iterations if iterations is None else iterations,
                        privacy=privacy, extra={"init": config.init, **extra})
     labels = plan.labels.cpu().clone() if soft_labels is None else soft_labels.detach().float().cpu().clone()
+    factors = plan.param.factors()
+    if factors is not None:
+        return SyntheticSet.from_factors(factors, labels, meta, lr=lr)
     return SyntheticSet(plan.images().detach().cpu().clone(), labels, meta, lr=lr)
 
 
