@@ -15,8 +15,11 @@ from distill.data import LabeledImages
 from distill.train import accuracy
 
 from .lira import ShadowBank, lira_attack, train_shadows
-from .membership import AttackResult, confidence_attack, distance_attack, loss_attack, split_pool
+from .membership import AttackResult, audit_pool, confidence_attack, distance_attack, loss_attack, split_pool
 from .pipelines import Pipeline
+from .rmia import rmia_attack
+
+EXPOSURE_ATTACKS = ("rmia-online", "lira-online", "loss")  # whose member scores rank exposure, first found
 
 
 @dataclass
@@ -26,6 +29,9 @@ class MembershipReport:
     results: list[AttackResult]
     bank: ShadowBank | None
     privacy: dict = field(default_factory=dict)  # the target's synthetic-set privacy metadata, if any
+    exposed: LabeledImages | None = None  # the members the strongest pre-chosen attack scores highest
+    exposed_scores: list[float] = field(default_factory=list)
+    exposed_attack: str = ""
 
     def by_attack(self) -> dict[str, AttackResult]:
         return {r.attack: r for r in self.results}
@@ -35,11 +41,25 @@ class MembershipReport:
                 "attacks": [r.to_dict() for r in self.results]}
 
 
+def most_exposed(results: list[AttackResult], members: LabeledImages, k: int = 8) -> tuple[LabeledImages | None, list[float], str]:
+    """The ``k`` members with the highest score under the first of :data:`EXPOSURE_ATTACKS` present."""
+    found = {r.attack: r for r in results}
+    name = next((a for a in EXPOSURE_ATTACKS if a in found), None)
+    if name is None or len(members) == 0:
+        return None, [], ""
+    top = np.argsort(-found[name].scores_in, kind="stable")[:k]
+    return members.subset(top), [float(x) for x in found[name].scores_in[top]], name
+
+
 def run_membership(pipeline: Pipeline, pool: LabeledImages, test: LabeledImages, n_shadows: int = 8,
                    seed: int = 0, target_data: LabeledImages | None = None,
-                   progress: bool = False) -> MembershipReport:
-    """Threshold attacks, LiRA online/offline (if ``n_shadows`` >= 2) and, for a distilled target,
-    the distance attack on its synthetic set."""
+                   progress: bool = False, population: LabeledImages | None = None,
+                   population_size: int = 200) -> MembershipReport:
+    """Threshold attacks, LiRA and RMIA online/offline (if ``n_shadows`` >= 2) and, for a distilled
+    target, the distance attack on its synthetic set.
+
+    RMIA's population points z default to ``population_size`` images of ``test`` (never in the
+    pool, so no shadow trains on them)."""
     mask = split_pool(len(pool), seed)
     members, non_members = pool.subset(np.flatnonzero(mask)), pool.subset(np.flatnonzero(~mask))
     name = getattr(pipeline, "name", "target") or "target"
@@ -50,7 +70,13 @@ def run_membership(pipeline: Pipeline, pool: LabeledImages, test: LabeledImages,
         results.append(distance_attack(out.synthetic, members, non_members, name))
     bank = None
     if n_shadows >= 2:
-        bank = train_shadows(pipeline, pool, n_shadows, seed=seed + 1, progress=progress)
+        if population is None and population_size > 0:
+            population = audit_pool(test, min(population_size, len(test)), seed + 2)
+        bank = train_shadows(pipeline, pool, n_shadows, seed=seed + 1, progress=progress, population=population)
         results += lira_attack(out.model, pool, mask, bank, name)
+        if population is not None:
+            results += rmia_attack(out.model, pool, mask, bank, population, name)
     privacy = dict(out.synthetic.meta.privacy) if out.synthetic is not None else {}
-    return MembershipReport(name, accuracy(out.model, test), results, bank, privacy)
+    exposed, exposed_scores, exposed_attack = most_exposed(results, members)
+    return MembershipReport(name, accuracy(out.model, test), results, bank, privacy,
+                            exposed, exposed_scores, exposed_attack)

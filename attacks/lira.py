@@ -30,14 +30,18 @@ from .signals import DEFAULT_SHIFTS, query_logits, scaled_logit
 
 @dataclass
 class ShadowBank:
-    """``masks`` bool [S, N] (pool image n was in shadow s) and ``signals`` float64 [S, N, Q]."""
+    """``masks`` bool [S, N] (pool image n was in shadow s) and ``signals`` float64 [S, N, Q];
+    ``population`` float64 [S, Z, Q]: signals on population points no shadow trained on (RMIA's z)."""
 
     masks: np.ndarray
     signals: np.ndarray
+    population: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.masks.shape != self.signals.shape[:2]:
             raise ValueError(f"masks {self.masks.shape} do not match signals {self.signals.shape}")
+        if self.population is not None and self.population.shape[0] != self.masks.shape[0]:
+            raise ValueError(f"population signals {self.population.shape} vs {self.masks.shape[0]} shadows")
 
 
 def signals_of(net: torch.nn.Module, pool: LabeledImages,
@@ -47,18 +51,22 @@ def signals_of(net: torch.nn.Module, pool: LabeledImages,
 
 
 def train_shadows(pipeline: Pipeline, pool: LabeledImages, n_shadows: int, seed: int = 0,
-                  shifts: tuple[tuple[int, int], ...] = DEFAULT_SHIFTS, progress: bool = False) -> ShadowBank:
-    """Run ``pipeline`` on ``n_shadows`` random halves of ``pool``; keep the masks and signals."""
+                  shifts: tuple[tuple[int, int], ...] = DEFAULT_SHIFTS, progress: bool = False,
+                  population: LabeledImages | None = None) -> ShadowBank:
+    """Run ``pipeline`` on ``n_shadows`` random halves of ``pool``; keep the masks and signals
+    (and the signals on ``population``, which no shadow trains on, for RMIA)."""
     if n_shadows < 2:
         raise ValueError(f"LiRA needs at least 2 shadows, got {n_shadows}")
-    masks, signals = [], []
+    masks, signals, pop = [], [], []
     for s in tqdm(range(n_shadows), desc="shadows", disable=not progress, leave=False):
         shadow_seed = int(np.random.SeedSequence([seed, s]).generate_state(1)[0] % (2**31))
         mask = split_pool(len(pool), shadow_seed)
         out = pipeline(pool.subset(np.flatnonzero(mask)), shadow_seed)
         masks.append(mask)
         signals.append(signals_of(out.model, pool, shifts))
-    return ShadowBank(np.stack(masks), np.stack(signals))
+        if population is not None:
+            pop.append(signals_of(out.model, population, shifts))
+    return ShadowBank(np.stack(masks), np.stack(signals), np.stack(pop) if pop else None)
 
 
 def _side_stats(bank: ShadowBank, side: bool) -> tuple[np.ndarray, np.ndarray, float]:

@@ -7,6 +7,7 @@ import torch
 from attacks.experiment import run_membership
 from attacks.membership import AttackResult, audit_pool, distance_attack, split_pool
 from attacks.pipelines import TrainOnReal
+from attacks.rmia import probabilities, rmia_scores
 from attacks.signals import scaled_logit
 from distill.synthetic import SetMetadata, SyntheticSet
 from distill.train import TrainConfig
@@ -41,7 +42,7 @@ def test_split_pool_is_balanced_and_seeded():
 
 def test_attacks_beat_chance_on_a_leaky_target(leaky):
     r = leaky.by_attack()
-    assert set(r) == {"loss", "confidence", "lira-online", "lira-offline"}
+    assert set(r) == {"loss", "confidence", "lira-online", "lira-offline", "rmia-online", "rmia-offline"}
     for name in r:
         assert r[name].metrics.auc > 0.7, (name, r[name].metrics)
     assert r["lira-online"].metrics.members == r["lira-online"].metrics.non_members == 100
@@ -70,3 +71,23 @@ def test_distance_attack_finds_copied_members(small_train):
     res = distance_attack(syn, members, non, "copy")
     assert isinstance(res, AttackResult)
     assert res.metrics.tpr_at_0_fpr >= 0.1  # the 30 copies sit at distance 0: found with no false positive
+
+
+def test_rmia_beats_chance_with_two_references(pool, mnist, leaky):
+    # RMIA needs no per-example variance: two references already give a working attack
+    # (AUC 0.78 with 8 references here; chance band for 100 vs 100 is about +-0.12).
+    r = leaky.by_attack()
+    assert r["rmia-online"].extra["population"] == 200 and r["rmia-offline"].extra["a"] in np.round(np.linspace(0, 1, 11), 2)
+    two = run_membership(TrainOnReal(LEAKY), pool, mnist.test, n_shadows=2, seed=0)
+    for name in ("rmia-online", "rmia-offline"):
+        assert two.by_attack()[name].metrics.auc > 0.65, (name, two.by_attack()[name].metrics)
+
+
+def test_rmia_scores_are_the_fraction_of_population_beaten():
+    # Target doubles x0's probability, halves x1's; references agree on 0.4 everywhere; z unchanged.
+    tx, rx = np.array([0.8, 0.2]), np.full((2, 2), 0.4)
+    tz, rz = np.array([0.4, 0.4, 0.4, 0.6]), np.full((2, 4), 0.4)
+    s = rmia_scores(tx, rx, np.zeros((2, 2), bool), tz, rz, online=True)
+    # within the tie-break term, which stays below 1 / (10 Z)
+    assert s[0] == pytest.approx(1.0, abs=0.025) and s[1] == pytest.approx(0.0, abs=0.025)
+    assert probabilities(np.zeros((3, 5))) == pytest.approx(np.full(3, 0.5))
