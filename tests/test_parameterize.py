@@ -13,6 +13,7 @@ from distill.parameterize import decoded_per_base, make_parameterization
 from distill.synthetic import SetMetadata, SyntheticSet
 
 from .conftest import SMALL_NET
+from .test_methods import FAST
 
 FACTORISED = {"idc": {"factor": 2}, "haba": {"hallucinators": 3, "hidden": 4},
               "latent": {"factor": 2, "decoders": 3, "hidden": 4}}
@@ -71,6 +72,20 @@ def test_methods_run_factorised_and_seeds_give_the_same_set(method, param, small
     assert all(torch.equal(a.factors.arrays[k], b.factors.arrays[k]) for k in a.factors.arrays)
     assert torch.equal(small_train.images, before)
     assert not torch.equal(a.images, distill(small_train, _cfg(method, param, seed=1)).images)
+
+
+@pytest.fixture
+def _expert_cache(tmp_path, monkeypatch):
+    """MTT's expert buffers go to a temporary cache, never to the user's ~/.cache."""
+    monkeypatch.setenv("FEDISTILL_EXPERT_CACHE", str(tmp_path))
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_every_registered_method_distills_through_idc(method, small_train, _expert_cache):
+    cfg = make_config(method, ipc=1, iterations=1, arch_kwargs=SMALL_NET, param="idc", **FAST[method])
+    a, b = distill(small_train, cfg), distill(small_train, cfg)
+    assert len(a) == 40 and a.hard_labels().tolist() == sorted(list(range(10)) * 4)
+    assert a.factors.num_bases == 10 and torch.equal(a.factors.arrays["base"], b.factors.arrays["base"])
 
 
 def test_dm_with_idc_loss_decreases(small_train):
