@@ -184,6 +184,30 @@ class SyntheticSet:
         return cls.from_arrays(arrays, meta)
 
 
+def concat_sets(parts: list[SyntheticSet], meta: SetMetadata) -> SyntheticSet:
+    """One set from several under ``meta`` (a client distilling class groups in separate calls).
+
+    Plain sets concatenate their images. IDC sets with one spec concatenate their stored grids,
+    so the result still stores (and counts) factors. Sets with shared learned networks (haba,
+    latent) are refused: each part trained its own networks, and one set has one of each.
+    """
+    if not parts:
+        raise ValueError("nothing to concatenate")
+    lrs = {p.lr for p in parts}
+    if len(lrs) > 1:
+        raise ValueError(f"parts have different learned lrs {sorted(lrs, key=str)}")
+    labels = torch.cat([p.labels for p in parts])
+    kinds = {None if p.factors is None else p.factors.spec_json() for p in parts}
+    if kinds == {None}:
+        return SyntheticSet(torch.cat([p.images for p in parts]), labels, meta, parts[0].lr)
+    first = parts[0].factors
+    if len(kinds) > 1 or first is None or first.kind != "idc":
+        raise ValueError("only plain sets, or IDC sets with one spec, can be concatenated; "
+                         f"got factor specs {sorted(map(str, kinds))}")
+    base = torch.cat([p.factors.arrays["base"] for p in parts])  # type: ignore[union-attr]
+    return SyntheticSet.from_factors(Factors(first.spec, {"base": base}), labels, meta, parts[0].lr)
+
+
 def factors_from_arrays(arrays: dict[str, np.ndarray]) -> Factors:
     """The factors in untrusted wire/disk arrays (spec bounded, float32 only); ``ValueError`` if bad.
 

@@ -206,3 +206,21 @@ def test_options_are_validated_and_coerced_from_run_config():
         make_config("dm", param="haba", param_kwargs={"net_lr": -1})
     got = coerce_settings("dm", {"param": "idc", "param-kwargs": '{"factor": 3}'})
     assert got == {"param": "idc", "param_kwargs": {"factor": 3}}
+
+
+def test_class_groups_concatenate_for_idc_and_plain_sets_but_not_learned_decoders(small_train):
+    from distill.synthetic import concat_sets
+
+    two = small_train.subset(torch.nonzero(small_train.labels < 2).flatten())
+    rest = small_train.subset(torch.nonzero(small_train.labels >= 2).flatten())
+    a, b = distill(two, _cfg(ipc=2, iterations=0)), distill(rest, _cfg(ipc=1, iterations=0))
+    both = concat_sets([a, b], a.meta)
+    assert both.factors.num_bases == 4 + 8 and torch.equal(both.images, torch.cat([a.images, b.images]))
+    assert both.nbytes() == a.nbytes() + b.nbytes() - len(a.factors.spec_json())  # one spec
+    p, q = (distill(d, _cfg(param="pixels", iterations=0)) for d in (two, rest))
+    assert len(concat_sets([p, q], p.meta)) == 20
+    h = distill(two, _cfg(param="haba", iterations=0))
+    with pytest.raises(ValueError, match="only plain sets"):
+        concat_sets([h, h], h.meta)
+    with pytest.raises(ValueError, match="only plain sets"):
+        concat_sets([a, p], a.meta)
