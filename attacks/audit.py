@@ -18,7 +18,8 @@ from distill.data import load_dataset
 
 from .central import CentralConfig, clean_floor, run_central
 from .membership import AttackResult
-from .report import bars_figure, render_html, roc_figure
+from .report import (accuracy_epsilon_figure, bars_figure, has_epsilon_sweep, render_html, roc_figure,
+                     thumbnails_figure)
 from .store_audit import audit_store
 
 QUICK = dict(pool_size=100, shadows=4,
@@ -26,7 +27,8 @@ QUICK = dict(pool_size=100, shadows=4,
              targets=({"kind": "real"}, {"kind": "distill", "method": "dm", "settings": {"ipc": 2, "iterations": 5}}),
              backdoor={"method": "dm", "settings": {"ipc": 2, "iterations": 5}, "fraction": 0.1, "size": 3, "target": 0,
                        "client_size": 300, "doorping": True,
-                       "doorping_settings": {"update_every": 2, "trigger_steps": 5, "proxy_steps": 5}})
+                       "doorping_settings": {"update_every": 2, "trigger_steps": 5, "proxy_steps": 5}},
+             canary={"kind": "mislabel", "count": 100, "client_size": 200, "score": "loss"})
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -53,6 +55,15 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             if r["name"] != "clean":
                 lines.append(f"backdoor {r['name']} (poison {r['fraction']:.0%}): ASR {r['asr']:.3f}, CTA {r['cta']:.3f}"
                              + (f" (clean run: ASR floor {floor:.3f})" if floor is not None else "") + ".")
+    for r in report["dp_audit"].get("canary_rows", []):
+        claimed = r["claimed_epsilon"]
+        verdict = ("" if claimed == "none" else
+                   " — consistent with the accountant" if r["empirical_epsilon_lb"] <= claimed else
+                   " — EXCEEDS the accountant's epsilon: the DP claim or its implementation is wrong")
+        lines.append(f"{r['target']}: canary audit ({r['canaries']}, {r['included']} inserted, {r['runs']} run(s)) "
+                     f"proves epsilon >= {r['empirical_epsilon_lb']:.3f} at {r['confidence']:.0%} confidence "
+                     f"(delta {r['delta']:g}); accountant epsilon {claimed if claimed == 'none' else f'{claimed:.3f}'}"
+                     f"{verdict}.")
     for r in report["dp_audit"].get("rows", []):
         lb = r.get("empirical_epsilon_lb", r.get("indicative_epsilon_lb"))
         lines.append(f"{r['target']}: accountant epsilon {r['claimed_epsilon']}, empirical lower bound {lb:.3f} "
@@ -60,20 +71,44 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines or ["nothing was audited"]
 
 
-def figures_for(results: list[AttackResult], backdoor_rows: list[dict]) -> dict[str, list[str]]:
+def figures_for(results: list[AttackResult], backdoor_rows: list[dict], eps_rows: list[dict] | None = None,
+                exposed: list | None = None) -> dict[str, list[str]]:
+    """ROC per target, thumbnails of the most exposed members, ASR/CTA bars, accuracy vs epsilon."""
     by_target: dict[str, list[AttackResult]] = defaultdict(list)
     for r in results:
         by_target[r.target].append(r)
     figs = {"Membership inference": [roc_figure(rs, t) for t, rs in by_target.items()]}
+    for rep in exposed or []:
+        if rep.exposed is not None:
+            figs["Membership inference"].append(thumbnails_figure(
+                rep.exposed.images, rep.exposed_scores, rep.exposed.info,
+                f"{rep.target}: most exposed members ({rep.exposed_attack} score)"))
     if backdoor_rows and "asr" in backdoor_rows[0]:
         figs["Backdoor"] = [bars_figure(backdoor_rows, "backdoor: ASR and CTA")]
+    if eps_rows and has_epsilon_sweep(eps_rows):
+        figs["DP audit"] = [accuracy_epsilon_figure(eps_rows)]
     return figs
 
 
+def read_privacy_results(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``simulations/bench_privacy.py``'s ``results.json`` (or ``rows.jsonl``), for the plot."""
+    path = Path(path)
+    text = path.read_text()
+    rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
+            else json.loads(text)["rows"])
+    return [{"row": r["row"], "method": r.get("method", r["row"]), "epsilon": r["epsilon"],
+             "target_epsilon": r.get("target_epsilon"), "accuracy": float(r["accuracy"])} for r in rows]
+
+
 def run_audit(source: str | Path, out: str | Path, quick: bool = False, num_partitions: int | None = None,
-              max_clients: int = 10, progress: bool = True) -> dict[str, Any]:
-    """Audit ``source``, write ``report.json`` and ``report.html`` under ``out``; returns the JSON report."""
+              max_clients: int = 10, progress: bool = True,
+              privacy_results: str | Path | None = None) -> dict[str, Any]:
+    """Audit ``source``, write ``report.json`` and ``report.html`` under ``out``; returns the JSON report.
+
+    ``privacy_results`` (a ``bench_privacy`` results.json / rows.jsonl) adds its rows to the
+    accuracy-vs-epsilon plot of the DP audit section."""
     source, out = Path(source), Path(out)
+    exposed: list = []
     if source.is_dir():
         cfg = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
         data = load_dataset(cfg.get("dataset", "mnist10k"))
@@ -85,15 +120,20 @@ def run_audit(source: str | Path, out: str | Path, quick: bool = False, num_part
             cfg_obj = replace(cfg_obj, **QUICK)
         data = load_dataset(cfg_obj.dataset)
         raw = run_central(cfg_obj, data, progress)
-        results = [r for rep in raw.pop("membership") for r in rep.results]
+        exposed = raw.pop("membership")
+        results = [r for rep in exposed for r in rep.results]
         raw["config"] = cfg_obj.__dict__ | {"targets": list(cfg_obj.targets)}
     else:
         raise ValueError(f"{source}: expected a run-store directory or an audit config .json")
     report = {"source": str(source), **raw}
+    dp = report.setdefault("dp_audit", {})
+    if privacy_results is not None:
+        dp["accuracy_vs_epsilon"] = dp.get("accuracy_vs_epsilon", []) + read_privacy_results(privacy_results)
     report["summary"] = {"lines": summary_lines(report)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "report.html").write_text(render_html(report, figures_for(results, report["backdoor"].get("rows", []))))
+    figs = figures_for(results, report["backdoor"].get("rows", []), dp.get("accuracy_vs_epsilon"), exposed)
+    (out / "report.html").write_text(render_html(report, figs))
     return report
 
 
@@ -105,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-partitions", type=int, default=None,
                    help="partitions of the stored run (default: number of clients in the store)")
     p.add_argument("--max-clients", type=int, default=10, help="audit at most this many stored clients")
+    p.add_argument("--privacy-results", default=None,
+                   help="simulations/bench_privacy.py results.json (or rows.jsonl): accuracy-vs-epsilon plot")
     args = p.parse_args(argv)
-    report = run_audit(args.source, args.out, args.quick, args.num_partitions, args.max_clients)
+    report = run_audit(args.source, args.out, args.quick, args.num_partitions, args.max_clients,
+                       privacy_results=args.privacy_results)
     print("\n".join(report["summary"]["lines"]))
     print(f"wrote {Path(args.out) / 'report.html'} and report.json")
 

@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import math
 from typing import Any, Iterable
 
 import matplotlib
@@ -56,6 +57,62 @@ def bars_figure(rows: list[dict[str, Any]], title: str) -> str:
     return _png(fig)
 
 
+def _finite_eps(v: Any) -> float:
+    """An epsilon as a float; "inf" / "none" / missing are +inf (no DP)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def has_epsilon_sweep(rows: list[dict[str, Any]]) -> bool:
+    """Worth a plot: at least two distinct finite epsilons."""
+    return len({_finite_eps(r.get("epsilon")) for r in rows} - {math.inf}) >= 2
+
+
+def accuracy_epsilon_figure(rows: list[dict[str, Any]], title: str = "accuracy vs epsilon") -> str:
+    """Test accuracy against the accountant's epsilon, one line per family (``method`` or ``row``);
+    no-DP rows sit at a marked "inf" position right of the largest finite epsilon. Reads
+    ``simulations/bench_privacy.py`` rows (``row``, ``method``, ``epsilon``, ``accuracy``) as is."""
+    finite = sorted({_finite_eps(r.get("epsilon")) for r in rows} - {math.inf})
+    x_inf = 2 * finite[-1] if finite else 1.0
+    families: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        fam = str(r.get("method", r.get("row", "")))
+        fam = {"dm": "dp-dm", "dsa": "dpsgd-gm"}.get(fam, fam)  # bench_privacy's no-DP rows of each family
+        e = _finite_eps(r.get("epsilon"))
+        families.setdefault(fam, []).append((x_inf if math.isinf(e) else e, 100 * float(r["accuracy"])))
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    for fam, pts in families.items():
+        pts.sort()
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=fam)
+    ax.set_xscale("log", base=2)
+    ticks = [*finite, x_inf] if finite else [x_inf]
+    ax.set_xticks(ticks, [f"{e:.3g}" for e in finite] + ["inf"], fontsize=7)
+    ax.set(xlabel="epsilon spent (accountant, delta 1e-5)", ylabel="test accuracy (%)", title=title)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def thumbnails_figure(images: Any, scores: list[float], info: Any, title: str) -> str:
+    """The most exposed members (highest membership score) as a row of thumbnails, score above each."""
+    import torch
+
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    px = (images.detach().cpu() * std + mean).clamp(0, 1)
+    n = px.shape[0]
+    fig, axes = plt.subplots(1, max(n, 1), figsize=(1.1 * max(n, 1), 1.5), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.axis("off")
+        if i < n:
+            img = px[i].permute(1, 2, 0).numpy()
+            ax.imshow(img[..., 0] if img.shape[2] == 1 else img, cmap="gray" if img.shape[2] == 1 else None)
+            ax.set_title(f"{scores[i]:.3g}", fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    return _png(fig)
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
@@ -71,6 +128,11 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 MIA_COLUMNS = ["target", "attack", "auc", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_1pct_ci",
                "tpr_at_01pct_fpr", "tpr_at_0_fpr", "members", "non_members"]
+
+
+CANARY_COLUMNS = ["target", "canaries", "included", "runs", "score", "guesses", "correct", "epsilon_lb_one_run",
+                  "epsilon_lb_clopper_pearson", "cp_independent", "empirical_epsilon_lb", "claimed_epsilon",
+                  "delta", "confidence"]
 
 
 def render_html(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
@@ -91,8 +153,13 @@ def render_html(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
             parts.append(_table(body["attacks"], MIA_COLUMNS))
         elif section == "Backdoor" and body.get("rows"):
             parts.append(_table(body["rows"], list(body["rows"][0].keys())))
-        elif section == "DP audit" and body.get("rows"):
-            parts.append(_table(body["rows"], list(body["rows"][0].keys())))
+        elif section == "DP audit":
+            if body.get("canary_rows"):
+                parts.append("<h3>Canary audit: empirical lower bound vs accountant epsilon</h3>")
+                parts.append(_table(body["canary_rows"], CANARY_COLUMNS))
+            if body.get("rows"):
+                parts.append("<h3>From the membership attacks</h3>")
+                parts.append(_table(body["rows"], list(body["rows"][0].keys())))
         elif section == "Summary":
             parts.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in body.get("lines", [])) + "</ul>")
         for png in figures.get(section, []):

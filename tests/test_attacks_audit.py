@@ -60,18 +60,35 @@ def test_report_builds_from_a_tiny_central_config(tmp_path, mnist):
            "train": {"arch": "mlp", "arch_kwargs": {"width": 32}, "epochs": 5, "batch_size": 20, "dsa": False},
            "targets": [{"kind": "real"}],
            "backdoor": {"method": "dm", "settings": {"ipc": 1, "iterations": 2, "arch_kwargs": {"width": 8, "depth": 1}},
-                        "fraction": 0.1, "size": 3, "target": 0, "client_size": 100, "doorping": False}}
+                        "fraction": 0.1, "size": 3, "target": 0, "client_size": 100, "doorping": False},
+           "canary": {"kind": "mislabel", "count": 40, "client_size": 60, "score": "loss"}}
     path = tmp_path / "audit.json"
     path.write_text(json.dumps(cfg))
-    report = run_audit(path, tmp_path / "out", progress=False)
+    bench = tmp_path / "results.json"  # simulations/bench_privacy.py's format, infinite epsilon as "inf"
+    bench.write_text(json.dumps({"delta": 1e-5, "rows": [
+        {"row": r, "method": m, "target_epsilon": e, "epsilon": e, "accuracy": a, "accuracies": [a]}
+        for r, m, e, a in (("dp-dm", "dp-dm", 1, 0.5), ("dp-dm", "dp-dm", 4, 0.7), ("dm (no DP)", "dm", "inf", 0.9),
+                           ("dp-sgd", "dp-sgd", 1, 0.6), ("dp-sgd", "dp-sgd", 4, 0.8))]}))
+    report = run_audit(path, tmp_path / "out", progress=False, privacy_results=bench)
     html = (tmp_path / "out" / "report.html").read_text()
     assert all(f">{s}</h2>" in html for s in SECTIONS)
+    (row,) = report["dp_audit"]["canary_rows"]
+    assert row["target"] == "real" and row["claimed_epsilon"] == "none" and row["confidence"] == 0.95
+    assert "Canary audit" in html and any("canary audit" in line for line in report["summary"]["lines"])
+    assert len(report["dp_audit"]["accuracy_vs_epsilon"]) == 6  # the real target + 5 bench rows
+    dp_html = html.split(">DP audit</h2>")[1].split(">Summary</h2>")[0]
+    assert "data:image/png;base64," in dp_html  # the accuracy-vs-epsilon plot
+    mia_html = html.split(">Membership inference</h2>")[1].split(">Backdoor</h2>")[0]
+    assert report["exposed"] and report["exposed"][0]["attack"] == "rmia-online"
+    assert mia_html.count("data:image/png;base64,") == 2  # ROC + thumbnails of the most exposed members
     assert [r["name"] for r in report["backdoor"]["rows"]] == ["clean", "naive"]
-    assert {a["attack"] for a in report["membership_inference"]["attacks"]} >= {"loss", "lira-online", "lira-offline"}
+    assert {a["attack"] for a in report["membership_inference"]["attacks"]} >= {"loss", "lira-online", "lira-offline",
+                                                                             "rmia-online", "rmia-offline"}
 
 
 def test_attacks_never_import_flower():
-    code = ("import sys, attacks.audit, attacks.doorping, attacks.store_audit, attacks.central; "
+    code = ("import sys, attacks.audit, attacks.doorping, attacks.store_audit, attacks.central, attacks.canary, "
+            "attacks.rmia; "
             "print(any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
