@@ -55,3 +55,14 @@ def test_bad_arrays_are_rejected_with_a_reason(change, reason):
     arrays.update(change)
     with pytest.raises(ValueError, match=reason):
         SyntheticSet.from_arrays(arrays, _set().meta)
+
+
+def test_sets_without_factors_are_unchanged(tmp_path):
+    s = _set(lr=0.5)
+    assert s.factors is None and set(s.to_arrays()) == {"images", "labels", "lr"}
+    loaded = SyntheticSet.load(s.save(tmp_path / "s.npz"))
+    assert loaded.factors is None
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as f:
+        assert sorted(f.files) == ["images", "labels", "lr", "meta_json"]
+    with pytest.raises(ValueError, match="needs images or factors"):
+        SyntheticSet(None, s.labels, s.meta)
