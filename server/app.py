@@ -16,6 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 from client.task import cached_dataset
 
 from .fedavg import run_fedavg
+from .resume import open_run, resume_settings
 from .rounds import OnReply, OnRound, run_fedistill
 from .settings import RunSettings
 from .store import RunStore
@@ -28,7 +29,12 @@ def run(grid: Grid, run_config: Mapping[str, Any], on_round: OnRound | None = No
         on_reply: OnReply | None = None, **overrides: Any) -> dict[str, Any]:
     """Run one federation to the end and return its summary (also in ``summary.json``)."""
     settings = RunSettings.from_run_config(run_config, **overrides)
+    if settings.resume:  # the run's own config.json decides, not this command's run-config
+        settings = resume_settings(settings.resume)
     test = cached_dataset(settings.task.dataset).test
+    if settings.resume:
+        store, state = open_run(settings, test.info)
+        return _finish(store, run_fedistill(grid, settings, store, test, on_round, on_reply, state))
     store = RunStore.create(settings.runs_dir, settings.name)
     store.write_json("config.json", settings.to_dict())
     log.info("fedistill: run store %s", store.root)
@@ -36,6 +42,10 @@ def run(grid: Grid, run_config: Mapping[str, Any], on_round: OnRound | None = No
         summary = run_fedavg(grid, settings, store, test, on_round)
     else:
         summary = run_fedistill(grid, settings, store, test, on_round, on_reply)
+    return _finish(store, summary)
+
+
+def _finish(store: RunStore, summary: dict[str, Any]) -> dict[str, Any]:
     log.info("fedistill: done, accuracy %s, run store %s", summary["accuracy"], store.root)
     return summary
 

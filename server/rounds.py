@@ -2,6 +2,9 @@
 
 Each step is a function that tests call on its own; :func:`run_fedistill` only strings
 them together. One bad client never stops a round: its reply is rejected and counted.
+A round's metrics line is its last write (its completion marker, see server/resume.py),
+and every random draw of a round derives from (run seed, round) alone, so a run resumed
+after round k continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from torch import nn
 
-from distill.data import LabeledImages
+from distill.data import DatasetInfo, LabeledImages
 from distill.networks import network_for
 from distill.synthetic import SyntheticSet
 from distill.train import TrainConfig, accuracy_and_loss, train_network
@@ -44,6 +47,11 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) 
             raise RuntimeError(f"only {len(ids)} of the {minimum} nodes needed connected within {timeout:.0f} s")
         time.sleep(poll)
     return ids
+
+
+def round_rng(seed: int, round_: int, purpose: str) -> random.Random:
+    """The generator for one round's ``purpose`` (node sampling): no state carried across rounds."""
+    return random.Random(f"fedistill:{seed}:{round_}:{purpose}")
 
 
 def select_nodes(node_ids: Iterable[int], fraction: float, min_nodes: int, rng: random.Random) -> list[int]:
@@ -86,6 +94,12 @@ class RoundResult:
     classes_capped: int = 0
     classes_skipped: int = 0
     privacy: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> its privacy figures
+
+    def reject(self, node: int, err: Rejected) -> None:
+        """Count, keep and log one refused reply."""
+        self.rejected[err.kind] += 1
+        self.reasons.append(f"node {node}: {err}")
+        log.warning("round %d: rejected node %s: %s", self.round, node, err)
 
 
 # Privacy figures copied from a reply's metrics into metrics.jsonl (only finite numbers).
@@ -133,41 +147,87 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, on_reply: OnRe
 
 def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: float,
             on_reply: OnReply | None = None) -> RoundResult:
-    """Send, wait up to ``timeout``, and validate every reply; missing replies count as ``timeout``."""
+    """Send, wait up to ``timeout``, and validate every reply; missing replies count as ``timeout``.
+
+    Replies are handled in node order (arrival order is not reproducible). A reply to a
+    message this round did not send is ``unsolicited``; a node's second reply, and every
+    set whose metadata claims a client id another node also claims, is ``duplicate``.
+    """
     replies = exchange(grid, messages, timeout, on_reply)
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     result = RoundResult(exp.round, len(messages))
-    for reply in replies:
-        # A dead node's error reply comes from the SuperLink: map it back to whom we asked.
-        node = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-        result.bytes_by_node[node] = payload_bytes(reply)
-        try:
-            syn = check_reply(reply, exp)
-        except Rejected as err:
-            result.rejected[err.kind] += 1
-            result.reasons.append(f"node {node}: {err}")
-            log.warning("round %d: rejected node %s: %s", exp.round, node, err)
-            if err.kind.startswith("declined-") and (figures := privacy_figures(reply, None)):
-                result.privacy[node] = figures
+    answered: set[int] = set()
+    candidates: list[tuple[int, SyntheticSet, Message]] = []
+    for node, reply in _in_node_order(replies, sent_to):
+        if node is None:
+            result.reject(reply.metadata.src_node_id, Rejected(
+                "unsolicited", f"reply to message {reply.metadata.reply_to_message_id!r}, not sent this round"))
             continue
-        except Exception as err:  # noqa: BLE001 - a hostile payload must never stop the round
-            result.rejected["malformed"] += 1
-            result.reasons.append(f"node {node}: malformed: {err!r}")
-            log.warning("round %d: rejected node %s: malformed: %r", exp.round, node, err)
+        result.bytes_by_node[node] = result.bytes_by_node.get(node, 0) + payload_bytes(reply)
+        if node in answered:
+            result.reject(node, Rejected("duplicate", "a second reply to this round's message"))
             continue
-        metrics = reply.content["metrics"]
-        result.client_seconds.append(float(metrics.get("seconds", 0.0)))
-        result.classes_capped += int(metrics.get("classes-capped", 0))
-        result.classes_skipped += int(metrics.get("classes-skipped", 0))
-        result.accepted.append((node, syn))
-        if figures := privacy_figures(reply, syn):
-            result.privacy[node] = figures
-    missing = len(messages) - len(replies)
+        answered.add(node)
+        if (syn := _validated(reply, node, exp, result)) is not None:
+            candidates.append((node, syn, reply))
+    for node, syn, reply in _drop_duplicate_claims(candidates, result):
+        _keep(result, node, syn, reply)
+    missing = len(set(sent_to.values()) - answered)
     if missing > 0:
         result.rejected["timeout"] += missing
         log.warning("round %d: %d of %d nodes sent no reply within %.0f s", exp.round, missing,
                     len(messages), timeout)
     return result
+
+
+def _in_node_order(replies: list[Message], sent_to: dict[str, int]) -> list[tuple[int | None, Message]]:
+    """(node asked, reply) sorted by node; ``None`` for a reply to a message not sent.
+
+    A dead node's error reply comes from the SuperLink: the message it answers says whom we asked.
+    """
+    pairs = [(sent_to.get(r.metadata.reply_to_message_id), r) for r in replies]
+    return sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0))
+
+
+def _validated(reply: Message, node: int, exp: Expectation, result: RoundResult) -> SyntheticSet | None:
+    """The reply's set, or ``None`` after counting why it was refused; never raises."""
+    try:
+        return check_reply(reply, exp)
+    except Rejected as err:
+        result.reject(node, err)
+        if err.kind.startswith("declined-") and (figures := privacy_figures(reply, None)):
+            result.privacy[node] = figures
+    except Exception as err:  # noqa: BLE001 - a hostile payload must never stop the round
+        result.reject(node, Rejected("malformed", f"{type(err).__name__}: {str(err)[:300]}"))
+    return None
+
+
+def _drop_duplicate_claims(candidates: list[tuple[int, SyntheticSet, Message]],
+                           result: RoundResult) -> list[tuple[int, SyntheticSet, Message]]:
+    """Refuse every set whose metadata names a client another node's set also names.
+
+    The server cannot tell which claimant is genuine, so neither is kept.
+    """
+    claims = Counter(syn.meta.client for _, syn, _ in candidates if syn.meta.client)
+    kept = []
+    for node, syn, reply in candidates:
+        if claims[syn.meta.client] > 1:
+            result.reject(node, Rejected("duplicate", f"client id {syn.meta.client[:60]!r} is claimed by "
+                                                      f"{claims[syn.meta.client]} nodes this round"))
+        else:
+            kept.append((node, syn, reply))
+    return kept
+
+
+def _keep(result: RoundResult, node: int, syn: SyntheticSet, reply: Message) -> None:
+    """Record an accepted set and its (validated) metrics."""
+    metrics = reply.content["metrics"]
+    result.client_seconds.append(float(metrics.get("seconds", 0.0)))
+    result.classes_capped += int(metrics.get("classes-capped", 0))
+    result.classes_skipped += int(metrics.get("classes-skipped", 0))
+    result.accepted.append((node, syn))
+    if figures := privacy_figures(reply, syn):
+        result.privacy[node] = figures
 
 
 def train_global(pool: SyntheticPool, settings: RunSettings, info_seed: int) -> nn.Module:
@@ -182,70 +242,128 @@ def train_global(pool: SyntheticPool, settings: RunSettings, info_seed: int) -> 
 
 def federated_evaluate(grid: Grid, node_ids: list[int], net: nn.Module, settings: RunSettings,
                        round_: int) -> dict[str, float]:
-    """Clients' accuracy of the global model on their held-out data, weighted by examples."""
+    """Clients' accuracy of the global model on their held-out data, weighted by examples.
+
+    A reply without a finite accuracy in [0, 1] and a positive finite example count is
+    ignored and counted (``federated-rejected``): garbage never reaches the average.
+    """
     msgs = make_messages(node_ids, settings.task.to_config(), round_, MessageType.EVALUATE, net.state_dict())
-    accs, weights = [], []
+    accs, weights, refused = [], [], 0
     for reply in grid.send_and_receive(msgs, timeout=settings.round_timeout):
-        if reply.has_content() and "metrics" in reply.content:
-            m = reply.content["metrics"]
-            n = float(m.get("num-examples", 0))
-            if n > 0 and np.isfinite(float(m.get("accuracy", np.nan))):
-                accs.append(float(m["accuracy"]))
-                weights.append(n)
-    if not weights:
-        return {"federated-accuracy": float("nan"), "federated-replies": 0}
-    return {"federated-accuracy": float(np.average(accs, weights=weights)), "federated-replies": len(weights)}
+        if (pair := _evaluation(reply)) is None:
+            refused += 1
+            continue
+        accs.append(pair[0])
+        weights.append(pair[1])
+    out = {"federated-accuracy": float(np.average(accs, weights=weights)) if weights else float("nan"),
+           "federated-replies": len(weights)}
+    return {**out, "federated-rejected": refused} if refused else out
+
+
+def _evaluation(reply: Message) -> tuple[float, float] | None:
+    """(accuracy, examples) of a plausible evaluate reply, else ``None``; never raises."""
+    if reply.has_error() or not isinstance(reply.content.get("metrics"), MetricRecord):
+        return None
+    metrics = reply.content["metrics"]
+    acc, n = metrics.get("accuracy"), metrics.get("num-examples")
+    if metrics.get("declined") == 1:
+        return None
+    ok = all(isinstance(v, (int, float)) and np.isfinite(v) for v in (acc, n))
+    return (float(acc), float(n)) if ok and 0.0 <= acc <= 1.0 and 0 < n < 2**53 else None
+
+
+@dataclass
+class RunState:
+    """What a run carries from round to round; on resume it is rebuilt from the run store."""
+
+    pool: SyntheticPool = field(default_factory=SyntheticPool)
+    net: nn.Module | None = None
+    uploaded: Counter = field(default_factory=Counter)
+    last_round: int = 0
+    resumed_after: int | None = None  # the last complete round, when this process resumed the run
+
+
+def expectation(settings: RunSettings, info: DatasetInfo, round_: int) -> Expectation:
+    """What an acceptable upload of ``round_`` looks like in this run."""
+    task = settings.task
+    return Expectation(info, task.distill_method, task.ipc, round_, settings.max_abs_pixel, task.dp, task.delta,
+                       task.rho, min_class_samples=task.min_class_samples,
+                       samples_per_image=task.samples_per_image)
 
 
 def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: LabeledImages,
-                  on_round: OnRound | None = None, on_reply: OnReply | None = None) -> dict[str, Any]:
-    """The whole fedistill run; returns the summary (also written to ``summary.json``)."""
-    start = time.perf_counter()
-    task = settings.task
-    rng = random.Random(task.seed)
-    pool, net = SyntheticPool(), None
-    uploaded: Counter = Counter()
-    record: dict[str, Any] = {}
+                  on_round: OnRound | None = None, on_reply: OnReply | None = None,
+                  state: RunState | None = None) -> dict[str, Any]:
+    """The whole fedistill run (or its rest, from a resumed ``state``); returns the summary."""
+    state = state or RunState()
+    record: dict[str, Any] = store.metrics[-1] if store.metrics else {}
+    start = time.perf_counter() - float(record.get("elapsed-seconds", 0.0))
+    stop_reason = None
     wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_train_nodes), settings.wait_for_nodes)
-    for rnd in range(1, settings.rounds + 1):
-        nodes = select_nodes(grid.get_node_ids(), settings.fraction_train, settings.min_train_nodes, rng)
-        state = net.state_dict() if (net is not None and settings.mode == "iterative") else None
-        exp = Expectation(test.info, task.distill_method, task.ipc, rnd, settings.max_abs_pixel, task.dp,
-                          task.delta, task.rho)
-        result = collect(grid, make_messages(nodes, task.to_config(), rnd, MessageType.TRAIN, state), exp,
-                         settings.round_timeout, on_reply)
-        uploaded.update(result.bytes_by_node)
-        for node, syn in result.accepted:
-            pool.update(node, syn)
-            store.save_set(syn, rnd, node)
-        record = {"round": rnd, "sent": result.sent, "accepted": len(result.accepted),
-                  "rejected": sum(result.rejected.values()),
-                  **{f"rejected-{k}": v for k, v in sorted(result.rejected.items())},
-                  "rejection-reasons": result.reasons, "pool-clients": len(pool),
-                  "pool-images": pool.num_images(), "classes-capped": result.classes_capped,
-                  "classes-skipped": result.classes_skipped,
-                  "client-seconds-max": max(result.client_seconds, default=0.0),
-                  "mb-uploaded-per-client": _mb_per_client(uploaded)}
-        if result.privacy:
-            record["privacy"] = {str(node): figs for node, figs in sorted(result.privacy.items())}
-        if len(result.accepted) < settings.min_replies:
-            log.error("round %d: %d accepted replies, fewer than min-replies=%d: the round ends without "
-                      "training", rnd, len(result.accepted), settings.min_replies)
-        if len(result.accepted) >= settings.min_replies and len(pool):
-            t0 = time.perf_counter()
-            net = train_global(pool, settings, task.seed)
-            acc, loss = accuracy_and_loss(net, test)
-            record.update({"accuracy": acc, "loss": loss, "train-seconds": time.perf_counter() - t0})
-            store.save_model(net.state_dict())
-        # Under DP, clients decline: accuracy on their held-out data is a release nobody accounts.
-        if net is not None and rnd == settings.rounds and settings.fraction_evaluate > 0 and task.dp == "none":
-            eval_nodes = select_nodes(grid.get_node_ids(), settings.fraction_evaluate, 1, rng)
-            record.update(federated_evaluate(grid, eval_nodes, net, settings, rnd))
+    for rnd in range(state.last_round + 1, settings.rounds + 1):
+        record = play_round(grid, settings, store, test, state, rnd, on_reply)
         record["elapsed-seconds"] = time.perf_counter() - start
-        store.append_metrics(record)
+        store.append_metrics(record)  # the round's last write: from here on it is complete
+        state.last_round = rnd
         if on_round is not None:
             on_round(record)
-    return finish_run(store, settings, record, uploaded, start)
+        if record.get("too-few-replies") and settings.on_too_few_replies == "stop":
+            stop_reason = (f"round {rnd}: {record['accepted']} accepted replies, fewer than "
+                           f"min-replies={settings.min_replies} (on-too-few-replies=stop)")
+            log.error("fedistill: run stopped: %s", stop_reason)
+            break
+    return finish_run(store, settings, record, state.uploaded, start, stop_reason, state.resumed_after)
+
+
+def play_round(grid: Grid, settings: RunSettings, store: RunStore, test: LabeledImages, state: RunState,
+               rnd: int, on_reply: OnReply | None = None) -> dict[str, Any]:
+    """One round: select, send, validate, store accepted sets, train and checkpoint; its metrics record."""
+    task = settings.task
+    nodes = select_nodes(grid.get_node_ids(), settings.fraction_train, settings.min_train_nodes,
+                         round_rng(task.seed, rnd, "train"))
+    global_state = state.net.state_dict() if (state.net is not None and settings.mode == "iterative") else None
+    result = collect(grid, make_messages(nodes, task.to_config(), rnd, MessageType.TRAIN, global_state),
+                     expectation(settings, test.info, rnd), settings.round_timeout, on_reply)
+    state.uploaded.update(result.bytes_by_node)
+    for node, syn in result.accepted:
+        state.pool.update(node, syn)
+        store.save_set(syn, rnd, node)
+    record = round_record(result, state)
+    if state.resumed_after is not None and rnd == state.resumed_after + 1:
+        record["resumed-after-round"] = state.resumed_after
+    if len(result.accepted) < settings.min_replies:
+        record["too-few-replies"] = True
+        log.error("round %d: %d accepted replies, fewer than min-replies=%d: the round ends without training "
+                  "(rejected: %s)", rnd, len(result.accepted), settings.min_replies, dict(result.rejected) or "none")
+    elif len(state.pool):
+        t0 = time.perf_counter()
+        state.net = train_global(state.pool, settings, task.seed)
+        acc, loss = accuracy_and_loss(state.net, test)
+        record.update({"accuracy": acc, "loss": loss, "train-seconds": time.perf_counter() - t0})
+        store.save_model(state.net.state_dict(), rnd)
+    # Under DP, clients decline: accuracy on their held-out data is a release nobody accounts.
+    if state.net is not None and rnd == settings.rounds and settings.fraction_evaluate > 0 and task.dp == "none":
+        eval_nodes = select_nodes(grid.get_node_ids(), settings.fraction_evaluate, 1,
+                                  round_rng(task.seed, rnd, "evaluate"))
+        record.update(federated_evaluate(grid, eval_nodes, state.net, settings, rnd))
+    return record
+
+
+def round_record(result: RoundResult, state: RunState) -> dict[str, Any]:
+    """The round's metrics.jsonl line (before training): counts by kind, reasons, what was accepted."""
+    record = {"round": result.round, "sent": result.sent, "accepted": len(result.accepted),
+              "accepted-nodes": [node for node, _ in result.accepted],
+              "rejected": sum(result.rejected.values()),
+              **{f"rejected-{k}": v for k, v in sorted(result.rejected.items())},
+              "rejection-reasons": result.reasons, "pool-clients": len(state.pool),
+              "pool-images": state.pool.num_images(), "classes-capped": result.classes_capped,
+              "classes-skipped": result.classes_skipped,
+              "client-seconds-max": max(result.client_seconds, default=0.0),
+              "uploaded-bytes": {str(n): b for n, b in sorted(result.bytes_by_node.items())},
+              "mb-uploaded-per-client": _mb_per_client(state.uploaded)}
+    if result.privacy:
+        record["privacy"] = {str(node): figs for node, figs in sorted(result.privacy.items())}
+    return record
 
 
 def _mb_per_client(uploaded: Counter) -> float:
@@ -253,20 +371,31 @@ def _mb_per_client(uploaded: Counter) -> float:
 
 
 def finish_run(store: RunStore, settings: RunSettings, last: dict[str, Any], uploaded: Counter,
-            start: float) -> dict[str, Any]:
+               start: float, stop_reason: str | None = None, resumed_after: int | None = None) -> dict[str, Any]:
+    """Write ``summary.json``: results, and every fault of the run (rejections by kind, short rounds, resumes)."""
     metrics = store.metrics
     trained = [m for m in metrics if m.get("accuracy") is not None]
+    rejected_by_kind: Counter = Counter()
+    for m in metrics:
+        rejected_by_kind.update({k[len("rejected-"):]: v for k, v in m.items()
+                                 if k.startswith("rejected-") and isinstance(v, int)})
+    resumes = {m["resumed-after-round"] for m in metrics if "resumed-after-round" in m}
     summary = {
         "run": str(store.root), "name": settings.name, "algorithm": settings.task.algorithm,
         "mode": settings.mode, "rounds": len(metrics),
         "accuracy": trained[-1]["accuracy"] if trained else None, "federated-accuracy": last.get("federated-accuracy"),
         "accepted": sum(m.get("accepted", 0) for m in metrics),
         "rejected": sum(m.get("rejected", 0) for m in metrics),
+        "rejected-by-kind": dict(sorted(rejected_by_kind.items())),
+        "rounds-too-few-replies": [m["round"] for m in metrics if m.get("too-few-replies")],
+        "resumed-after-rounds": sorted(resumes | ({resumed_after} if resumed_after is not None else set())),
         "clients": len(uploaded), "mb-uploaded-per-client": _mb_per_client(uploaded),
         "mb-uploaded-max-client": max(uploaded.values(), default=0) / 1e6,
         "wall-seconds": time.perf_counter() - start,
-        "status": "ok" if trained else "no-model",
+        "status": "stopped" if stop_reason else ("ok" if trained else "no-model"),
         "dp": settings.task.dp, **privacy_summary(metrics),
     }
+    if stop_reason:
+        summary["stop-reason"] = stop_reason
     store.write_json("summary.json", summary)
     return summary

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from client.task import DistillTask
 
 MODES = ("one-shot", "iterative")
+TOO_FEW_REPLIES = ("continue", "stop")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class RunSettings:
     wait_for_nodes: float = 300.0
     round_timeout: float = 1800.0
     min_replies: int = 1
+    on_too_few_replies: str = "continue"
     server_epochs: int = 300
     server_lr: float = 0.01
     server_batch_size: int = 64
@@ -36,11 +38,14 @@ class RunSettings:
     max_abs_pixel: float = 100.0
     run_name: str = ""
     runs_dir: str = "runs"
+    resume: str = ""
     task: DistillTask = field(default_factory=DistillTask)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.on_too_few_replies not in TOO_FEW_REPLIES:
+            raise ValueError(f"on-too-few-replies must be one of {TOO_FEW_REPLIES}, got {self.on_too_few_replies!r}")
         if not 0.0 < self.fraction_train <= 1.0 or not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ValueError(f"fractions must be in (0, 1] (train) and [0, 1] (evaluate): {self}")
         if min(self.num_server_rounds, self.min_train_nodes, self.min_available_nodes, self.min_replies,

@@ -1,8 +1,10 @@
-"""The run store ``runs/<time>-<name>/``: config, per-round metrics, accepted sets, model, summary.
+"""The run store ``runs/<time>-<name>/``: config, per-round metrics, accepted sets, models, summary.
 
-Every write is atomic (temp file in the same directory + ``os.replace``), so a crash leaves
-either the previous version of a file or the new one, never half of one. The model is a
-plain ``state_dict`` read back with ``torch.load(weights_only=True)``.
+Every write goes through :meth:`RunStore.write` (temp file in the same directory, fsync,
+``os.replace``), so a crash leaves either the previous version of a file or the new one,
+never half of one. A round's metrics line is written after its sets and model: a round
+is complete exactly when its line is in ``metrics.jsonl`` (server/resume.py relies on it).
+Models are plain ``state_dict`` files read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from distill.synthetic import SyntheticSet
+
+TEMP_GLOBS = (".*.tmp", "*.tmp.npz")  # what an interrupted atomic write leaves behind
 
 
 def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> Path:
@@ -53,21 +58,47 @@ class RunStore:
             root, i = Path(f"{base}-{i}"), i + 1
         return cls(root)
 
+    @classmethod
+    def open(cls, root: str | Path) -> "RunStore":
+        """An existing run store, its complete rounds' metrics loaded (to resume it)."""
+        store = cls(root)
+        if (store.root / "metrics.jsonl").exists():
+            store._metrics = read_metrics(store.root)
+        return store
+
+    def write(self, relpath: str, write: Callable[[Any], None], mode: str = "w") -> Path:
+        """The one way this store writes a file (atomic); tests count and interrupt writes here."""
+        return atomic_write(self.root / relpath, write, mode)
+
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
-        return atomic_write(self.root / name, lambda f: json.dump(data, f, indent=2, sort_keys=True))
+        return self.write(name, lambda f: json.dump(data, f, indent=2, sort_keys=True))
 
     def append_metrics(self, record: dict[str, Any]) -> Path:
         """Add one round's line (the whole file is rewritten atomically: it stays small)."""
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*self._metrics, record])
+        path = self.write("metrics.jsonl", lambda f: f.write(text))
         self._metrics.append(record)
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._metrics)
-        return atomic_write(self.root / "metrics.jsonl", lambda f: f.write(text))
+        return path
 
     def save_set(self, syn: SyntheticSet, round_: int, node_id: int) -> Path:
-        return syn.save(self.root / "sets" / f"round{round_:03d}-node{node_id}.npz")
+        """``sets/roundRRR-nodeN.npz`` in :meth:`SyntheticSet.load`'s format (no pickles)."""
+        payload = dict(syn.to_arrays(), meta_json=np.asarray(json.dumps(syn.meta.to_dict())))
+        return self.write(set_path(round_, node_id), lambda f: np.savez(f, **payload), mode="wb")
 
-    def save_model(self, state: dict[str, torch.Tensor], name: str = "global_model.pt") -> Path:
+    def save_model(self, state: dict[str, torch.Tensor], round_: int | None = None) -> Path:
+        """The global model: ``models/roundRRR.pt`` (kept for resume) when ``round_`` is given, then
+        ``global_model.pt`` (the latest)."""
         tensors = {k: v.detach().cpu() for k, v in state.items()}
-        return atomic_write(self.root / name, lambda f: torch.save(tensors, f), mode="wb")
+        if round_ is not None:
+            self.write(model_path(round_), lambda f: torch.save(tensors, f), mode="wb")
+        return self.write("global_model.pt", lambda f: torch.save(tensors, f), mode="wb")
+
+    def remove_temp_files(self) -> list[Path]:
+        """Delete what interrupted writes left (never read: their names are not the store's)."""
+        found = sorted({p for pattern in TEMP_GLOBS for p in self.root.rglob(pattern)})
+        for path in found:
+            path.unlink(missing_ok=True)
+        return found
 
     def load_model(self, name: str = "global_model.pt") -> dict[str, torch.Tensor]:
         """Read a checkpoint without unpickling arbitrary objects."""
@@ -76,6 +107,14 @@ class RunStore:
     @property
     def metrics(self) -> list[dict[str, Any]]:
         return list(self._metrics)
+
+
+def set_path(round_: int, node_id: int) -> str:
+    return f"sets/round{round_:03d}-node{node_id}.npz"
+
+
+def model_path(round_: int) -> str:
+    return f"models/round{round_:03d}.pt"
 
 
 def read_metrics(root: str | Path) -> list[dict[str, Any]]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -20,10 +22,15 @@ from distill.synthetic import SetMetadata, SyntheticSet
 
 MAX_META_CHARS = 65_536
 MAX_REASON_CHARS = 300
+MAX_LR = 100.0  # a learned learning rate (MTT) above this is not a plausible step size
 SOFT_LABEL_TOLERANCE = 1e-3
-# Rejection kinds, one counter each in metrics.jsonl ("rejected-<kind>").
-KINDS = ("error-reply", "malformed", "keys", "dtype", "shape", "non-finite", "magnitude",
-         "label-range", "soft-labels", "too-many", "metadata", "privacy", "declined-budget")
+NPY_HEADER_BYTES = 4096  # slack per array for the .npy header in a size check before decoding
+ARRAY_KEYS = ("images", "labels", "lr")
+# Rejection kinds, one counter each in metrics.jsonl ("rejected-<kind>"). ``timeout``,
+# ``duplicate`` and ``unsolicited`` are decided by the round loop (server/rounds.py), not here.
+KINDS = ("error-reply", "malformed", "keys", "oversized", "dtype", "shape", "non-finite", "magnitude",
+         "label-range", "soft-labels", "too-many", "metadata", "privacy", "declined-budget",
+         "duplicate", "unsolicited", "timeout")
 DECLINE_KINDS = {"budget": "declined-budget"}  # a client's ``declined`` record kind -> rejection kind
 # Privacy figures of a DP reply: metric key -> the set-meta ``privacy`` key that must agree with it.
 DP_FIGURES = {"epsilon-round": "epsilon", "delta": "delta", "sigma": "sigma", "sample-rate": "sample_rate",
@@ -50,13 +57,46 @@ class Expectation:
     dp: str = "none"
     delta: float = 1e-5
     rho: float = 0.0
+    # The client's class budget (client.task.class_budget); None skips the budget check.
+    min_class_samples: int | None = None
+    samples_per_image: int | None = None
+
+    def max_upload_bytes(self) -> int:
+        """The largest honest upload's array bytes, header slack included (checked before decoding)."""
+        k, per_image = self.info.num_classes, 4 * math.prod(self.info.image_shape)
+        return self.ipc * k * (per_image + 4 * k) + len(ARRAY_KEYS) * NPY_HEADER_BYTES + 4
+
+
+def check_keys(keys: Iterable[str]) -> None:
+    """``images`` and ``labels``, optionally ``lr``, and nothing else."""
+    keys = set(keys)
+    if not {"images", "labels"} <= keys or keys - set(ARRAY_KEYS):
+        shown = sorted(keys)[:10]
+        raise Rejected("keys", f"expected images, labels (lr optional), got {shown}"
+                               + (f" and {len(keys) - 10} more" if len(keys) > 10 else ""))
+
+
+def check_record_size(record: ArrayRecord, exp: Expectation) -> None:
+    """Refuse an upload larger than the largest set the run allows, before decoding it.
+
+    The declared dtypes are checked first so that a wrong dtype is named as such; the
+    decoded arrays are checked again (a declaration is only a claim).
+    """
+    declared = {key: str(arr.dtype) for key, arr in record.items()}
+    allowed = {"images": ("float32",), "labels": ("int64", "float32"), "lr": ("float32",)}
+    wrong = {key: d for key, d in declared.items() if d not in allowed[key]}
+    if wrong:
+        raise Rejected("dtype", f"declared dtypes {wrong}; want images float32, labels int64 or float32, "
+                                "lr float32")
+    size = sum(len(arr.data) for arr in record.values())
+    if size > exp.max_upload_bytes():
+        raise Rejected("oversized", f"{size} bytes of arrays; the run's largest set "
+                                    f"(ipc {exp.ipc} x {exp.info.num_classes} classes) is {exp.max_upload_bytes()}")
 
 
 def check_arrays(arrays: dict[str, np.ndarray], exp: Expectation) -> None:
     """Raise :class:`Rejected` unless ``arrays`` is a plausible synthetic set for ``exp``."""
-    keys = set(arrays)
-    if not {"images", "labels"} <= keys or keys - {"images", "labels", "lr"}:
-        raise Rejected("keys", f"expected images, labels (lr optional), got {sorted(keys)}")
+    check_keys(arrays)
     images, labels = arrays["images"], arrays["labels"]
     if images.dtype != np.float32 or labels.dtype not in (np.int64, np.float32):
         raise Rejected("dtype", f"images {images.dtype} (want float32), labels {labels.dtype} "
@@ -78,6 +118,8 @@ def check_arrays(arrays: dict[str, np.ndarray], exp: Expectation) -> None:
     peak = float(np.abs(images).max())
     if peak > exp.max_abs_pixel:
         raise Rejected("magnitude", f"|pixel| up to {peak:.3g} > {exp.max_abs_pixel} (normalised space)")
+    if "lr" in arrays and not 0.0 < float(arrays["lr"][0]) <= MAX_LR:
+        raise Rejected("magnitude", f"learned lr {float(arrays['lr'][0]):.3g} outside (0, {MAX_LR}]")
     if soft:
         if labels.min() < 0 or np.abs(labels.sum(1) - 1).max() > SOFT_LABEL_TOLERANCE:
             raise Rejected("soft-labels", "soft labels are not probability distributions")
@@ -98,8 +140,8 @@ def check_meta(meta_json: object, exp: Expectation) -> SetMetadata:
         raise Rejected("metadata", "set-meta must be a JSON string under 64 KiB")
     try:
         meta = SetMetadata.from_dict(json.loads(meta_json))
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise Rejected("metadata", f"unreadable set-meta ({err})") from err
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as err:
+        raise Rejected("metadata", f"unreadable set-meta ({type(err).__name__}: {_tail(str(err))})") from err
     # The dataset's name may differ between sites (a local .npz); geometry and normalisation may not.
     claims = {"dataset": (replace(meta.dataset, name=exp.info.name), exp.info), "method": (meta.method, exp.method),
               "ipc": (meta.ipc, exp.ipc), "round": (meta.round, exp.round)}
@@ -110,17 +152,56 @@ def check_meta(meta_json: object, exp: Expectation) -> SetMetadata:
 
 
 def check_metrics(metrics: MetricRecord, arrays: dict[str, np.ndarray], exp: Expectation) -> None:
-    """The reported metrics must agree with the upload (bytes) and the dataset (histogram).
+    """The reported metrics must be well-formed and agree with the upload and the dataset.
 
+    Bytes must match what arrived; the class histogram must be counts; and where the run
+    gives the client's class budget, the set's hard-label class counts may not exceed what
+    that histogram allows, nor may the reported capped / skipped classes differ from it.
     A DP client reports no exact counts of its data, so under DP the histogram is optional.
     """
+    k = exp.info.num_classes
     hist = metrics.get("class-histogram", None if exp.dp != "none" else [])
-    if hist is not None and (not isinstance(hist, list) or len(hist) != exp.info.num_classes
-                             or min(hist, default=0) < 0):
-        raise Rejected("metadata", f"class-histogram must list {exp.info.num_classes} counts >= 0")
+    if hist is not None and not (isinstance(hist, list) and len(hist) == k and all(_count(v) for v in hist)):
+        raise Rejected("metadata", f"class-histogram must list {k} integer counts >= 0")
     sent = sum(a.nbytes for a in arrays.values())
     if metrics.get("bytes-uploaded") != sent:
         raise Rejected("metadata", f"bytes-uploaded {metrics.get('bytes-uploaded')} != {sent} received")
+    bad = [key for key, ok in (("seconds", _finite_non_negative), ("num-examples", _count),
+                               ("classes-capped", _count), ("classes-skipped", _count))
+           if key in metrics and not ok(metrics[key])]
+    if bad:
+        raise Rejected("metadata", f"metrics {bad} must be finite and >= 0 (counts: integers)")
+    if hist is not None:
+        check_class_counts(metrics, np.asarray(hist, dtype=np.int64), arrays["labels"], exp)
+
+
+def check_class_counts(metrics: MetricRecord, hist: np.ndarray, labels: np.ndarray, exp: Expectation) -> None:
+    """Counts reported in the metrics against the histogram, and the set's classes against the budget."""
+    if "num-examples" in metrics and metrics["num-examples"] != int(hist.sum()):
+        raise Rejected("metadata", f"num-examples {metrics['num-examples']} != {int(hist.sum())} in the histogram")
+    if exp.min_class_samples is None or exp.samples_per_image is None:
+        return
+    budget = np.minimum(exp.ipc, hist // exp.samples_per_image)
+    budget[hist < exp.min_class_samples] = 0
+    derived = {"classes-capped": int(((budget > 0) & (budget < exp.ipc)).sum()),
+               "classes-skipped": int(((hist > 0) & (budget == 0)).sum())}
+    wrong = [f"{key} {metrics[key]} (histogram says {v})" for key, v in derived.items()
+             if key in metrics and metrics[key] != v]
+    if wrong:
+        raise Rejected("metadata", "; ".join(wrong))
+    if labels.ndim == 1:  # soft labels may drift between classes while learned: their argmax is not a budget
+        over = np.flatnonzero(np.bincount(labels, minlength=len(hist))[:len(hist)] > budget)
+        if len(over):
+            raise Rejected("metadata", f"classes {over[:10].tolist()} have more images than the client's "
+                                       "histogram allows")
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite_non_negative(value: object) -> bool:
+    return _finite(value) and value >= 0
 
 
 def _finite(value: object) -> bool:
@@ -173,11 +254,31 @@ def _tail(reason: str) -> str:
 
 
 def decode(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Decode every array (``allow_pickle=False``); corrupt payloads are ``malformed``."""
-    try:
-        return {key: arr.numpy() for key, arr in record.items()}
-    except (ValueError, TypeError, OSError, EOFError) as err:
-        raise Rejected("malformed", f"undecodable array ({err})") from err
+    """Decode every array (``allow_pickle=False``); corrupt payloads are ``malformed``.
+
+    ``np.load`` on hostile bytes raises many types (EOFError, BadZipFile, TokenError,
+    ValueError, ...), and a zip payload decodes to an ``NpzFile``, not an array.
+    """
+    out = {}
+    for key, arr in record.items():
+        try:
+            value = arr.numpy()
+        except Exception as err:  # noqa: BLE001 - any decoding failure is the sender's fault
+            raise Rejected("malformed", f"undecodable array {key!r} ({type(err).__name__}: "
+                                        f"{_tail(str(err))})") from err
+        if not isinstance(value, np.ndarray):
+            raise Rejected("malformed", f"array {key!r} decodes to {type(value).__name__}, not an ndarray")
+        out[key] = value
+    return out
+
+
+def check_stored_set(path: str | Path, exp: Expectation) -> SyntheticSet:
+    """A set read back from the run store (resume): an upload's checks, less the reply's metrics."""
+    syn = SyntheticSet.load(path)  # allow_pickle=False
+    check_arrays(syn.to_arrays(), exp)
+    meta = check_meta(json.dumps(syn.meta.to_dict()), exp)
+    check_privacy(meta, MetricRecord({}), exp)
+    return syn
 
 
 def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
@@ -191,6 +292,8 @@ def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
     bad = [k for k, t in types.items() if not isinstance(content.get(k), t)]
     if bad:
         raise Rejected("malformed", f"missing or mistyped records {bad}; got {sorted(content)}")
+    check_keys(content["synthetic"].keys())
+    check_record_size(content["synthetic"], exp)
     arrays = decode(content["synthetic"])
     check_arrays(arrays, exp)
     meta = check_meta(content["meta"].get("set-meta"), exp)

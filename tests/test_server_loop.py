@@ -24,8 +24,8 @@ def test_three_client_iterative_run_writes_a_complete_run_store(tmp_path, task_i
     summary = run(InProcessGrid(client_app, 3), {}, rounds.append, runs_dir=str(tmp_path), mode="iterative",
                   **{"num-server-rounds": 2}, **TINY)
     root = tmp_path / next(p.name for p in tmp_path.iterdir())
-    assert {p.name for p in root.iterdir()} == {"config.json", "metrics.jsonl", "sets", "global_model.pt",
-                                                "summary.json"}
+    assert {p.name for p in root.iterdir()} == {"config.json", "metrics.jsonl", "sets", "models",
+                                                "global_model.pt", "summary.json"}
     config = json.loads((root / "config.json").read_text())
     assert config["mode"] == "iterative" and config["ipc"] == 2
     metrics = read_metrics(root)

@@ -34,12 +34,12 @@ def soft(labels: np.ndarray) -> np.ndarray:
 BAD = {
     "keys": lambda a: {**a, "weights": np.zeros(3, np.float32)},
     "dtype": lambda a: {**a, "images": a["images"].astype(np.float64)},
-    "shape": lambda a: {**a, "images": np.zeros((len(a["images"]), 3, 32, 32), np.float32)},
+    "shape": lambda a: {**a, "images": np.zeros((len(a["images"]), 1, 28, 27), np.float32)},
     "non-finite": lambda a: {**a, "images": _with_nan(a["images"])},
     "magnitude": lambda a: {**a, "images": np.full_like(a["images"], 1e6)},
     "label-range": lambda a: {**a, "labels": a["labels"] + 5},
     "soft-labels": lambda a: {**a, "labels": soft(a["labels"]) * 2},
-    "too-many": lambda a: {k: np.concatenate([v] * 3) for k, v in a.items()},
+    "too-many": lambda a: {k: np.concatenate([v, v[:1]]) for k, v in a.items()},  # 3 of class 0, ipc 2
 }
 
 
@@ -92,7 +92,7 @@ def _tamper(kind: str):
         elif kind == "pickle":  # an object array would need unpickling: decoding must refuse it
             buf = io.BytesIO()
             np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
-            pickled = Array(dtype="object", shape=(1,), stype=SType.NUMPY, data=buf.getvalue())
+            pickled = Array(dtype="float32", shape=(1,), stype=SType.NUMPY, data=buf.getvalue())  # a lie
             content["synthetic"] = ArrayRecord({"images": pickled, "labels": Array(np.zeros(1, np.int64))})
         else:
             arrays = {k: a.numpy() for k, a in content["synthetic"].items()}

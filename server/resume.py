@@ -1,0 +1,122 @@
+"""Resume a fedistill run from its run store after a crash (``resume = "<run dir>"``).
+
+The contract (docs/reliability.md):
+
+- A round is complete when its line is in ``metrics.jsonl``: that line is the round's last
+  write (after its sets and model), and every write is atomic, so a half-written file is
+  never read. Rounds after the last complete one are played again.
+- The pool is rebuilt from the sets the complete rounds list as accepted
+  (``accepted-nodes``), each validated again on load (``allow_pickle=False``); a listed set
+  that is missing or fails validation stops the resume (the store is not what it claims).
+- Sets written by an interrupted round are moved to ``sets/interrupted/`` (kept, never
+  loaded); temp files of interrupted writes are deleted.
+- The global model is the checkpoint of the last complete round that trained
+  (``models/roundRRR.pt``, ``torch.load(weights_only=True)``).
+- Settings come from the run's ``config.json``, not from the restarting command.
+
+Server-side randomness derives from (run seed, round) only and client seeds from (run seed,
+partition, round), so a seeded run resumed after round k ends as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from distill.data import DatasetInfo
+from distill.networks import network_for
+
+from .pool import SyntheticPool
+from .rounds import RunState, expectation
+from .settings import RunSettings
+from .store import RunStore, model_path, set_path
+from .validate import check_stored_set
+
+log = logging.getLogger("fedistill.server")
+SET_NAME = re.compile(r"round(\d+)-node(-?\d+)\.npz")
+
+
+class ResumeError(RuntimeError):
+    """A run store that cannot be resumed safely; the message says why."""
+
+
+def resume_settings(run_dir: str | Path) -> RunSettings:
+    """The run's own settings (``config.json``), with ``resume`` pointing at it."""
+    root = Path(run_dir)
+    try:
+        stored = json.loads((root / "config.json").read_text())
+        settings = RunSettings.from_run_config({**stored, "resume": str(root)})
+    except (OSError, ValueError, TypeError) as err:
+        raise ResumeError(f"{root}: no readable config.json to resume from ({err})") from err
+    if settings.task.algorithm != "fedistill":
+        raise ResumeError("resume continues fedistill runs; a FedAvg run restarts from scratch")
+    if settings.task.dp != "none":
+        raise ResumeError("resume is refused under DP: clients keep their privacy ledger in the Flower run's "
+                          "state, and a resumed server is a new Flower run, so they would start from zero")
+    return settings
+
+
+def open_run(settings: RunSettings, info: DatasetInfo) -> tuple[RunStore, RunState]:
+    """The run store and the state after its last complete round, ready for the next round."""
+    try:
+        store = RunStore.open(settings.resume)
+    except (OSError, ValueError) as err:
+        raise ResumeError(f"{settings.resume}: unreadable metrics.jsonl ({err})") from err
+    metrics = store.metrics
+    if [m.get("round") for m in metrics] != list(range(1, len(metrics) + 1)):
+        raise ResumeError(f"{store.root}: metrics.jsonl rounds are not 1..{len(metrics)}")
+    removed = store.remove_temp_files()
+    moved = quarantine_interrupted_sets(store, metrics)
+    state = RunState(pool=load_pool(store, settings, info, metrics), last_round=len(metrics),
+                     resumed_after=len(metrics))
+    for m in metrics:
+        state.uploaded.update({int(n): int(b) for n, b in m.get("uploaded-bytes", {}).items()})
+    state.net = load_net(store, settings, info, metrics)
+    log.warning("fedistill: resuming %s after round %d: %d sets in the pool, %d interrupted sets set aside, "
+                "%d temp files removed", store.root, len(metrics), len(state.pool), len(moved), len(removed))
+    return store, state
+
+
+def quarantine_interrupted_sets(store: RunStore, metrics: list[dict]) -> list[Path]:
+    """Move sets no complete round lists as accepted to ``sets/interrupted/`` (kept, not loaded)."""
+    listed = {set_path(m["round"], int(n)) for m in metrics for n in m.get("accepted-nodes", [])}
+    target = store.root / "sets" / "interrupted"
+    moved = []
+    for path in sorted((store.root / "sets").glob("round*.npz")):
+        if f"sets/{path.name}" not in listed:
+            target.mkdir(exist_ok=True)
+            moved.append(path.replace(target / path.name))
+    return moved
+
+
+def load_pool(store: RunStore, settings: RunSettings, info: DatasetInfo, metrics: list[dict]) -> SyntheticPool:
+    """Latest accepted set per node over the complete rounds, each validated again."""
+    pool = SyntheticPool()
+    for record in metrics:
+        exp = expectation(settings, info, record["round"])
+        for node in record.get("accepted-nodes", []):
+            path = store.root / set_path(record["round"], int(node))
+            try:
+                pool.update(int(node), check_stored_set(path, exp))
+            except Exception as err:  # noqa: BLE001 - a damaged file raises anything (BadZipFile, EOFError, ...)
+                raise ResumeError(f"{path}: an accepted set is missing or invalid "
+                                  f"({type(err).__name__}: {err})") from err
+    return pool
+
+
+def load_net(store: RunStore, settings: RunSettings, info: DatasetInfo, metrics: list[dict]):
+    """The global model of the last complete round that trained, or ``None``; also restores global_model.pt."""
+    trained = [m["round"] for m in metrics if m.get("accuracy") is not None]
+    if not trained:
+        return None
+    path = model_path(trained[-1])
+    task = settings.task
+    net = network_for(info, seed=task.seed, width=task.net_width, depth=task.net_depth)
+    try:
+        net.load_state_dict(store.load_model(path))
+    except Exception as err:  # noqa: BLE001 - unpickling refusal, missing file, wrong keys or shapes
+        raise ResumeError(f"{store.root / path}: unusable checkpoint ({type(err).__name__}: {err})") from err
+    store.save_model(net.state_dict())  # global_model.pt may hold an interrupted round's model
+    return net

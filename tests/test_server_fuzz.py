@@ -1,0 +1,501 @@
+"""Hostile uploads: hypothesis fuzzes the server's reply validation (issue 6).
+
+Every malformed reply must be refused with a :class:`Rejected` kind (never another
+exception), counted in the round and logged, while the good replies of the same round are
+kept. The default run tries ~150 replies per test; ``-m slow`` runs a heavier profile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Callable, Iterable
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from distill.data import load_dataset
+from distill.synthetic import SetMetadata
+from server.rounds import collect, make_messages
+from server.validate import KINDS, Expectation, Rejected, check_reply
+from tests.flower_fixtures import task_identity  # noqa: F401 - fixture
+
+INFO = load_dataset().info
+K, IPC = INFO.num_classes, 2
+EXP = Expectation(INFO, "dm", ipc=IPC, round=1, min_class_samples=10, samples_per_image=2)
+EXP_DP = Expectation(INFO, "dp-dm", ipc=IPC, round=1, dp="dp-dm", delta=1e-5)
+HIST = [40] * K  # every class budgets IPC images: nothing capped or skipped
+DP_PRIVACY = {"epsilon": 3.0, "delta": 1e-5, "sigma": 1.0, "sample_rate": 0.04, "steps": 2, "rho": 0.0,
+              "accountant": "rdp"}
+DP_METRICS = {"epsilon-round": 3.0, "delta": 1e-5, "sigma": 1.0, "sample-rate": 0.04, "steps": 2, "rho": 0.0}
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+HEAVY = settings(max_examples=2000, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+Content = dict  # record name -> record (a plain dict until it becomes a RecordDict)
+Mutation = Callable[[Content], Content]
+
+
+# -- a good reply, as client/app.py builds one ------------------------------------------------
+
+def good_arrays(seed: int = 0, soft: bool = False) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(K), IPC).astype(np.int64)
+    images = rng.standard_normal((len(labels), *INFO.image_shape)).astype(np.float32)
+    return {"images": images, "labels": np.eye(K, dtype=np.float32)[labels] if soft else labels}
+
+
+def good_content(seed: int = 0, soft: bool = False, dp: bool = False, client: str = "") -> Content:
+    arrays = good_arrays(seed, soft)
+    meta = SetMetadata(INFO, "dp-dm" if dp else "dm", IPC, round=1, client=client or str(seed),
+                       privacy=dict(DP_PRIVACY) if dp else {})
+    metrics = {"seconds": 0.5, "bytes-uploaded": sum(a.nbytes for a in arrays.values())}
+    if dp:
+        metrics.update(DP_METRICS, **{"epsilon-total": 3.0, "clip": 1.0, "privacy-budget": 0.0})
+    else:
+        metrics.update({"num-examples": sum(HIST), "class-histogram": list(HIST), "classes-capped": 0,
+                        "classes-skipped": 0})
+    return {"synthetic": {k: Array(v) for k, v in arrays.items()},
+            "meta": {"set-meta": json.dumps(meta.to_dict())}, "metrics": metrics}
+
+
+def to_record_dict(content: Content) -> RecordDict:
+    """Plain dicts become the record types of a reply; anything else is put in as it is."""
+    kinds = {"synthetic": ArrayRecord, "meta": ConfigRecord, "metrics": MetricRecord, "declined": ConfigRecord}
+    out = RecordDict()
+    for name, rec in content.items():
+        out[name] = kinds.get(name, ConfigRecord)(rec) if isinstance(rec, dict) else rec
+    return out
+
+
+def arrays_of(content: Content) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in content["synthetic"].items()}
+
+
+def with_arrays(content: Content, arrays: dict[str, np.ndarray], fix_bytes: bool = True) -> Content:
+    """Replace the arrays; by default keep bytes-uploaded honest so only the arrays are wrong."""
+    metrics = dict(content["metrics"])
+    if fix_bytes:
+        metrics["bytes-uploaded"] = sum(a.nbytes for a in arrays.values())
+    return {**content, "synthetic": {k: Array(v) for k, v in arrays.items()}, "metrics": metrics}
+
+
+def with_meta(content: Content, **changes) -> Content:
+    meta = json.loads(content["meta"]["set-meta"])
+    meta.update(changes)
+    return {**content, "meta": {"set-meta": json.dumps(meta)}}
+
+
+def with_metrics(content: Content, **changes) -> Content:
+    metrics = {**content["metrics"], **{k.replace("_", "-"): v for k, v in changes.items()}}
+    return {**content, "metrics": {k: v for k, v in metrics.items() if v is not None}}
+
+
+# -- mutations: each draws one way of being wrong, with the kinds that may name it ------------
+
+finite = st.floats(-1e6, 1e6, allow_nan=False)
+non_finite = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+junk_scalar = st.one_of(st.integers(-2**62, 2**62), st.floats(allow_nan=True), st.text(max_size=20),
+                        st.binary(max_size=20), st.booleans())
+junk_metric = st.one_of(st.integers(-2**62, 2**62), st.floats(allow_nan=True),
+                        st.lists(st.integers(-5, 5), max_size=12), st.lists(st.floats(allow_nan=True), max_size=12))
+key_name = st.text(st.characters(codec="ascii", categories=["L", "N", "P"]), min_size=1, max_size=12)
+
+
+@st.composite
+def record_mutation(draw) -> tuple[Mutation, set[str]]:
+    """A reply record missing, of the wrong type, or a whole reply of garbage."""
+    name = draw(st.sampled_from(["synthetic", "meta", "metrics"]))
+    choice = draw(st.integers(0, 2))
+    if choice == 0:
+        return (lambda c: {k: v for k, v in c.items() if k != name}), {"malformed"}
+    if choice == 1:
+        wrong = {"synthetic": MetricRecord({"x": 1}), "meta": ArrayRecord({"set-meta": Array(np.zeros(1))}),
+                 "metrics": ConfigRecord({"seconds": "soon"})}[name]
+        return (lambda c: {**c, name: wrong}), {"malformed"}
+    junk = draw(st.dictionaries(key_name, junk_scalar, max_size=4))
+    return (lambda c: {"junk": ConfigRecord(junk)}), {"malformed"}
+
+
+@st.composite
+def array_mutation(draw) -> tuple[Mutation, set[str]]:
+    """Keys, dtypes, shapes, values and sizes of the uploaded arrays."""
+    case = draw(st.sampled_from(["extra-key", "missing-key", "images-dtype", "labels-dtype", "images-shape",
+                                 "labels-shape", "empty", "nan", "magnitude", "label-range", "soft-negative",
+                                 "soft-sum", "too-many", "oversized", "lr", "declared-object"]))
+    a = good_arrays(draw(st.integers(0, 3)), soft=case.startswith("soft"))
+    n = len(a["labels"])
+    at = draw(st.integers(0, 10**9))
+    if case == "extra-key":
+        name = draw(key_name.filter(lambda s: s not in ("images", "labels", "lr")))
+        return (lambda c: with_arrays(c, {**a, name: np.zeros(2, np.float32)})), {"keys"}
+    if case == "missing-key":
+        drop = draw(st.sampled_from(["images", "labels"]))
+        return (lambda c: with_arrays(c, {k: v for k, v in a.items() if k != drop})), {"keys"}
+    if case == "images-dtype":
+        dt = draw(st.sampled_from([np.float64, np.float16, np.int64, np.uint8, ">f4", np.complex64]))
+        return (lambda c: with_arrays(c, {**a, "images": a["images"].astype(dt)})), {"dtype"}
+    if case == "labels-dtype":
+        dt = draw(st.sampled_from([np.int32, np.uint8, np.float64, np.bool_, ">i8"]))
+        return (lambda c: with_arrays(c, {**a, "labels": a["labels"].astype(dt)})), {"dtype"}
+    if case == "images-shape":
+        shape = draw(st.lists(st.integers(0, 30), min_size=0, max_size=5).filter(
+            lambda s: len(s) != 4 or tuple(s[1:]) != INFO.image_shape))
+        return (lambda c: with_arrays(c, {**a, "images": np.zeros(shape, np.float32)})), {"shape", "oversized"}
+    if case == "labels-shape":
+        shape = draw(st.sampled_from([(n + 1,), (n - 1,), (n, K + 1), (n, 1), (n, K, 1), ()]))
+        return (lambda c: with_arrays(c, {**a, "labels": np.zeros(shape, np.int64)})), {"shape"}
+    if case == "empty":
+        empty = {"images": np.zeros((0, *INFO.image_shape), np.float32), "labels": np.zeros(0, np.int64)}
+        return (lambda c: with_arrays(c, empty)), {"shape"}
+    if case == "nan":
+        images = a["images"].copy()
+        images.reshape(-1)[at % images.size] = draw(non_finite)
+        return (lambda c: with_arrays(c, {**a, "images": images})), {"non-finite"}
+    if case == "magnitude":
+        images = a["images"].copy()
+        images.reshape(-1)[at % images.size] = draw(st.floats(100.5, 3e38)) * draw(st.sampled_from([1, -1]))
+        return (lambda c: with_arrays(c, {**a, "images": images})), {"magnitude"}
+    if case == "label-range":
+        labels = a["labels"].copy()
+        labels[at % n] = draw(st.one_of(st.integers(-2**62, -1), st.integers(K, 2**62)))
+        return (lambda c: with_arrays(c, {**a, "labels": labels})), {"label-range"}
+    if case == "soft-negative":
+        labels = a["labels"].copy()
+        row = at % n
+        labels[row] = labels[row] * 2 - 1.0 / K  # sums to 1, one entry negative
+        return (lambda c: with_arrays(c, {**a, "labels": labels})), {"soft-labels"}
+    if case == "soft-sum":
+        labels = a["labels"].copy()
+        labels[at % n] *= draw(st.floats(0, 0.99) | st.floats(1.01, 1e6))
+        return (lambda c: with_arrays(c, {**a, "labels": labels})), {"soft-labels"}
+    if case == "too-many":
+        cls = draw(st.integers(0, K - 1))
+        extra = {"images": a["images"][:1], "labels": np.array([cls], np.int64)}
+        more = {k: np.concatenate([a[k], extra[k]]) for k in a}
+        return (lambda c: with_arrays(c, more)), {"too-many"}
+    if case == "oversized":
+        reps = draw(st.integers(3, 8))
+        big = {k: np.concatenate([v] * reps) for k, v in a.items()}
+        return (lambda c: with_arrays(c, big)), {"oversized"}
+    if case == "lr":
+        lr, kinds = draw(st.sampled_from([
+            (np.array([0.0], np.float32), {"magnitude"}), (np.array([-0.1], np.float32), {"magnitude"}),
+            (np.array([1e9], np.float32), {"magnitude"}), (np.array([np.nan], np.float32), {"non-finite"}),
+            (np.array([0.01, 0.02], np.float32), {"shape"}), (np.array([0.01], np.float64), {"dtype"}),
+            (np.zeros((1, 1), np.float32), {"shape"})]))
+        return (lambda c: with_arrays(c, {**a, "lr": lr})), kinds
+    # declared-object: an object (pickled) array must be refused before or at decoding
+    import io
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    declared = draw(st.sampled_from(["object", "float32", "int64"]))
+    pickled = Array(dtype=declared, shape=(1,), stype="numpy.ndarray", data=buf.getvalue())
+    target = draw(st.sampled_from(["images", "labels"]))
+    return (lambda c: {**c, "synthetic": {**c["synthetic"], target: pickled}}), {"dtype", "malformed"}
+
+
+@st.composite
+def byte_mutation(draw) -> tuple[Mutation, set[str]]:
+    """Arbitrary bytes where an .npy payload should be (corrupt, truncated, zip, a lying header)."""
+    good = Array(good_arrays()["images"]).data
+    data = draw(st.one_of(st.binary(max_size=300), st.just(good[:draw(st.integers(0, len(good) - 1))]),
+                          st.just(b"PK\x03\x04" + draw(st.binary(max_size=50))),
+                          st.just(good[:10] + draw(st.binary(min_size=1, max_size=120)))))
+    stype = draw(st.sampled_from(["numpy.ndarray", "torch.Tensor", ""]))
+    arr = Array(dtype="float32", shape=(1,), stype=stype, data=data)
+    return (lambda c: {**c, "synthetic": {**c["synthetic"], "images": arr}}), {"malformed", "shape", "dtype"}
+
+
+META_KEYS = ["dataset", "method", "ipc", "round", "privacy"]
+
+
+@st.composite
+def meta_mutation(draw) -> tuple[Mutation, set[str]]:
+    """set-meta missing, not a string, not JSON, or contradicting the run or the data."""
+    case = draw(st.sampled_from(["not-str", "not-json", "not-object", "drop-key", "geometry", "method", "ipc",
+                                 "round", "huge", "nested", "number-junk", "rho"]))
+    if case == "not-str":
+        value = draw(junk_scalar.filter(lambda v: not isinstance(v, str)))
+        return (lambda c: {**c, "meta": {"set-meta": value}}), {"metadata"}
+    if case == "not-json":
+        text = draw(st.text(max_size=40).filter(lambda t: not _is_json(t)))
+        return (lambda c: {**c, "meta": {"set-meta": text}}), {"metadata"}
+    if case == "not-object":
+        value = json.dumps(draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.none())))
+        return (lambda c: {**c, "meta": {"set-meta": value}}), {"metadata"}
+    if case == "drop-key":
+        key = draw(st.sampled_from(["dataset", "method", "ipc"]))
+        def drop(c: Content) -> Content:
+            meta = json.loads(c["meta"]["set-meta"])
+            meta.pop(key)
+            return {**c, "meta": {"set-meta": json.dumps(meta)}}
+        return drop, {"metadata"}
+    if case == "geometry":
+        field = draw(st.sampled_from(["num_classes", "channels", "height", "width", "mean", "std"]))
+        value = draw({"mean": st.just([0.5]), "std": st.just([2.0])}.get(field, st.integers(-3, 300)))
+        assume(value != INFO.to_dict()[field])
+        return (lambda c: with_meta(c, dataset={**INFO.to_dict(), field: value})), {"metadata"}
+    if case == "method":
+        method = draw(st.text(max_size=8).filter(lambda m: m != "dm"))
+        return (lambda c: with_meta(c, method=method)), {"metadata"}
+    if case in ("ipc", "round"):
+        value = draw(st.integers(-10, 10**6).filter(lambda v: v != (IPC if case == "ipc" else 1)))
+        return (lambda c: with_meta(c, **{case: value})), {"metadata"}
+    if case == "huge":
+        return (lambda c: with_meta(c, extra={"pad": "x" * 70_000})), {"metadata"}
+    if case == "nested":
+        depth = draw(st.integers(50_000, 60_000))
+        text = "[" * depth + "]" * depth
+        return (lambda c: {**c, "meta": {"set-meta": text[:65_000]}}), {"metadata"}
+    if case == "rho":
+        rho = draw(st.one_of(non_finite, st.floats(0.01, 0.99), st.text(max_size=5)))
+        return (lambda c: with_meta(c, privacy={"rho": rho})), {"privacy", "metadata"}
+    # number-junk: Infinity / NaN / huge where integers belong
+    key = draw(st.sampled_from(["ipc", "round"]))
+    value = draw(st.sampled_from([float("inf"), float("nan"), 1e300, "two", None, [2]]))
+    return (lambda c: with_meta(c, **{key: value})), {"metadata"}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except ValueError:
+        return False
+
+
+@st.composite
+def metrics_mutation(draw) -> tuple[Mutation, set[str]]:
+    """Garbage or lies in the MetricRecord: bytes, histogram, counts, seconds, class budget."""
+    case = draw(st.sampled_from(["bytes", "hist-length", "hist-negative", "hist-float", "hist-junk", "seconds",
+                                 "examples", "capped", "skipped", "budget", "junk"]))
+    if case == "bytes":
+        value = draw(junk_metric.filter(lambda v: v != good_content()["metrics"]["bytes-uploaded"]))
+        return (lambda c: with_metrics(c, **{"bytes-uploaded": value})), {"metadata"}
+    if case == "hist-length":
+        hist = draw(st.lists(st.integers(0, 100), max_size=30).filter(lambda h: len(h) != K))
+        return (lambda c: with_metrics(c, **{"class-histogram": hist})), {"metadata"}
+    if case == "hist-negative":
+        hist = list(HIST)
+        hist[draw(st.integers(0, K - 1))] = draw(st.integers(-2**62, -1))
+        return (lambda c: with_metrics(c, **{"class-histogram": hist})), {"metadata"}
+    if case == "hist-float":
+        hist = [float(h) for h in HIST]
+        hist[draw(st.integers(0, K - 1))] = draw(st.floats(allow_nan=True))
+        return (lambda c: with_metrics(c, **{"class-histogram": hist})), {"metadata"}
+    if case == "hist-junk":
+        value = draw(st.one_of(st.integers(), st.floats(allow_nan=True)))
+        return (lambda c: with_metrics(c, **{"class-histogram": value})), {"metadata"}
+    if case == "seconds":
+        value = draw(st.one_of(non_finite, st.floats(-1e9, -1e-9), st.lists(st.floats(0, 1), min_size=1)))
+        return (lambda c: with_metrics(c, seconds=value)), {"metadata"}
+    if case == "examples":
+        value = draw(junk_metric.filter(lambda v: v != sum(HIST)))
+        return (lambda c: with_metrics(c, **{"num-examples": value})), {"metadata"}
+    if case in ("capped", "skipped"):
+        value = draw(junk_metric.filter(lambda v: v != 0))
+        return (lambda c: with_metrics(c, **{f"classes-{case}": value})), {"metadata"}
+    if case == "budget":  # the histogram cannot pay for the set's images of one class
+        hist = list(HIST)
+        cls = draw(st.integers(0, K - 1))
+        hist[cls] = draw(st.integers(0, 2 * IPC - 1))
+        return (lambda c: with_metrics(c, **{"class-histogram": hist, "num-examples": sum(hist)})), {"metadata"}
+    value = draw(junk_metric)
+    key = draw(st.sampled_from(["seconds", "classes-capped", "classes-skipped", "num-examples"]))
+    assume(not (key == "seconds" and isinstance(value, (int, float)) and np.isfinite(value) and value >= 0))
+    assume(not (key in ("classes-capped", "classes-skipped") and value == 0))
+    assume(not (key == "num-examples" and value == sum(HIST)))
+    return (lambda c: with_metrics(c, **{key: value})), {"metadata"}
+
+
+@st.composite
+def reply_mutation(draw) -> tuple[Mutation, set[str]]:
+    """An error reply, or a declined record that is not a known decline."""
+    if draw(st.booleans()):
+        code, reason = draw(st.integers(0, 2**31)), draw(st.text(max_size=2000))
+        return (lambda c: Error(code=code, reason=reason)), {"error-reply"}
+    junk = draw(st.one_of(st.dictionaries(key_name, junk_scalar, max_size=3),
+                          st.just({"kind": "bored"}), st.just({"kind": 3})))
+    return (lambda c: {**c, "declined": ConfigRecord(junk)}), {"malformed"}
+
+
+any_mutation = st.one_of(record_mutation(), array_mutation(), byte_mutation(), meta_mutation(),
+                         metrics_mutation(), reply_mutation())
+
+
+@st.composite
+def dp_mutation(draw) -> tuple[Mutation, set[str]]:
+    """A DP reply whose privacy figures are missing, non-finite, impossible, contradictory or not the run's."""
+    meta_key = draw(st.sampled_from(sorted(DP_PRIVACY)))
+    case = draw(st.sampled_from(["meta-only", "both-non-finite", "drop", "total-below", "run-delta"]))
+    metric_key = {"epsilon": "epsilon-round", "sample_rate": "sample-rate"}.get(meta_key, meta_key)
+    if case == "meta-only" and meta_key != "accountant":
+        value = draw(st.one_of(finite, non_finite, st.text(max_size=4), st.none()))
+        assume(value != DP_PRIVACY[meta_key])
+        return (lambda c: with_meta(c, privacy={**DP_PRIVACY, meta_key: value})), {"privacy"}
+    if case == "both-non-finite" and meta_key != "accountant":
+        bad = draw(non_finite)
+        return (lambda c: with_metrics(with_meta(c, privacy={**DP_PRIVACY, meta_key: bad}),
+                                       **{metric_key: bad})), {"privacy"}
+    if case == "drop" and meta_key != "accountant":
+        return (lambda c: with_metrics(c, **{metric_key: None})), {"privacy"}
+    if case == "run-delta":
+        delta = draw(st.floats(1e-9, 0.5).filter(lambda d: d != 1e-5))
+        return (lambda c: with_metrics(with_meta(c, privacy={**DP_PRIVACY, "delta": delta}), delta=delta)), \
+            {"privacy"}
+    total = draw(st.floats(-1e6, 2.9) | non_finite)
+    return (lambda c: with_metrics(c, **{"epsilon-total": total})), {"privacy"}
+
+
+# -- replies and a grid that returns them -------------------------------------------------------
+
+def instruction(node: int) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=node, message_type="train",
+                   group_id="1")
+
+
+def reply_for(msg: Message, content: Content | Error) -> Message:
+    if isinstance(content, Error):
+        return Message(content, reply_to=msg)
+    return Message(to_record_dict(content), reply_to=msg)
+
+
+class ScriptedGrid(Grid):
+    """Answers each node's message with a prepared reply (``None``: no reply); extras are pushed as they are."""
+
+    def __init__(self, script: dict[int, Callable[[Message], Message | None]],
+                 extras: Iterable[Callable[[Message], Message]] = ()) -> None:
+        self.script, self.extras, self.replies = script, list(extras), {}
+
+    def set_run(self, run) -> None:  # noqa: D102
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.script)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(msg.metadata.message_id)
+            reply = self.script[msg.metadata.dst_node_id](msg)
+            self.replies[msg.metadata.message_id] = [reply] if reply is not None else []
+        if messages:
+            first = messages[0]
+            self.replies[first.metadata.message_id] += [extra(first) for extra in self.extras]
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [r for i in message_ids for r in self.replies.pop(i, [])]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(list(messages)))
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+def _assert_rejected(content: Content | Error, exp: Expectation, kinds: set[str]) -> None:
+    msg = instruction(7)
+    try:
+        reply = reply_for(msg, content)
+    except (TypeError, ValueError):  # Flower itself refuses to build it: it can never arrive
+        return
+    with pytest.raises(Rejected) as err:
+        check_reply(reply, exp)
+    assert err.value.kind in KINDS and err.value.kind in kinds, (err.value.kind, kinds, err.value.detail)
+    assert err.value.detail
+
+
+def test_the_fuzzers_base_replies_are_accepted(task_identity):  # noqa: F811
+    for soft in (False, True):
+        assert len(check_reply(reply_for(instruction(7), good_content(soft=soft)), EXP)) == IPC * K
+    assert len(check_reply(reply_for(instruction(7), good_content(dp=True)), EXP_DP)) == IPC * K
+
+
+@FUZZ
+@given(mutation=any_mutation, seed=st.integers(0, 3))
+def test_every_malformed_reply_is_rejected_with_its_kind(mutation, seed, task_identity):  # noqa: F811
+    mutate, kinds = mutation
+    _assert_rejected(mutate(good_content(seed)), EXP, kinds)
+
+
+@FUZZ
+@given(mutation=dp_mutation())
+def test_every_bad_privacy_claim_is_rejected(mutation, task_identity):  # noqa: F811
+    mutate, kinds = mutation
+    _assert_rejected(mutate(good_content(dp=True)), EXP_DP, kinds)
+
+
+@FUZZ
+@given(plan=st.lists(st.one_of(st.none(), st.just("silent"), any_mutation), min_size=1, max_size=6))
+def test_a_round_keeps_its_good_replies_and_counts_and_logs_every_bad_one(plan, task_identity, caplog):  # noqa: F811
+    """``None`` = a good reply, ``"silent"`` = no reply (a timeout); the rest are hostile."""
+    caplog.clear()
+    contents = {100 + i: (None if step == "silent" else good_content(100 + i) if step is None
+                          else step[0](good_content(100 + i))) for i, step in enumerate(plan)}
+    contents = {node: c if c is None or _buildable(c) else None for node, c in contents.items()}
+    grid = ScriptedGrid({node: (lambda m, c=c: None if c is None else reply_for(m, c))
+                         for node, c in contents.items()})
+    with caplog.at_level(logging.WARNING, logger="fedistill.server"):
+        result = collect(grid, make_messages(sorted(contents), {}, 1, "train"), EXP, timeout=0.0)
+    good = [100 + i for i, step in enumerate(plan) if step is None]
+    silent = sum(c is None for c in contents.values())
+    assert [node for node, _ in result.accepted] == good
+    assert sum(result.rejected.values()) == len(plan) - len(good) and result.rejected["timeout"] == silent
+    assert set(result.rejected) <= set(KINDS)
+    assert len(result.reasons) == len(plan) - len(good) - silent
+    assert sum("rejected node" in r.getMessage() for r in caplog.records) == len(result.reasons)
+
+
+def _buildable(content: Content | Error) -> bool:
+    """Whether Flower lets the reply be built at all (what it refuses can never arrive)."""
+    try:
+        reply_for(instruction(7), content)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def test_duplicate_and_unsolicited_replies_are_rejected_and_good_ones_kept(task_identity, caplog):  # noqa: F811
+    twice = lambda m: reply_for(m, good_content(100))  # noqa: E731
+    stranger = instruction(999)
+    stranger.metadata.__dict__["_message_id"] = "never-sent"
+    grid = ScriptedGrid({100: twice, 101: lambda m: reply_for(m, good_content(101, client="same")),
+                         102: lambda m: reply_for(m, good_content(102, client="same")),
+                         103: lambda m: reply_for(m, good_content(103))},
+                        extras=[twice, lambda m: reply_for(stranger, good_content(104))])
+    with caplog.at_level(logging.WARNING, logger="fedistill.server"):
+        result = collect(grid, make_messages([100, 101, 102, 103], {}, 1, "train"), EXP, timeout=0.0)
+    assert [node for node, _ in result.accepted] == [100, 103]
+    assert result.rejected == {"duplicate": 3, "unsolicited": 1}
+    assert sum("rejected node" in r.getMessage() for r in caplog.records) == 4
+
+
+@pytest.mark.slow
+@HEAVY
+@given(mutation=any_mutation, seed=st.integers(0, 3))
+def test_heavy_fuzz_of_reply_validation(mutation, seed, task_identity):  # noqa: F811
+    mutate, kinds = mutation
+    _assert_rejected(mutate(good_content(seed)), EXP, kinds)
+
+
+@pytest.mark.slow
+@HEAVY
+@given(mutation=dp_mutation())
+def test_heavy_fuzz_of_privacy_claims(mutation, task_identity):  # noqa: F811
+    mutate, kinds = mutation
+    _assert_rejected(mutate(good_content(dp=True)), EXP_DP, kinds)
