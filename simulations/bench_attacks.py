@@ -1,9 +1,10 @@
 """Membership inference and backdoor benchmark on the bundled MNIST sample (issue 5), central part.
 
-LiRA (online/offline, whole-pipeline shadows) and the loss/confidence attacks against a
-real-trained ConvNet (the leaky baseline), DM-, DC- and DP-DM-distilled targets; the distance
-attack on each synthetic set; naive and DOORPING backdoors through DM with ASR/CTA beside the
-clean floor. Writes ``bench_attacks.json`` and the audit report (HTML) under ``--out``.
+LiRA and RMIA (online/offline, whole-pipeline shadows) and the loss/confidence attacks against
+a real-trained ConvNet (the leaky baseline), DM-, DC- and DP-DM-distilled targets; the distance
+attack on each synthetic set; a canary DP audit of each target (mislabelled canaries, one-run
+and Clopper-Pearson lower bounds beside the accountant's epsilon); naive and DOORPING
+backdoors through DM with ASR/CTA beside the clean floor. Writes ``bench_attacks.json`` and the audit report (HTML) under ``--out``.
 
     python simulations/bench_attacks.py --quick     # 400-image pool, 8 shadows, leaky + DM targets: ~11 min on a busy 2-core CPU
     python simulations/bench_attacks.py             # the benchmark: 1000-image pool, 16 shadows (hours on CPU)
@@ -39,6 +40,7 @@ FULL = {
     ],
     "backdoor": {"method": "dm", "settings": {"ipc": 10, "iterations": 200}, "fraction": 0.01, "size": 2,
                  "target": 0, "client_size": 5000, "doorping": True},
+    "canary": {"kind": "mislabel", "count": 2000, "client_size": 2000, "score": "loss"},
 }
 QUICK = {
     "pool_size": 400, "shadows": 8,
@@ -47,6 +49,7 @@ QUICK = {
     "backdoor": {"method": "dm", "settings": {"ipc": 10, "iterations": 20}, "fraction": 0.1, "size": 3, "target": 0,
                  "client_size": 1000, "doorping": True,
                  "doorping_settings": {"update_every": 5, "trigger_steps": 20, "proxy_steps": 10}},
+    "canary": {"kind": "mislabel", "count": 200, "client_size": 500, "score": "loss"},
 }
 
 
