@@ -151,12 +151,16 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any]) -> tuple[L
     """This node's (train, held-out) data.
 
     With ``data-path`` in ``node_config`` (a real deployment) the node's own ``.npz`` is used:
-    its train split is distilled and its test split is the held-out set. Otherwise the
+    its train split is distilled and its test split is the held-out set. ``data-name`` (e.g.
+    ``mnist``) names the dataset it holds, which fixes its normalisation; without it the file's
+    stem does, and an unknown stem means stats of the file's own train split, which the server
+    rejects unless they equal its own. Otherwise the
     node's ``partition-id`` of ``num-partitions`` over the run's dataset is taken, and a
     seeded ``holdout-fraction`` of it is held out for federated evaluation.
     """
     if "data-path" in node_config:
-        local = load_npz(str(node_config["data-path"]))
+        name = node_config.get("data-name")
+        local = load_npz(str(node_config["data-path"]), str(name) if name else None)
         return local.train, local.test
     try:
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
