@@ -7,7 +7,7 @@ No federation: the "client" is a random slice of the training split. This is wha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -69,12 +69,24 @@ class CentralConfig:
         return cls(**d)
 
 
-def _target_pipeline(spec: dict, train: TrainConfig):
+def _target_pipeline(spec: dict, train: TrainConfig, targets: tuple = ()):
+    """The spec's pipeline, named ``spec["name"]`` if given; a name shared by several targets
+    (e.g. dp-dm at two epsilons) gets ``#2``, ``#3``... so tables and plots keep them apart."""
     if spec["kind"] == "real":
-        return make_pipeline("real", train)
-    if str(spec["method"]).startswith("dp"):
-        import privacy  # noqa: F401  (registers the DP methods before make_config)
-    return make_pipeline("distill", train, make_config(spec["method"], **spec.get("settings", {})))
+        pipe = make_pipeline("real", train)
+    else:
+        if str(spec["method"]).startswith("dp"):
+            import privacy  # noqa: F401  (registers the DP methods before make_config)
+        pipe = make_pipeline("distill", train, make_config(spec["method"], **spec.get("settings", {})))
+    name = spec.get("name") or pipe.name
+
+    def base(t: dict) -> str:
+        return t.get("name") or ("real" if t["kind"] == "real" else str(t["method"]))
+
+    same = [t for t in targets if base(t) == name]
+    if len(same) > 1:
+        name = f"{name} #{next(i for i, t in enumerate(same) if t is spec) + 1}"
+    return replace(pipe, name=name)
 
 
 def membership_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[MembershipReport]:
@@ -82,7 +94,7 @@ def membership_section(cfg: CentralConfig, data: Dataset, progress: bool) -> lis
     pool = audit_pool(data.train, cfg.pool_size, cfg.seed)
     reports = []
     for spec in tqdm(cfg.targets, desc="membership targets", disable=not progress):
-        rep = run_membership(_target_pipeline(spec, train), pool, data.test, cfg.shadows, cfg.seed, progress=progress)
+        rep = run_membership(_target_pipeline(spec, train, cfg.targets), pool, data.test, cfg.shadows, cfg.seed, progress=progress)
         reports.append(rep)
     return reports
 
@@ -116,7 +128,7 @@ def canary_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[Ca
     train = TrainConfig(**cfg.train)
     audits = []
     for spec in tqdm(cfg.targets, desc="canary audit", disable=not progress):
-        pipe = _target_pipeline(spec, train)
+        pipe = _target_pipeline(spec, train, cfg.targets)
         score = c.get("score", "loss")
         audits.append(canary_audit(pipe, client, canaries, kind=kind, score=score, seed=cfg.seed,
                                    runs=int(c.get("runs", 1)), alpha=float(c.get("alpha", 0.05)),

@@ -92,3 +92,13 @@ def test_attacks_never_import_flower():
             "print(any(m == 'flwr' or m.startswith('flwr.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_targets_sharing_a_method_get_distinct_names():
+    from attacks.central import _target_pipeline
+    from distill.train import TrainConfig
+
+    train = TrainConfig(arch="mlp", arch_kwargs={"width": 8}, epochs=1, dsa=False)
+    specs = ({"kind": "real"}, {"kind": "distill", "method": "dm", "settings": {"ipc": 1}},
+             {"kind": "distill", "method": "dm", "settings": {"ipc": 2}}, {"kind": "distill", "method": "dc", "name": "x"})
+    assert [_target_pipeline(s, train, specs).name for s in specs] == ["real", "dm #1", "dm #2", "x"]
