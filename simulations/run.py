@@ -5,6 +5,7 @@
     python simulations/run.py --algorithm fedavg --rounds 20
     python simulations/run.py --clients 100 --set fraction-evaluate=0
     python simulations/run.py --dp dp-dm --epsilon 8 --mode iterative --rounds 3 --privacy-budget 20
+    python simulations/run.py --resume runs/20261128-004306-fedistill-iterative   # after a crash
 
 Any run-config key (README "Run-config reference") can be set with ``--set key=value``.
 ``flwr.simulation.run_simulation`` hands the apps an empty run-config, so the settings are
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="total epsilon a client spends over the run; past it, it declines (0 = no limit)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run-config key, e.g. --set server-epochs=50 (repeatable)")
+    p.add_argument("--resume", metavar="RUN_DIR", default="",
+                   help="continue an interrupted fedistill run from its run store (its config.json decides "
+                        "every setting; pass the same --clients); docs/reliability.md")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     return p.parse_args(argv)
 
@@ -92,6 +96,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     for key in PRIVACY_FLAGS:
         if getattr(args, key.replace("-", "_")) is not None:
             out[key] = getattr(args, key.replace("-", "_"))
+    if args.resume:
+        out["resume"] = args.resume
     for item in args.set:
         key, sep, val = item.partition("=")
         if not sep:
@@ -177,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = overrides_from_args(args)
     settings = RunSettings.from_run_config({}, **overrides)
+    if args.resume:
+        from server.resume import resume_settings
+
+        settings = resume_settings(args.resume)  # the run's own config.json, as the server will use
+        print(f"fedistill: resuming {args.resume}", flush=True)
     print(f"fedistill: {args.clients} virtual clients, {settings.name}, "
           f"{settings.task.partitioner} split of {settings.task.dataset}", flush=True)
     start = time.perf_counter()

@@ -133,7 +133,8 @@ def test_a_tampered_accepted_set_or_checkpoint_stops_the_resume(tmp_path, tmp_pa
             run(InProcessGrid(client_app, 3), {}, resume=str(root))
 
 
-def test_resume_uses_the_runs_own_config_and_refuses_fedavg_and_dp(tmp_path, tmp_path_factory):
+def test_resume_uses_the_runs_own_config_and_refuses_fedavg_and_dp(tmp_path, tmp_path_factory,
+                                                                 task_identity):  # noqa: F811
     from server.resume import resume_settings
     ref = reference_config = json.loads((reference(tmp_path_factory) / "config.json").read_text())
     assert resume_settings(reference(tmp_path_factory)).task.ipc == ref["ipc"] == CONFIG["ipc"]
@@ -144,7 +145,8 @@ def test_resume_uses_the_runs_own_config_and_refuses_fedavg_and_dp(tmp_path, tmp
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tmp_path_factory):
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tmp_path_factory,
+                                                                  task_identity):  # noqa: F811
     """A real SIGKILL of a server process during round 2, then ``run(..., resume=...)`` in another process."""
     script = textwrap.dedent(f"""
         import sys, time
@@ -176,3 +178,11 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tmp_
     ref = reference(tmp_path_factory)
     assert comparable(read_metrics(root)) == comparable(read_metrics(ref))
     assert set_files(root).keys() == set_files(ref).keys()
+
+
+def test_the_simulation_cli_maps_resume_to_the_run_config_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    from simulations.run import overrides_from_args, parse_args
+
+    assert overrides_from_args(parse_args(["--resume", "runs/x"]))["resume"] == "runs/x"
+    assert "resume" not in overrides_from_args(parse_args([]))
