@@ -18,6 +18,7 @@ from distill.data import load_dataset
 
 from .central import CentralConfig, clean_floor, run_central
 from .membership import AttackResult
+from .metrics import clopper_pearson
 from .report import (accuracy_epsilon_figure, bars_figure, has_epsilon_sweep, render_html, roc_figure,
                      thumbnails_figure)
 from .store_audit import audit_store
@@ -31,6 +32,27 @@ QUICK = dict(pool_size=100, shadows=4,
              canary={"kind": "mislabel", "count": 100, "client_size": 200, "score": "loss"})
 
 
+MIN_NON_MEMBERS_AT_1PCT = 500  # the 1% FPR threshold then rests on >= 5 false positives
+
+
+def low_fpr_verdict(best: dict[str, Any], attacks_tried: int) -> str:
+    """Whether the strongest of ``attacks_tried`` attacks shows leakage at 1% FPR, honestly.
+
+    Picking the best of several attacks is multiple testing: its TPR interval is widened
+    Bonferroni-style (alpha 0.05 / attacks). With few non-members the 1% FPR threshold rests on
+    a handful of false positives and no verdict is given.
+    """
+    if best["non_members"] < MIN_NON_MEMBERS_AT_1PCT:
+        return (f"inconclusive at 1% FPR (the threshold rests on {best['non_members'] // 100} non-member(s); "
+                f"needs >= {MIN_NON_MEMBERS_AT_1PCT} non-members)")
+    k = int(round(best["tpr_at_1pct_fpr"] * best["members"]))
+    lo, _ = clopper_pearson(k, best["members"], 0.05 / max(attacks_tried, 1))
+    if lo > 0.01:
+        return (f"leaks at low FPR (the Bonferroni-corrected interval over {attacks_tried} attacks "
+                "excludes the 1% chance level)")
+    return "no evidence of leakage at 1% FPR (the corrected interval includes chance)"
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """The verdict in numbers: strongest attack per target at 1% FPR, backdoor ASR/CTA, epsilon bounds."""
     lines = []
@@ -40,8 +62,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for target, rows in by_target.items():
         best = max(rows, key=lambda a: (a["tpr_at_1pct_fpr"], a["auc"]))
         lo, hi = best["tpr_at_1pct_ci"]
-        verdict = ("leaks at low FPR (the 95% interval excludes the 1% chance level)" if lo > 0.01
-                   else "no evidence of leakage at 1% FPR (the interval includes chance)")
+        verdict = low_fpr_verdict(best, len(rows))
         lines.append(f"{target}: strongest attack {best['attack']}, AUC {best['auc']:.3f}, TPR@1%FPR "
                      f"{best['tpr_at_1pct_fpr']:.3f} [{lo:.3f}, {hi:.3f}] over {best['members']} members / "
                      f"{best['non_members']} non-members: {verdict}.")

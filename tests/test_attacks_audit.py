@@ -102,3 +102,16 @@ def test_targets_sharing_a_method_get_distinct_names():
     specs = ({"kind": "real"}, {"kind": "distill", "method": "dm", "settings": {"ipc": 1}},
              {"kind": "distill", "method": "dm", "settings": {"ipc": 2}}, {"kind": "distill", "method": "dc", "name": "x"})
     assert [_target_pipeline(s, train, specs).name for s in specs] == ["real", "dm #1", "dm #2", "x"]
+
+
+def test_low_fpr_verdict_corrects_for_picking_the_best_attack():
+    from attacks.audit import low_fpr_verdict
+
+    few = {"non_members": 200, "members": 200, "tpr_at_1pct_fpr": 0.3}
+    assert low_fpr_verdict(few, 4).startswith("inconclusive")
+    strong = {"non_members": 1000, "members": 1000, "tpr_at_1pct_fpr": 0.10}
+    assert low_fpr_verdict(strong, 5).startswith("leaks")
+    # 2.0% TPR clears the 1% level at alpha 0.05 for one attack but not after correcting for 20
+    borderline = {"non_members": 1000, "members": 1000, "tpr_at_1pct_fpr": 0.020}
+    assert low_fpr_verdict(borderline, 1).startswith("leaks")
+    assert low_fpr_verdict(borderline, 20).startswith("no evidence")
