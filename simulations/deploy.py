@@ -10,7 +10,7 @@ with ``flwr run . deploy --stream``. Everything listens on 127.0.0.1 only.
     python simulations/deploy.py run --nodes 2 --auth              # TLS + enrolled node keys
     python simulations/deploy.py run --node-config 'data-path="/data/a.npz" data-name="mnist"' \\
                                      --node-config 'data-path="/data/b.npz" data-name="mnist"'
-    python simulations/deploy.py certs .deploy/certs               # only the TLS files
+    python simulations/deploy.py certs .deploy/certs --host link.example.org   # only the TLS files
     python simulations/deploy.py node-keys .deploy/keys 3          # only the node keys
     python simulations/deploy.py split .deploy/data 3              # only the per-node .npz files
     python simulations/deploy.py bench --nodes 2 4 --modes insecure tls   # wall time per setting
@@ -549,10 +549,14 @@ def _main(argv: Sequence[str] | None = None) -> int:
         s.add_argument("directory", type=Path)
         if name != "certs":
             s.add_argument("n", type=int)
+        else:
+            s.add_argument("--host", action="append", default=[],
+                           help="a further DNS name or IP the SuperLink is reached at (repeat); localhost and "
+                                "127.0.0.1 are always in: the SuperLink's own ServerApp process connects there")
     args = p.parse_args(argv)
 
     if args.cmd == "certs":
-        print("\n".join(str(v) for v in make_certs(args.directory).values()))
+        print("\n".join(str(v) for v in make_certs(args.directory, ("localhost", HOST, *args.host)).values()))
         return 0
     if args.cmd == "node-keys":
         print("\n".join(f"{a} {b}" for a, b in make_node_keys(args.directory, args.n)))
