@@ -1,9 +1,10 @@
 """A real Flower deployment on 127.0.0.1 (simulations/deploy.py): SuperLink, SuperNodes, `flwr run`.
 
 The helpers (certificates, node keys, per-node data, the staged app, stopping process trees)
-are checked quickly; a SuperLink with two SuperNodes is started and stopped in the default run;
-whole runs (insecure; TLS + node authentication) are slow: each takes 1.5-2 minutes on a loaded
-2-core machine (Flower starts a fresh ServerApp and ClientApp process per run and per message).
+are checked quickly; in the default run the script brings up a SuperLink and two SuperNodes,
+submits, and is stopped by SIGTERM (~35 s). Whole runs (insecure; TLS + node authentication)
+are slow: 100-110 s each on this 2-core machine under load (a fresh ServerApp process per run,
+a fresh ClientApp process per message).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import socket
+import signal
 import ssl
 import subprocess
 import sys
@@ -115,21 +117,47 @@ def test_stop_processes_ends_a_process_and_the_detached_child_it_started(tmp_pat
     assert proc.poll() is not None and not any(_alive(p) for p in family)
 
 
+def _processes_using(path: Path) -> list[int]:
+    """PIDs whose environment mentions ``path`` (every process deploy.py starts has its FLWR_HOME there)."""
+    needle, found = str(path).encode(), []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):
+            if needle in environ.read_bytes() and _alive(int(environ.parent.name)):
+                found.append(int(environ.parent.name))
+    return found
+
+
+def test_two_supernodes_connect_on_loopback_and_sigterm_stops_everything(tmp_path, one_thread):
+    """The script brings up a SuperLink and two SuperNodes and submits the run; SIGTERM then
+    (like Ctrl-C, or a failure) stops every process it started, the app processes included."""
+    work = tmp_path / "deploy"
+    script = Path(__file__).resolve().parents[1] / "simulations" / "deploy.py"
+    proc = subprocess.Popen([sys.executable, str(script), "run", "--nodes", "2", "--data", "partition",
+                             "--workdir", str(work), "--runs-dir", str(tmp_path / "runs"), "-c", TINY],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120  # until the run is submitted: the nodes have connected
+        while not (work / "logs" / "flwr-run.log").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, (work / "logs" / "superlink.log").read_text()[-2000:]
+            time.sleep(0.2)
+        env = dict(os.environ, FLWR_HOME=str(work / "flwr-home" / "cli"))
+        res = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "ls", "deploy", "--format",
+                              "json"], env=env, capture_output=True, text=True, timeout=60)
+        nodes = json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
+        assert [n["status"] for n in nodes] == ["online", "online"]
+        assert len(_processes_using(work)) >= 4  # SuperLink, both SuperNodes, `flwr run`, their children
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+        assert _processes_using(work) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    commands = (work / "commands.sh").read_text()
+    assert "--host 127.0.0.1" in commands and "--insecure" in commands and "0.0.0.0" not in commands
+
+
 def _family(dep: Deployment) -> list[int]:
     return [pid for _, proc in dep.procs for pid in (proc.pid, *descendants(proc.pid))]
-
-
-def test_a_superlink_and_two_supernodes_connect_on_loopback_and_stop(tmp_path, one_thread):
-    configs = [f"partition-id={i} num-partitions=2" for i in range(2)]
-    dep = Deployment(configs, mode="insecure", workdir=tmp_path / "deploy", timeout=90, quiet=True)
-    with dep:
-        res = dep.flwr("supernode", "ls", "deploy", "--format", "json", timeout=60)
-        family = _family(dep)
-    nodes = json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
-    assert [n["status"] for n in nodes] == ["online", "online"]
-    assert len(family) >= 3 and not any(_alive(p) for p in family)
-    commands = (tmp_path / "deploy" / "commands.sh").read_text()
-    assert "--host 127.0.0.1" in commands and "--insecure" in commands and "0.0.0.0" not in commands
 
 
 def _check_run(run: Path, nodes: int) -> None:
@@ -163,3 +191,23 @@ def test_tls_deployment_admits_only_enrolled_nodes_and_runs_end_to_end(tmp_path,
     _check_run(run, 2)
     assert not any(_alive(p) for p in family)
     assert "--enable-supernode-auth" in (work / "commands.sh").read_text()
+
+
+def test_bench_writes_one_row_per_setting(tmp_path, monkeypatch, capsys):
+    import simulations.deploy as deploy
+
+    calls = []
+
+    def fake_run_once(configs, mode, run_config, workdir, runs_dir, timeout):
+        calls.append((len(configs), mode))
+        return {"mode": mode, "nodes": len(configs), "startup-s": 1.0, "flwr-run-s": 2.0, "total-s": 3.5,
+                "server-wall-s": 1.5, "status": "ok", "accepted": len(configs), "accuracy": 0.1, "run": "r"}
+
+    monkeypatch.setattr(deploy, "run_once", fake_run_once)
+    out = tmp_path / "timing.jsonl"
+    assert deploy._main(["bench", "--nodes", "2", "4", "--modes", "insecure", "tls", "--data", "partition",
+                         "--workdir", str(tmp_path), "--out", str(out), "-c", "ipc=2"]) == 0
+    assert calls == [(2, "insecure"), (2, "tls"), (4, "insecure"), (4, "tls")]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["run-config"] for r in rows] == ["ipc=2"] * 4
+    assert "4      tls" in capsys.readouterr().out
