@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # (see docs/): keep the pinned torch of this venv.
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: install test test-slow bench-quick clean demo flwr-run bench-federated
+.PHONY: install test test-slow bench-quick clean demo flwr-run deploy bench-federated
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ demo: $(STAMP)
 flwr-run: $(STAMP)
 	simulations/flwr_local.sh
 
+# A real deployment on 127.0.0.1: SuperLink + 2 SuperNodes (TLS), `flwr run`, everything stopped after
+# (README "Run a real federation"; state in .deploy/).
+deploy: $(STAMP)
+	$(PY) simulations/deploy.py run --nodes 2 --tls
+
 bench-federated: $(STAMP)
 	$(PY) simulations/bench_federated.py
 
@@ -40,4 +45,4 @@ bench-quick: $(STAMP)
 	$(PY) simulations/bench_distill.py --quick
 
 clean:
-	rm -rf runs bench_results .pytest_cache .flwr
+	rm -rf runs bench_results .pytest_cache .flwr .deploy
