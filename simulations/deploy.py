@@ -3,7 +3,8 @@
 Flower's own engine end to end (no simulation, no Ray): ``flower-superlink`` serves the Fleet,
 Control and Runtime APIs on one 127.0.0.1 port, every ``flower-supernode`` is a separate data
 holder with its own node-config and its own local Runtime API port, and the app is submitted
-with ``flwr run . deploy --stream``. Everything listens on 127.0.0.1 only.
+with ``flwr run <staged copy of .> deploy --stream`` (see :func:`stage_app`). Everything listens
+on 127.0.0.1 only.
 
     python simulations/deploy.py run --nodes 2                     # insecure, bundled sample split per node
     python simulations/deploy.py run --nodes 4 --tls -c "ipc=5"    # TLS: CA + server certificate made here
