@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +33,7 @@ from torch import nn
 from .augment import DEFAULT_STRATEGY, DSA
 from .data import LabeledImages
 from .networks import seeded_network
+from .npzfile import load_npz_safely, save_npz_atomic
 
 CACHE_ENV = "FEDISTILL_EXPERT_CACHE"
 DEFAULT_CACHE = Path("~/.cache/fedistill/experts")
@@ -118,27 +118,14 @@ class ExpertBuffer:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename): a crash or a racing client never leaves half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "layout": [[n, list(s)] for n, s in self.layout.entries], **self.meta}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, trajectories=self.trajectories.numpy(), meta_json=np.asarray(json.dumps(meta)))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_npz_atomic(path, {"trajectories": self.trajectories.numpy(),
+                                      "meta_json": np.asarray(json.dumps(meta))})
 
     @classmethod
     def load(cls, path: str | Path) -> "ExpertBuffer":
         """Read a buffer saved by :meth:`save`; pickled (object) arrays are refused."""
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except ValueError as err:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
-            raise ValueError(f"{path}: refused ({err})") from err
+        arrays = load_npz_safely(path)
         if sorted(arrays) != ["meta_json", "trajectories"]:
             raise ValueError(f"{path}: expected keys trajectories, meta_json; got {sorted(arrays)}")
         meta = json.loads(str(arrays["meta_json"]))

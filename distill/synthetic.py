@@ -13,8 +13,6 @@ one ``factor_<name>`` float32 array per factor, so what is saved, sent and count
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 from .data import DatasetInfo
 from .factors import Factors, check_factors
+from .npzfile import load_npz_safely, save_npz_atomic
 
 ARRAY_KEYS = ("images", "labels")
 OPTIONAL_ARRAY_KEYS = ("lr",)
@@ -157,27 +156,13 @@ class SyntheticSet:
     # -- disk format ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file + rename): a crash never leaves a half-written set."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = dict(self.to_arrays(), meta_json=np.asarray(json.dumps(self.meta.to_dict())))
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return save_npz_atomic(path, payload)
 
     @classmethod
     def load(cls, path: str | Path) -> "SyntheticSet":
         """Read a set saved by :meth:`save`; object (pickled) arrays are refused."""
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in f.files}
-        except ValueError as err:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
-            raise ValueError(f"{path}: refused ({err})") from err
+        arrays = load_npz_safely(path)
         if "meta_json" not in arrays:
             raise ValueError(f"{path}: no meta_json entry")
         meta = SetMetadata.from_dict(json.loads(str(arrays.pop("meta_json"))))
