@@ -6,6 +6,7 @@ they can be tested and reused (benchmarks, attacks) without a federation.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, fields, replace
@@ -16,9 +17,11 @@ import numpy as np
 import torch
 
 from distill.data import Dataset, LabeledImages, load_dataset, load_npz
+from distill.factors import BASE_KEY, Factors
 from distill.methods import distill, make_config
+from distill.parameterize import RHO_COMPOSES, check_options
 from distill.partition import PARTITIONERS, partition
-from distill.synthetic import SyntheticSet
+from distill.synthetic import SetMetadata, SyntheticSet, concat_sets
 
 ALGORITHMS = ("fedistill", "fedavg")
 # ``dp`` values: no DP, or the name of a DP method that ``import privacy`` registers. Kept as
@@ -67,8 +70,15 @@ class DistillTask:
     accountant: str = "rdp"
     privacy_budget: float = 0.0
     rho: float = 0.0
+    # What clients store and upload (docs/distill.md "Parameterisations"): "pixels", or a
+    # factorised set ("idc", "haba", "latent") whose ``ipc`` counts stored bases per class.
+    # ``param_kwargs`` is its options as a JSON object string (a dict is turned into one).
+    param: str = "pixels"
+    param_kwargs: str = "{}"
 
     def __post_init__(self) -> None:
+        if isinstance(self.param_kwargs, dict):  # programmatic callers and ``--set param-kwargs={...}``
+            object.__setattr__(self, "param_kwargs", json.dumps(self.param_kwargs, sort_keys=True))
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.partitioner not in PARTITIONERS:
@@ -79,7 +89,28 @@ class DistillTask:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.client_threads < 1 or self.local_epochs < 1:
             raise ValueError(f"client_threads and local_epochs must be >= 1: {self}")
+        self._check_param()
         self._check_privacy()
+
+    def _check_param(self) -> None:
+        """The parameterisation and its options must be known and compose with the rest."""
+        options = self.param_options  # raises on bad JSON
+        check_options(self.param, options)
+        if self.rho > 0 and self.param not in RHO_COMPOSES:
+            raise ValueError(f"rho > 0 does not compose with param {self.param!r}; use one of {RHO_COMPOSES}")
+        if self.param != "pixels" and self.dp != "none":
+            raise ValueError(f"param={self.param!r} under dp={self.dp!r} is not built: DP clients upload pixels")
+
+    @property
+    def param_options(self) -> dict[str, Any]:
+        """``param_kwargs`` parsed: the parameterisation's options (``ValueError`` if not a JSON object)."""
+        try:
+            options = json.loads(self.param_kwargs or "{}")
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"param-kwargs must be a JSON object string, got {self.param_kwargs!r}") from err
+        if not isinstance(options, dict):
+            raise ValueError(f"param-kwargs must be a JSON object, got {self.param_kwargs!r}")
+        return options
 
     def _check_privacy(self) -> None:
         """Refuse privacy settings that cannot run, before any message goes out."""
@@ -197,7 +228,11 @@ def distill_partition(real: LabeledImages, task: DistillTask, seed: int,
     """Distill ``real`` under the task's class budget; returns the set and its report.
 
     Classes with the same budget are distilled together (the core gives each class
-    ``min(ipc, n_c)`` images, so a smaller budget means a separate call with that ipc).
+    ``min(ipc, n_c)`` images, so a smaller budget means a separate call with that ipc), and the
+    parts joined with :func:`distill.synthetic.concat_sets`, which keeps IDC factors. A
+    parameterisation with shared learned networks (haba, latent) is one set with one set of
+    networks, so it is distilled in one call at the largest budget and each class then keeps
+    its first ``budget[c]`` stored bases (:func:`keep_bases`).
     """
     if task.dp != "none":  # budgets come from exact counts: under DP see client.private
         raise ValueError(f"distill_partition is not private; dp={task.dp!r} goes through client.private")
@@ -208,25 +243,49 @@ def distill_partition(real: LabeledImages, task: DistillTask, seed: int,
     capped = [int(c) for c in np.flatnonzero((budget > 0) & (budget < task.ipc))]
     if not budget.any():
         raise ValueError(f"no class has >= {task.min_class_samples} samples (histogram {hist.tolist()})")
+    shared_nets = task.param in ("haba", "latent")
+    groups = [int(budget.max())] if shared_nets else sorted(set(budget[budget > 0].tolist()), reverse=True)
     parts: list[SyntheticSet] = []
-    for k in sorted(set(budget[budget > 0].tolist()), reverse=True):
-        classes = np.flatnonzero(budget == k)
+    for k in groups:
+        classes = np.flatnonzero(budget == k if not shared_nets else budget > 0)
         group = real.subset(np.flatnonzero(np.isin(real.labels.numpy(), classes)))
         settings: dict[str, Any] = dict(ipc=int(k), iterations=task.iterations, init=task.init, seed=seed,
                                         arch="convnet", arch_kwargs=task.arch_kwargs,
                                         embedder_state=embedder_state, embedder_noise=task.embedder_noise,
-                                        rho=task.rho)
+                                        rho=task.rho, param=task.param, param_kwargs=task.param_options)
         if task.method == "dm":
             settings.update(lr_img=task.lr_img, batch_real=task.batch_real)
         parts.append(distill(group, make_config(task.method, **settings)))
-    images = torch.cat([p.images for p in parts])
-    labels = torch.cat([p.labels for p in parts])
     meta = parts[0].meta
     report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": capped,
               "classes-skipped": skipped}
     extra = dict(meta.extra, classes_capped=len(capped), classes_skipped=len(skipped))
-    syn = SyntheticSet(images, labels, replace(parts[0].meta, ipc=task.ipc, round=task.round, seed=seed,
-                                               extra=extra))
+    meta = replace(meta, ipc=task.ipc, round=task.round, seed=seed, extra=extra)
+    syn = keep_bases(parts[0], budget, meta) if shared_nets else concat_sets(parts, meta)
     report["seconds"] = time.perf_counter() - start
     report["bytes-uploaded"] = syn.nbytes()
     return syn, report
+
+
+def keep_bases(syn: SyntheticSet, budget: np.ndarray, meta: SetMetadata) -> SyntheticSet:
+    """``syn`` with only the first ``budget[c]`` stored bases of each class c, under ``meta``.
+
+    For a factorised set with shared networks (haba, latent): the networks are kept whole,
+    the per-class base array and the labels of the dropped bases' images are cut.
+    """
+    if syn.factors is None:
+        raise ValueError("keep_bases needs a factorised set")
+    per_base = syn.factors.per_base
+    base_class = syn.hard_labels()[::per_base].cpu().numpy()
+    seen = np.zeros(len(budget), dtype=np.int64)
+    keep = []
+    for i, c in enumerate(base_class):
+        if seen[c] < budget[c]:
+            keep.append(i)
+            seen[c] += 1
+    idx = torch.as_tensor(keep, dtype=torch.long)
+    rows = (idx[:, None] * per_base + torch.arange(per_base)).reshape(-1)
+    key = BASE_KEY[syn.factors.kind]
+    arrays = {**syn.factors.arrays, key: syn.factors.arrays[key][idx].contiguous()}
+    return SyntheticSet.from_factors(Factors(syn.factors.spec, arrays), syn.labels[rows].contiguous(), meta,
+                                     syn.lr)

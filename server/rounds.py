@@ -29,7 +29,7 @@ from distill.train import TrainConfig, accuracy_and_loss, train_network
 from .pool import SyntheticPool
 from .settings import RunSettings
 from .store import RunStore, privacy_summary
-from .validate import Expectation, Rejected, check_reply
+from .validate import Expectation, Rejected, check_reply, factor_spec_json
 
 log = logging.getLogger("fedistill.server")
 OnRound = Callable[[dict[str, Any]], None]
@@ -288,7 +288,8 @@ def expectation(settings: RunSettings, info: DatasetInfo, round_: int) -> Expect
     task = settings.task
     return Expectation(info, task.distill_method, task.ipc, round_, settings.max_abs_pixel, task.dp, task.delta,
                        task.rho, min_class_samples=task.min_class_samples,
-                       samples_per_image=task.samples_per_image)
+                       samples_per_image=task.samples_per_image,
+                       factor_spec=factor_spec_json(task.param, task.param_options, info))
 
 
 def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: LabeledImages,
