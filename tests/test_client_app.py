@@ -12,7 +12,7 @@ from tests.flower_fixtures import make_context, task_identity  # noqa: F401 - fi
 from client.app import app
 from client.local import build_network
 from client.task import DistillTask, class_budget, client_seed, load_partition
-from distill.synthetic import SetMetadata
+from distill.synthetic import SetMetadata, SyntheticSet
 
 TINY = {"iterations": 2, "ipc": 3, "batch-real": 16, "net-width": 8}
 
@@ -89,3 +89,33 @@ def test_fedavg_train_and_evaluate_round_trip_the_model(task_identity):  # noqa:
 def test_unknown_task_key_is_refused():
     with pytest.raises(ValueError, match="bogus"):
         DistillTask.from_config({"bogus": 1})
+
+
+def test_keep_bases_cuts_each_class_to_its_budget_and_keeps_the_networks():
+    import torch
+
+    from client.task import keep_bases
+    from distill.data import load_dataset
+    from distill.parameterize import make_parameterization
+
+    info = load_dataset().info
+    plan = make_parameterization(torch.randn(5, 1, 28, 28), 0.0, torch.Generator().manual_seed(0), "haba",
+                                 {"hallucinators": 2})
+    labels = torch.tensor([0, 0, 0, 1, 1]).repeat_interleave(2)  # 3 bases of class 0, 2 of class 1
+    meta = SetMetadata(info, "dm", 3)
+    syn = SyntheticSet.from_factors(plan.factors(), labels, meta)
+    budget = np.array([1, 2] + [0] * 8)
+    cut = keep_bases(syn, budget, meta)
+    assert cut.factors.num_bases == 3 and cut.labels.tolist() == [0, 0, 1, 1, 1, 1]
+    assert torch.equal(cut.factors.arrays["enc_w"], syn.factors.arrays["enc_w"])
+    assert torch.equal(cut.images, torch.cat([syn.images[:2], syn.images[6:]]))
+
+
+def test_param_run_config_keys_are_checked():
+    assert DistillTask.from_config({"param": "idc", "param-kwargs": '{"factor": 2}'}).param_options == {"factor": 2}
+    assert DistillTask(param_kwargs={"factor": 3}, param="idc").param_kwargs == '{"factor": 3}'
+    for bad in ({"param": "jpeg"}, {"param": "idc", "param-kwargs": "[2]"}, {"param": "idc", "param-kwargs": "{x"},
+                {"param": "idc", "param-kwargs": '{"hallucinators": 2}'}, {"param": "haba", "rho": 0.5},
+                {"param": "idc", "dp": "dp-dm"}):
+        with pytest.raises(ValueError):
+            DistillTask.from_config(bad)
