@@ -4,6 +4,7 @@
     python simulations/run.py --alpha 0.1 --mode iterative --rounds 3
     python simulations/run.py --algorithm fedavg --rounds 20
     python simulations/run.py --clients 100 --set fraction-evaluate=0
+    python simulations/run.py --param idc --param-kwargs '{"factor": 2}' --ipc 1
     python simulations/run.py --dp dp-dm --epsilon 8 --mode iterative --rounds 3 --privacy-budget 20
     python simulations/run.py --resume runs/20261128-004306-fedistill-iterative   # after a crash
 
@@ -34,6 +35,7 @@ from server.settings import RunSettings  # noqa: E402
 
 
 PRIVACY_FLAGS = ("dp", "epsilon", "delta", "clip", "sigma", "rho", "privacy-budget")  # same name as the key
+PARAM_FLAGS = ("param", "param-kwargs")  # same name as the key
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="dm", help="distillation method: dm, dc, dsa")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class per client")
     p.add_argument("--iterations", type=int, default=None, help="distillation iterations per client")
+    p.add_argument("--param", choices=("pixels", "idc", "haba", "latent"), default=None,
+                   help="what clients store and upload: pixels, or a factorised set (--ipc then counts stored "
+                        "bases per class; docs/distill.md 'Parameterisations')")
+    p.add_argument("--param-kwargs", default=None, metavar="JSON",
+                   help='the parameterisation\'s options as a JSON object, e.g. \'{"factor": 2}\'')
     p.add_argument("--seed", type=int, default=0, help="run seed (client seeds derive from it)")
     p.add_argument("--cpus-per-client", type=int, default=1,
                    help="Ray CPUs per virtual client; also torch threads per client")
@@ -93,7 +100,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.iterations is not None:
         out["iterations"] = args.iterations
-    for key in PRIVACY_FLAGS:
+    for key in PRIVACY_FLAGS + PARAM_FLAGS:
         if getattr(args, key.replace("-", "_")) is not None:
             out[key] = getattr(args, key.replace("-", "_"))
     if args.resume:

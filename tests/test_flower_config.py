@@ -39,3 +39,18 @@ def test_run_config_overlays_defaults_and_feeds_the_task():
 def test_bad_run_config_is_refused(config):
     with pytest.raises(ValueError):
         RunSettings.from_run_config(config)
+
+
+def test_param_keys_from_the_cli_and_run_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    from simulations.run import overrides_from_args, parse_args
+
+    flags = overrides_from_args(parse_args(["--param", "idc", "--param-kwargs", '{"factor": 2}']))
+    via_set = overrides_from_args(parse_args(["--set", "param=idc", "--set", 'param-kwargs={"factor": 2}']))
+    for overrides in (flags, via_set):
+        task = RunSettings.from_run_config({}, **overrides).task
+        assert (task.param, task.param_options) == ("idc", {"factor": 2})
+        assert DistillTask.from_config(task.to_config()) == task  # the wire form is a JSON string
+    assert "param" not in overrides_from_args(parse_args([]))
+    with pytest.raises(ValueError):
+        RunSettings.from_run_config({"param": "idc", "param-kwargs": '{"factor": 99}'})
