@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import torch
 
@@ -73,3 +74,30 @@ def test_node_selection_respects_fraction_minimum_and_seed():
 
 def test_server_evaluates_on_the_run_datasets_test_split():
     assert len(load_dataset().test) == 2000
+
+
+def test_a_three_client_idc_run_accepts_factorised_sets_and_resumes_them(tmp_path, task_identity):  # noqa: F811
+    """param=idc end to end: clients upload stored grids, the server decodes, trains, stores and reloads them."""
+    from server.resume import open_run, resume_settings
+    from server.rounds import expectation
+    from server.validate import check_stored_set
+
+    summary = run(InProcessGrid(client_app, 3), {}, runs_dir=str(tmp_path), param="idc",
+                  **{"param-kwargs": '{"factor": 2}', "fraction-evaluate": 0.0}, **TINY)
+    root = Path(summary["run"])
+    (metrics,) = read_metrics(root)
+    assert metrics["accepted"] == 3 and metrics["rejected"] == 0 and summary["status"] == "ok"
+    sets = [SyntheticSet.load(p) for p in sorted((root / "sets").iterdir())]
+    assert len(sets) == 3 and metrics["pool-images"] == sum(len(s) for s in sets)
+    for syn in sets:
+        assert syn.factors is not None and syn.factors.kind == "idc"
+        assert len(syn) == 4 * syn.factors.num_bases and syn.factors.num_bases <= 2 * 10
+    # what each node uploaded: the factors (plus labels and spec), well under its decoded images
+    assert all(b < s.images.numpy().nbytes for b, s in zip(metrics["uploaded-bytes"].values(), sets))
+    settings = resume_settings(root)
+    assert settings.task.param == "idc"
+    exp = expectation(settings, load_dataset().info, 1)
+    assert check_stored_set(root / "sets" / sorted(p.name for p in (root / "sets").iterdir())[0], exp).factors
+    _, state = open_run(settings, load_dataset().info)
+    assert len(state.pool) == 3 and all(s.factors is not None for _, s in state.pool.items())
+    assert state.pool.num_images() == metrics["pool-images"]
