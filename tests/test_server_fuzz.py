@@ -20,15 +20,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from distill.data import load_dataset
-from distill.synthetic import SetMetadata
+from distill.synthetic import FACTOR_SPEC_KEY, SetMetadata
 from server.rounds import collect, make_messages
-from server.validate import KINDS, Expectation, Rejected, check_reply
+from server.validate import KINDS, Expectation, Rejected, check_reply, factor_spec_json
 from tests.flower_fixtures import task_identity  # noqa: F401 - fixture
 
 INFO = load_dataset().info
 K, IPC = INFO.num_classes, 2
 EXP = Expectation(INFO, "dm", ipc=IPC, round=1, min_class_samples=10, samples_per_image=2)
 EXP_DP = Expectation(INFO, "dp-dm", ipc=IPC, round=1, dp="dp-dm", delta=1e-5)
+IDC_SPEC = factor_spec_json("idc", {"factor": 2}, INFO)
+EXP_IDC = Expectation(INFO, "dm", ipc=IPC, round=1, min_class_samples=10, samples_per_image=2, factor_spec=IDC_SPEC)
 HIST = [40] * K  # every class budgets IPC images: nothing capped or skipped
 DP_PRIVACY = {"epsilon": 3.0, "delta": 1e-5, "sigma": 1.0, "sample_rate": 0.04, "steps": 2, "rho": 0.0,
               "accountant": "rdp"}
@@ -63,6 +65,23 @@ def good_content(seed: int = 0, soft: bool = False, dp: bool = False, client: st
                         "classes-skipped": 0})
     return {"synthetic": {k: Array(v) for k, v in arrays.items()},
             "meta": {"set-meta": json.dumps(meta.to_dict())}, "metrics": metrics}
+
+
+def good_idc_arrays(seed: int = 0, soft: bool = False) -> dict[str, np.ndarray]:
+    """An IDC factor-2 upload: IPC stored grids per class, 4 labels per grid."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(K), IPC * 4).astype(np.int64)
+    base = rng.standard_normal((K * IPC, *INFO.image_shape)).astype(np.float32)
+    return {"labels": np.eye(K, dtype=np.float32)[labels] if soft else labels,
+            FACTOR_SPEC_KEY: _spec_array(IDC_SPEC), "factor_base": base}
+
+
+def _spec_array(text: str | bytes) -> np.ndarray:
+    return np.frombuffer(text.encode() if isinstance(text, str) else text, np.uint8).copy()
+
+
+def good_idc_content(seed: int = 0, soft: bool = False) -> Content:
+    return with_arrays(good_content(seed), good_idc_arrays(seed, soft))
 
 
 def to_record_dict(content: Content) -> RecordDict:
@@ -326,6 +345,103 @@ def reply_mutation(draw) -> tuple[Mutation, set[str]]:
     return (lambda c: {**c, "declined": ConfigRecord(junk)}), {"malformed"}
 
 
+IDC = json.loads(IDC_SPEC)
+
+
+@st.composite
+def factor_mutation(draw) -> tuple[Mutation, set[str]]:
+    """A factorised upload (the run's param is idc) with a bad, foreign or oversized spec or factor."""
+    case = draw(st.sampled_from(["spec-bytes", "spec-json", "spec-values", "spec-other", "spec-dtype", "spec-long",
+                                 "base-dtype", "base-shape", "nan", "magnitude", "mixed-labels", "too-many",
+                                 "oversized", "missing", "extra", "images", "shared-dtype"]))
+    a = good_idc_arrays(draw(st.integers(0, 3)))
+    base = a["factor_base"]
+
+    def put(**changes) -> Mutation:
+        arrays = {k: v for k, v in {**a, **changes}.items() if v is not None}
+        return lambda c: with_arrays(c, arrays)
+
+    if case == "spec-bytes":  # not UTF-8, or not JSON at all
+        junk = draw(st.binary(max_size=60).filter(lambda b: not _is_json_bytes(b)))
+        return put(**{FACTOR_SPEC_KEY: _spec_array(junk)}), {"factors"}
+    if case == "spec-json":  # JSON, but not a spec object
+        value = draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.none(), st.text(max_size=5),
+                               st.dictionaries(key_name, junk_scalar, max_size=3)))
+        return put(**{FACTOR_SPEC_KEY: _spec_array(json.dumps(value))}), {"factors"}
+    if case == "spec-values":  # the run's kind, a key wrong, missing, extra or out of range
+        key = draw(st.sampled_from(["factor", "height", "width", "extra"]))
+        value = draw(st.one_of(st.integers(-10, 2000), st.floats(allow_nan=True), st.text(max_size=3),
+                               st.booleans(), st.none()))
+        spec = {**IDC, key: value}
+        assume(spec != IDC)
+        if draw(st.booleans()) and key != "extra":
+            spec.pop(key)
+        return put(**{FACTOR_SPEC_KEY: _spec_array(json.dumps(spec))}), {"factors"}
+    if case == "spec-other":  # a valid spec, not the run's: another factor or kind
+        spec = draw(st.sampled_from([{**IDC, "factor": 4}, {**IDC, "factor": 1}, {"kind": "haba", "hallucinators": 4,
+                                     "hidden": 8}, {"kind": "latent", "factor": 2, "decoders": 4, "code_channels": 4,
+                                                    "hidden": 16, "height": 28, "width": 28}]))
+        return put(**{FACTOR_SPEC_KEY: _spec_array(json.dumps(spec))}), {"factors"}
+    if case == "spec-dtype":
+        spec = a[FACTOR_SPEC_KEY]
+        bad = draw(st.sampled_from([spec.astype(np.int64), spec.astype(np.float32), spec.reshape(1, -1),
+                                    spec.astype(np.int8)]))
+        return put(**{FACTOR_SPEC_KEY: bad}), {"dtype", "factors"}
+    if case == "spec-long":
+        return put(**{FACTOR_SPEC_KEY: _spec_array(json.dumps({**IDC, "pad": "x" * 5000}))}), \
+            {"factors", "oversized"}
+    if case == "base-dtype":
+        dt = draw(st.sampled_from([np.float64, np.float16, np.int64, np.uint8, ">f4"]))
+        return put(factor_base=base.astype(dt)), {"dtype", "oversized"}
+    if case == "base-shape":
+        shape = draw(st.lists(st.integers(0, 40), min_size=0, max_size=5).filter(
+            lambda s: len(s) != 4 or tuple(s[1:]) != INFO.image_shape))
+        return put(factor_base=np.zeros(shape, np.float32)), {"factors", "too-many", "oversized", "shape"}
+    if case == "nan":
+        bad = base.copy()
+        bad.reshape(-1)[draw(st.integers(0, base.size - 1))] = draw(non_finite)
+        return put(factor_base=bad), {"non-finite"}
+    if case == "magnitude":
+        bad = base.copy()
+        bad.reshape(-1)[draw(st.integers(0, base.size - 1))] = draw(st.floats(200, 3e38))
+        return put(factor_base=bad), {"magnitude"}
+    if case == "mixed-labels":  # a decoded image labelled apart from its stored base
+        labels = a["labels"].copy()
+        i = draw(st.integers(0, len(labels) - 1))
+        labels[i] = (labels[i] + draw(st.integers(1, K - 1))) % K
+        return put(labels=labels), {"label-range"}
+    if case == "too-many":  # one more stored grid for some class, labels to match
+        cls = draw(st.integers(0, K - 1))
+        return put(factor_base=np.concatenate([base, base[:1]]),
+                   labels=np.concatenate([a["labels"], np.full(4, cls, np.int64)])), {"too-many"}
+    if case == "oversized":
+        reps = draw(st.integers(3, 8))
+        return put(factor_base=np.concatenate([base] * reps), labels=np.concatenate([a["labels"]] * reps)), \
+            {"oversized"}
+    if case == "missing":
+        drop = draw(st.sampled_from(["labels", FACTOR_SPEC_KEY, "factor_base"]))
+        return put(**{drop: None}), {"keys", "factors"}
+    if case == "extra":
+        name = draw(st.one_of(key_name.map(lambda s: "factor_" + s).filter(lambda s: s != "factor_base"), key_name
+                              .filter(lambda s: s not in ("labels", "lr", FACTOR_SPEC_KEY) and
+                                      not s.startswith("factor_"))))
+        return put(**{name: np.zeros(2, np.float32)}), {"keys", "factors"}
+    if case == "images":  # plain images alongside (or instead of) the factors
+        images = np.zeros((len(a["labels"]), *INFO.image_shape), np.float32)
+        alone = draw(st.booleans())
+        return put(images=images, **({FACTOR_SPEC_KEY: None, "factor_base": None} if alone else {})), {"keys"}
+    # shared-dtype: a factor array of another kind's name with a wrong dtype
+    return put(factor_enc_w=np.zeros(3, np.float64)), {"dtype"}
+
+
+def _is_json_bytes(data: bytes) -> bool:
+    try:
+        json.loads(data.decode("utf-8"))
+        return True
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
 any_mutation = st.one_of(record_mutation(), array_mutation(), byte_mutation(), meta_mutation(),
                          metrics_mutation(), reply_mutation())
 
@@ -423,6 +539,8 @@ def _assert_rejected(content: Content | Error, exp: Expectation, kinds: set[str]
 def test_the_fuzzers_base_replies_are_accepted(task_identity):  # noqa: F811
     for soft in (False, True):
         assert len(check_reply(reply_for(instruction(7), good_content(soft=soft)), EXP)) == IPC * K
+        syn = check_reply(reply_for(instruction(7), good_idc_content(soft=soft)), EXP_IDC)
+        assert len(syn) == 4 * IPC * K and syn.factors.num_bases == IPC * K
     assert len(check_reply(reply_for(instruction(7), good_content(dp=True)), EXP_DP)) == IPC * K
 
 
@@ -431,6 +549,21 @@ def test_the_fuzzers_base_replies_are_accepted(task_identity):  # noqa: F811
 def test_every_malformed_reply_is_rejected_with_its_kind(mutation, seed, task_identity):  # noqa: F811
     mutate, kinds = mutation
     _assert_rejected(mutate(good_content(seed)), EXP, kinds)
+
+
+@FUZZ
+@given(mutation=factor_mutation(), soft=st.booleans())
+def test_every_bad_factorised_reply_is_rejected_with_its_kind(mutation, soft, task_identity):  # noqa: F811
+    mutate, kinds = mutation
+    _assert_rejected(mutate(good_idc_content(soft=soft)), EXP_IDC, kinds)
+
+
+@FUZZ
+@given(mutation=any_mutation, seed=st.integers(0, 3))
+def test_a_factorised_run_refuses_every_generic_mutation_too(mutation, seed, task_identity):  # noqa: F811
+    """The generic mutations applied to an idc run's reply: plain arrays are the wrong form there."""
+    mutate, kinds = mutation
+    _assert_rejected(mutate(good_idc_content(seed)), EXP_IDC, kinds | {"keys"})
 
 
 @FUZZ
