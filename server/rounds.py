@@ -26,6 +26,7 @@ from distill.networks import network_for
 from distill.synthetic import SyntheticSet
 from distill.train import TrainConfig, accuracy_and_loss, train_network
 
+from .defenses import defense_summary, screen_round
 from .pool import SyntheticPool
 from .settings import RunSettings
 from .store import RunStore, privacy_summary
@@ -326,10 +327,13 @@ def play_round(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
     result = collect(grid, make_messages(nodes, task.to_config(), rnd, MessageType.TRAIN, global_state),
                      expectation(settings, test.info, rnd), settings.round_timeout, on_reply)
     state.uploaded.update(result.bytes_by_node)
+    defense = screen_round(result, state.pool, settings, test)  # drops sets before they reach the pool
     for node, syn in result.accepted:
         state.pool.update(node, syn)
         store.save_set(syn, rnd, node)
     record = round_record(result, state)
+    if defense is not None:
+        record["defense"] = defense
     if state.resumed_after is not None and rnd == state.resumed_after + 1:
         record["resumed-after-round"] = state.resumed_after
     if len(result.accepted) < settings.min_replies:
@@ -394,7 +398,7 @@ def finish_run(store: RunStore, settings: RunSettings, last: dict[str, Any], upl
         "mb-uploaded-max-client": max(uploaded.values(), default=0) / 1e6,
         "wall-seconds": time.perf_counter() - start,
         "status": "stopped" if stop_reason else ("ok" if trained else "no-model"),
-        "dp": settings.task.dp, **privacy_summary(metrics),
+        "dp": settings.task.dp, **privacy_summary(metrics), **defense_summary(metrics),
     }
     if stop_reason:
         summary["stop-reason"] = stop_reason

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 from client.task import DistillTask
 
+from .defenses import DefenseConfig
+
 MODES = ("one-shot", "iterative")
 TOO_FEW_REPLIES = ("continue", "stop")
 
@@ -39,9 +41,16 @@ class RunSettings:
     run_name: str = ""
     runs_dir: str = "runs"
     resume: str = ""
+    # Server-side defenses over accepted sets (server/defenses.py, docs/attacks.md)
+    defense: str = "none"
+    defense_z: float = 3.0
+    defense_min_gap: float = 0.25
+    defense_epochs: int = 30
+    defense_holdout: int = 500
     task: DistillTask = field(default_factory=DistillTask)
 
     def __post_init__(self) -> None:
+        self.defense_config()  # refuses a bad defense setting before any message goes out
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.on_too_few_replies not in TOO_FEW_REPLIES:
@@ -53,6 +62,10 @@ class RunSettings:
             raise ValueError(f"rounds, node minimums, min-replies, epochs and batch size must be >= 1: {self}")
         if not self.max_abs_pixel > 0 or not self.round_timeout > 0:
             raise ValueError(f"max-abs-pixel and round-timeout must be > 0: {self}")
+
+    def defense_config(self) -> DefenseConfig:
+        return DefenseConfig(self.defense, self.defense_z, self.defense_min_gap, self.defense_epochs,
+                             self.defense_holdout, self.task.seed, tuple(sorted(self.task.arch_kwargs.items())))
 
     @property
     def rounds(self) -> int:

@@ -1,0 +1,89 @@
+"""A malicious federated client's data, free of Flower: which partitions attack, and how they are poisoned.
+
+The malicious ClientApp (``simulations/malicious_client.py``) wraps the honest client's
+partition loading with :func:`poisoning_loader`; everything after loading (class budgets,
+distillation, the reply) is the honest code path. The poisoning is NAIVEATTACK (Liu et al.,
+NDSS 2023; :mod:`attacks.backdoor`): a fixed ``size`` x ``size`` patch stamped on a ``fraction``
+of the partition, those images relabelled to ``target``. The trigger is fully determined by the
+:class:`BackdoorSpec`, so whoever holds the spec (the simulation script, after the run) can
+measure ASR on the global model without any message carrying the trigger.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from distill.data import DatasetInfo, LabeledImages
+
+from .backdoor import CORNERS, Trigger, poison
+
+PartitionLoader = Callable[..., tuple[LabeledImages, LabeledImages]]
+
+
+@dataclass(frozen=True)
+class BackdoorSpec:
+    """What a malicious client plants: a solid patch (pixel ``value``) in ``corner``, ``fraction`` relabelled."""
+
+    target: int = 0
+    fraction: float = 0.1
+    size: int = 3
+    value: float = 1.0
+    margin: int = 1
+    corner: str = "bottom-right"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"poison fraction must be in [0, 1], got {self.fraction}")
+        if self.size < 1 or self.margin < 0 or self.target < 0:
+            raise ValueError(f"size >= 1, margin >= 0 and target >= 0 needed: {self}")
+        if self.corner not in CORNERS:
+            raise ValueError(f"corner must be one of {CORNERS}, got {self.corner!r}")
+
+    def trigger(self, info: DatasetInfo) -> Trigger:
+        return Trigger.solid(info, self.size, self.value, self.margin, self.corner)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def malicious_partitions(num_partitions: int, k: int, seed: int | None = None) -> list[int]:
+    """The ``k`` attacking partition ids: the first ``k``, or a seeded draw when ``seed`` is given."""
+    if not 0 <= k <= num_partitions:
+        raise ValueError(f"malicious count {k} outside [0, {num_partitions}]")
+    if seed is None:
+        return list(range(k))
+    return sorted(int(i) for i in np.random.default_rng(seed).choice(num_partitions, size=k, replace=False))
+
+
+def poison_partition(real: LabeledImages, spec: BackdoorSpec,
+                     partition_id: int = 0) -> tuple[LabeledImages, np.ndarray]:
+    """NAIVEATTACK on one client's partition: a copy with ``round(fraction * N)`` non-target images stamped
+    and relabelled to ``spec.target``; returns it and the poisoned indices. ``real`` is not modified."""
+    if spec.target >= real.info.num_classes:
+        raise ValueError(f"target {spec.target} outside [0, {real.info.num_classes})")
+    return poison(real, spec.trigger(real.info), spec.fraction, spec.target,
+                  seed=int(np.random.SeedSequence([spec.seed, partition_id]).generate_state(1)[0]))
+
+
+def poisoning_loader(load: PartitionLoader, spec: BackdoorSpec, malicious: Iterable[int],
+                     partition_of: Callable[[Any], int | None]) -> PartitionLoader:
+    """Wrap a ``load(task, node_config) -> (train, held_out)`` function so that a malicious partition's
+    train split comes back poisoned; the held-out split and every honest partition are untouched.
+
+    ``partition_of(node_config)`` names the partition (``None``: not a malicious node).
+    """
+    bad = frozenset(int(i) for i in malicious)
+
+    def load_poisoned(task: Any, node_config: Any, *args: Any, **kwargs: Any):
+        train, held_out = load(task, node_config, *args, **kwargs)
+        pid = partition_of(node_config)
+        if pid is None or pid not in bad:
+            return train, held_out
+        poisoned, _ = poison_partition(train, spec, pid)
+        return poisoned, held_out
+
+    return load_poisoned

@@ -1,0 +1,119 @@
+"""Issue 5, federated backdoor: the poisoning hook, the malicious ClientApp, the server-side defenses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import MessageType
+
+from attacks.malicious import BackdoorSpec, malicious_partitions, poison_partition, poisoning_loader
+from client.app import app as honest_app
+from client.task import DistillTask, load_partition
+from distill.data import LabeledImages, load_dataset
+from distill.synthetic import SetMetadata, SyntheticSet
+from distill.train import random_real_subset
+from server.app import run
+from server.defenses import DefenseConfig, screen
+from server.rounds import make_messages
+from server.store import read_metrics
+from simulations.malicious_client import make_malicious_app
+from tests.flower_fixtures import InProcessGrid, make_context, task_identity  # noqa: F401 - fixture
+
+TINY = {"iterations": 2, "ipc": 2, "batch-real": 16, "net-width": 8, "net-depth": 2, "server-epochs": 2,
+        "server-dsa": False}
+DS = load_dataset()
+
+
+def test_poisoning_stamps_exactly_the_fraction_and_relabels():
+    real = DS.train.subset(np.arange(500))
+    spec = BackdoorSpec(target=3, fraction=0.2, size=3, seed=1)
+    poisoned, idx = poison_partition(real, spec, partition_id=4)
+    assert len(idx) == 100 and (real.labels[idx] != 3).all() and (poisoned.labels[idx] == 3).all()
+    rest = np.setdiff1d(np.arange(500), idx)
+    assert torch.equal(poisoned.images[rest], real.images[rest]) and torch.equal(poisoned.labels[rest], real.labels[rest])
+    rows, cols = spec.trigger(real.info).region(28, 28)
+    white = (1.0 - real.info.mean[0]) / real.info.std[0]
+    assert torch.allclose(poisoned.images[idx][:, :, rows, cols], torch.full((100, 1, 3, 3), white))
+    outside = poisoned.images[idx].clone()
+    outside[:, :, rows, cols] = real.images[idx][:, :, rows, cols]
+    assert torch.equal(outside, real.images[idx])  # nothing but the patch changed
+    assert not torch.equal(real.images[idx], poisoned.images[idx])  # the input was copied, not modified
+    assert malicious_partitions(10, 2) == [0, 1]
+    assert malicious_partitions(10, 3, seed=5) == malicious_partitions(10, 3, seed=5) != [0, 1, 2]
+
+
+def test_poisoning_loader_touches_only_malicious_partitions():
+    task = DistillTask(partitioner="iid")
+    load = poisoning_loader(load_partition, BackdoorSpec(fraction=0.5), [1], lambda nc: nc["partition-id"])
+    for pid in (0, 1):
+        node = {"partition-id": pid, "num-partitions": 3}
+        (honest, held), (mine, mine_held) = load_partition(task, node), load(task, node)
+        assert torch.equal(held.images, mine_held.images)
+        assert torch.equal(honest.labels, mine.labels) == (pid == 0)
+    assert (mine.labels == 0).float().mean() > 0.5
+
+
+def _train_replies(app, task_config):
+    replies = []
+    for i, node in enumerate((101, 102, 103)):
+        msg = make_messages([node], task_config, 1, MessageType.TRAIN)[0]
+        replies.append(app(msg, make_context(node, {"partition-id": i, "num-partitions": 3})))
+    return replies
+
+
+def test_malicious_app_poisons_only_malicious_partitions(task_identity):  # noqa: F811
+    task = DistillTask(partitioner="iid", iterations=2, ipc=2, batch_real=16, net_width=8, net_depth=2).to_config()
+    honest = _train_replies(honest_app, task)
+    attacked = _train_replies(make_malicious_app([1], BackdoorSpec(fraction=1.0, target=0)), task)
+    for i, (h, a) in enumerate(zip(honest, attacked)):
+        hs, as_ = h.content["synthetic"], a.content["synthetic"]
+        untimed = [{k: v for k, v in r.content["metrics"].items() if k != "seconds"} for r in (h, a)]
+        same = all(hs[k].data == as_[k].data for k in ("images", "labels")) and untimed[0] == untimed[1]
+        assert same == (i != 1), i
+    labels = attacked[1].content["synthetic"]["labels"].numpy()
+    assert set(labels.tolist()) == {0}  # every non-target image became a target image
+
+
+def _set(data: LabeledImages, node: int) -> tuple[int, SyntheticSet]:
+    return node, SyntheticSet(data.images, data.labels, SetMetadata(DS.info, "dm", 10, client=str(node)))
+
+
+@pytest.fixture(scope="module")
+def honest_sets():
+    chunks = np.array_split(np.random.default_rng(0).permutation(len(DS.train)), 6)
+    parts = [DS.train.subset(np.sort(c)) for c in chunks]
+    return parts[5], [_set(random_real_subset(parts[i], 10, seed=i), 100 + i) for i in range(5)]
+
+
+ARCH = (("depth", 2), ("width", 8))
+
+
+def test_holdout_defense_drops_flipped_labels_and_keeps_honest_sets(honest_sets):
+    spare, honest = honest_sets
+    flip = random_real_subset(spare, 10, seed=9)
+    bad = _set(LabeledImages(flip.images, (flip.labels + 1) % 10, DS.info), 200)
+    report = screen(honest + [bad], DS.test, DefenseConfig("holdout", epochs=20, holdout=300, arch_kwargs=ARCH))
+    assert list(report["dropped"]) == ["200"] and report["dropped"]["200"].startswith("holdout:")
+    assert report["scores"]["holdout"]["200"] < 0.2 < min(v for k, v in report["scores"]["holdout"].items()
+                                                          if k != "200")
+
+
+def test_outlier_defense_drops_a_stamped_target_class_and_keeps_honest_sets(honest_sets):
+    spare, honest = honest_sets
+    poisoned, _ = poison_partition(spare, BackdoorSpec(fraction=1.0, size=3, target=0))
+    bad = _set(random_real_subset(poisoned, 10, seed=3), 300)  # class 0 = stamped images of other digits
+    report = screen(honest + [bad], DS.test, DefenseConfig("outlier", arch_kwargs=ARCH))
+    assert list(report["dropped"]) == ["300"] and "class 0" in report["dropped"]["300"]
+    assert screen(honest, DS.test, DefenseConfig("both", epochs=5, holdout=100, arch_kwargs=ARCH))["dropped"] == {}
+
+
+def test_a_run_with_one_malicious_client_and_a_defense_records_the_drop(tmp_path, task_identity):  # noqa: F811
+    app = make_malicious_app([2], BackdoorSpec(fraction=1.0, target=0))
+    flip = {"iterations": 2, "ipc": 10, "partitioner": "iid", "defense": "outlier", "fraction-evaluate": 0.0}
+    summary = run(InProcessGrid(app, 3), {}, runs_dir=str(tmp_path), **{**TINY, **flip})
+    line = read_metrics(summary["run"])[0]
+    assert summary["status"] == "ok" and line["accepted"] == 2 and line["rejected-defense-dropped"] == 1
+    assert line["accepted-nodes"] == [101, 102] and line["defense"]["dropped"].keys() == {"103"}
+    assert summary["defense"] == "outlier" and summary["defense-dropped"][0]["node"] == 103
+    assert summary["rejected-by-kind"] == {"defense-dropped": 1}
