@@ -346,6 +346,8 @@ def reply_mutation(draw) -> tuple[Mutation, set[str]]:
 
 
 IDC = json.loads(IDC_SPEC)
+json_scalar = st.one_of(st.integers(-2**62, 2**62), st.floats(allow_nan=True), st.text(max_size=20), st.booleans(),
+                        st.none())
 
 
 @st.composite
@@ -366,7 +368,7 @@ def factor_mutation(draw) -> tuple[Mutation, set[str]]:
         return put(**{FACTOR_SPEC_KEY: _spec_array(junk)}), {"factors"}
     if case == "spec-json":  # JSON, but not a spec object
         value = draw(st.one_of(st.lists(st.integers(), max_size=3), st.integers(), st.none(), st.text(max_size=5),
-                               st.dictionaries(key_name, junk_scalar, max_size=3)))
+                               st.dictionaries(key_name, json_scalar, max_size=3)))
         return put(**{FACTOR_SPEC_KEY: _spec_array(json.dumps(value))}), {"factors"}
     if case == "spec-values":  # the run's kind, a key wrong, missing, extra or out of range
         key = draw(st.sampled_from(["factor", "height", "width", "extra"]))
