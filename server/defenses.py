@@ -205,6 +205,7 @@ def screen_round(result: Any, pool: Any, settings: Any, test: LabeledImages) -> 
     judged = {node for node, _ in result.accepted}
     references = [(node, syn) for node, syn in pool.items() if node not in judged]
     report = screen(result.accepted, test, config, references)
+    report["clients"] = {str(node): syn.meta.client for node, syn in result.accepted}  # the set's own claim
     for node, reason in report["dropped"].items():
         result.reject(int(node), Rejected("defense-dropped", reason))
     result.accepted = [(n, s) for n, s in result.accepted if str(n) not in report["dropped"]]
@@ -218,5 +219,6 @@ def defense_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
     if not reports:
         return {}
     return {"defense": reports[-1][1].get("mode"),
-            "defense-dropped": [{"round": rnd, "node": int(node), "reason": reason}
+            "defense-dropped": [{"round": rnd, "node": int(node), "client": rep.get("clients", {}).get(node, ""),
+                                 "reason": reason}
                                 for rnd, rep in reports for node, reason in rep.get("dropped", {}).items()]}

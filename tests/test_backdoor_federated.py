@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -116,4 +119,19 @@ def test_a_run_with_one_malicious_client_and_a_defense_records_the_drop(tmp_path
     assert summary["status"] == "ok" and line["accepted"] == 2 and line["rejected-defense-dropped"] == 1
     assert line["accepted-nodes"] == [101, 102] and line["defense"]["dropped"].keys() == {"103"}
     assert summary["defense"] == "outlier" and summary["defense-dropped"][0]["node"] == 103
+    assert summary["defense-dropped"][0]["client"] == "2" and "class 0" in summary["defense-dropped"][0]["reason"]
     assert summary["rejected-by-kind"] == {"defense-dropped": 1}
+
+
+def test_backdoor_measure_writes_asr_and_cta_into_the_summary(tmp_path, task_identity):  # noqa: F811
+    from simulations.run_backdoor import backdoor_args, measure
+
+    spec = BackdoorSpec(fraction=0.5, target=0)
+    summary = run(InProcessGrid(make_malicious_app([0], spec), 2), {}, runs_dir=str(tmp_path),
+                  **{**TINY, "partitioner": "iid", "fraction-evaluate": 0.0})
+    out = measure(summary, spec, [0])
+    stored = json.loads((Path(summary["run"]) / "summary.json").read_text())
+    assert stored["backdoor"] == out["backdoor"] and 0 <= out["backdoor"]["asr"] <= 1
+    assert 0 <= out["backdoor"]["cta"] <= 1 and out["backdoor"]["malicious-partitions"] == [0]
+    bd, rest = backdoor_args(["--malicious", "2", "--poison-fraction", "0.3", "--clients", "5"])
+    assert (bd.malicious, bd.poison_fraction, rest) == (2, 0.3, ["--clients", "5"])
