@@ -20,7 +20,9 @@ from flwr.clientapp import ClientApp
 import client.app as honest
 from attacks.malicious import BackdoorSpec, poisoning_loader
 
-_SWAP = threading.Lock()  # the loader swap is process-wide: one malicious train call at a time
+# The loader swap is process-wide: one malicious train call at a time. Module-level (never in a
+# closure), so Ray pickles the app's train function without it.
+_SWAP = threading.Lock()
 
 
 def _partition_of(node_config: Any) -> int | None:
@@ -30,6 +32,19 @@ def _partition_of(node_config: Any) -> int | None:
         return None
 
 
+def malicious_train(msg: Message, context: Context, malicious: frozenset[int], spec: BackdoorSpec) -> Message:
+    """The honest ``train``, run with a poisoning partition loader when this node is malicious."""
+    if _partition_of(context.node_config) not in malicious:
+        return honest.train(msg, context)
+    with _SWAP:
+        original = honest.load_partition
+        honest.load_partition = poisoning_loader(original, spec, malicious, _partition_of)
+        try:
+            return honest.train(msg, context)
+        finally:
+            honest.load_partition = original
+
+
 def make_malicious_app(malicious: Iterable[int], spec: BackdoorSpec) -> ClientApp:
     """A ClientApp whose nodes with a ``partition-id`` in ``malicious`` poison their data (``spec``)."""
     bad = frozenset(int(i) for i in malicious)
@@ -37,15 +52,7 @@ def make_malicious_app(malicious: Iterable[int], spec: BackdoorSpec) -> ClientAp
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        if _partition_of(context.node_config) not in bad:
-            return honest.train(msg, context)
-        with _SWAP:
-            original = honest.load_partition
-            honest.load_partition = poisoning_loader(original, spec, bad, _partition_of)
-            try:
-                return honest.train(msg, context)
-            finally:
-                honest.load_partition = original
+        return malicious_train(msg, context, bad, spec)
 
     app.evaluate()(honest.evaluate)
     return app
