@@ -87,3 +87,62 @@ def poisoning_loader(load: PartitionLoader, spec: BackdoorSpec, malicious: Itera
         return poisoned, held_out
 
     return load_poisoned
+
+
+ATTACKS = ("naive", "doorping")
+
+
+def doorping_partition(real: LabeledImages, task: Any, seed: int, embedder_state: dict | None = None, *,
+                       spec: BackdoorSpec, partition_id: int = 0,
+                       on_trigger: Callable[[Trigger], None] | None = None,
+                       **doorping: Any) -> tuple[Any, dict[str, Any]]:
+    """DOORPING in place of ``client.task.distill_partition`` (same arguments and return).
+
+    The partition is cut to the classes the honest client would distil (``class_budget``) plus the
+    target, poisoned with a random trigger that co-evolves during distillation
+    (:func:`attacks.doorping.doorping_distill`), distilled in one call at ``task.ipc`` (classes the
+    honest path would cap get up to ``ipc`` images: the server cannot tell). ``on_trigger`` receives
+    the final trigger (the attacker keeps it to trigger the global model). Pixel sets only.
+    """
+    import time
+    from dataclasses import replace
+
+    from client.task import class_budget
+    from distill.methods import make_config
+
+    from .doorping import SUPPORTED, DoorpingConfig, doorping_distill
+
+    if task.method not in SUPPORTED or getattr(task, "param", "pixels") != "pixels":
+        raise ValueError(f"DOORPING needs method in {SUPPORTED} and param 'pixels', got {task.method!r}")
+    start = time.perf_counter()
+    hist = real.class_histogram()
+    budget = class_budget(hist, task.ipc, task.min_class_samples, task.samples_per_image)
+    keep = np.flatnonzero(budget > 0).tolist() + [spec.target]
+    data = real.subset(np.flatnonzero(np.isin(real.labels.numpy(), keep)))
+    settings: dict[str, Any] = dict(ipc=task.ipc, iterations=task.iterations, init=task.init, seed=seed,
+                                    arch="convnet", arch_kwargs=task.arch_kwargs, embedder_state=embedder_state,
+                                    embedder_noise=task.embedder_noise, rho=task.rho)
+    if task.method == "dm":
+        settings.update(lr_img=task.lr_img, batch_real=task.batch_real)
+    config = DoorpingConfig(**{"target": spec.target, "fraction": max(spec.fraction, 1e-6), "size": spec.size,
+                               "margin": spec.margin, "seed": spec.seed + partition_id,
+                               "update_every": max(1, task.iterations // 10), **doorping})
+    syn, trigger, _ = doorping_distill(data, make_config(task.method, **settings), config)
+    syn = replace(syn, images=syn.images.detach().cpu(), labels=syn.labels.cpu(),
+                  meta=replace(syn.meta, ipc=task.ipc, round=task.round, seed=seed))
+    if on_trigger is not None:
+        on_trigger(Trigger(trigger.pattern.detach().cpu(), trigger.margin, trigger.corner))
+    report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": [], "classes-skipped": [],
+              "seconds": time.perf_counter() - start, "bytes-uploaded": syn.nbytes()}
+    return syn, report
+
+
+def save_trigger(trigger: Trigger, path: str) -> None:
+    """A learned trigger as a plain ``.npy`` (read back with :func:`load_trigger`, no pickles)."""
+    np.save(path, trigger.pattern.numpy().astype(np.float32), allow_pickle=False)
+
+
+def load_trigger(path: str, spec: BackdoorSpec) -> Trigger:
+    import torch
+
+    return Trigger(torch.from_numpy(np.load(path, allow_pickle=False)), spec.margin, spec.corner)

@@ -11,11 +11,10 @@ backdoors through DM with ASR/CTA beside the clean floor. Writes ``bench_attacks
 
     python simulations/bench_attacks.py --federated --quick   # federated part only (Ray; see below)
 
-Federated part (``--federated``): 10 virtual clients, one malicious (naive backdoor through the
-malicious ClientApp of simulations/malicious_client.py), the server's defenses none / holdout /
-outlier / both, plus a clean federation as the false-trigger floor: ASR, CTA and the dropped
-clients of each; written to ``federated.json`` under ``--out``. DOORPING is not wired into the
-federated client yet (it needs the client's distillation callback).
+Federated part (``--federated``): 10 virtual clients, one malicious (naive and DOORPING backdoors
+through the malicious ClientApp of simulations/malicious_client.py), the server's defenses none /
+holdout / outlier / both, plus a clean federation as the false-trigger floor: ASR, CTA and the
+dropped partitions of each; written to ``federated.json`` under ``--out`` (9 Ray runs).
 """
 
 from __future__ import annotations
@@ -72,13 +71,15 @@ def federated(out: Path, quick: bool) -> list[dict]:
     cfg = FEDERATED_QUICK if quick else FEDERATED
     spec = BackdoorSpec(target=cfg["target"], fraction=cfg["fraction"], size=cfg["size"])
     rows = []
-    for name, k, defense in [("clean", 0, "none"), *((f"naive/{d}", cfg["malicious"], d) for d in DEFENSE_MODES)]:
+    plan = [("clean", "naive", 0, "none"),
+            *((f"{attack}/{d}", attack, cfg["malicious"], d) for attack in ("naive", "doorping") for d in DEFENSE_MODES)]
+    for name, attack, k, defense in plan:
         bad = malicious_partitions(cfg["clients"], k)
         overrides = {**cfg["run"], "defense": defense, "min-available-nodes": cfg["clients"],
                      "fraction-evaluate": 0.0, "runs-dir": str(out / "runs"), "run-name": name.replace("/", "-")}
         start = time.perf_counter()
-        summary = simulate_backdoor(overrides, cfg["clients"], bad, spec, quiet=True)
-        row = {"run": name, "defense": defense, "malicious": bad, **{k2: summary["backdoor"][k2] for k2 in ("asr", "cta")},
+        summary = simulate_backdoor(overrides, cfg["clients"], bad, spec, quiet=True, attack=attack)
+        row = {"run": name, "attack": attack if k else "none", "defense": defense, "malicious": bad, **{k2: summary["backdoor"][k2] for k2 in ("asr", "cta")},
                "dropped": [d.get("client") or d["node"] for d in summary.get("defense-dropped", [])],
                "dropped-reasons": [d["reason"] for d in summary.get("defense-dropped", [])],
                "seconds": time.perf_counter() - start, "store": summary["run"]}

@@ -135,3 +135,21 @@ def test_backdoor_measure_writes_asr_and_cta_into_the_summary(tmp_path, task_ide
     assert 0 <= out["backdoor"]["cta"] <= 1 and out["backdoor"]["malicious-partitions"] == [0]
     bd, rest = backdoor_args(["--malicious", "2", "--poison-fraction", "0.3", "--clients", "5"])
     assert (bd.malicious, bd.poison_fraction, rest) == (2, 0.3, ["--clients", "5"])
+
+
+def test_doorping_client_learns_and_saves_a_trigger_and_leaves_honest_replies_alone(tmp_path, task_identity):  # noqa: F811
+    from attacks.malicious import load_trigger
+    from simulations.malicious_client import trigger_path
+
+    spec = BackdoorSpec(fraction=0.1, target=0, size=3)
+    task = DistillTask(partitioner="iid", iterations=2, ipc=2, batch_real=16, net_width=8, net_depth=2).to_config()
+    app = make_malicious_app([0], spec, attack="doorping", trigger_dir=str(tmp_path))
+    honest = _train_replies(honest_app, task)
+    attacked = _train_replies(app, task)
+    assert attacked[0].content["synthetic"]["images"].data != honest[0].content["synthetic"]["images"].data
+    assert all(a.content["synthetic"]["images"].data == h.content["synthetic"]["images"].data
+               for a, h in zip(attacked[1:], honest[1:]))
+    trigger = load_trigger(str(trigger_path(str(tmp_path), 0)), spec)
+    assert trigger.pattern.shape == (1, 3, 3) and not torch.equal(trigger.pattern, spec.trigger(DS.info).pattern)
+    with pytest.raises(ValueError):
+        make_malicious_app([0], spec, attack="clever")
