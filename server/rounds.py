@@ -293,6 +293,22 @@ def expectation(settings: RunSettings, info: DatasetInfo, round_: int) -> Expect
                        factor_spec=factor_spec_json(task.param, task.param_options, info))
 
 
+def check_same_nodes(state: RunState, settings: RunSettings, ids: Iterable[int]) -> None:
+    """Refuse to continue a resumed run whose pooled nodes are not in this federation.
+
+    The pool, node sampling and bytes per client are keyed by node id. Flower's simulation
+    draws new node ids at every start, so continuing would pool each client twice (old id and
+    new) and sample other nodes: the resumed run would silently differ from an uninterrupted one.
+    """
+    if state.resumed_after is None or state.last_round >= settings.rounds:
+        return
+    stale = sorted({n for n, _ in state.pool.items()} - set(ids))
+    if stale:
+        raise RuntimeError(f"cannot resume after round {state.resumed_after}: nodes {stale[:5]} of the pool are "
+                           "not in this federation (a simulation draws new node ids at every start); "
+                           "resume needs the same nodes, or start the run afresh")
+
+
 def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: LabeledImages,
                   on_round: OnRound | None = None, on_reply: OnReply | None = None,
                   state: RunState | None = None) -> dict[str, Any]:
@@ -301,7 +317,8 @@ def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: Labe
     record: dict[str, Any] = store.metrics[-1] if store.metrics else {}
     start = time.perf_counter() - float(record.get("elapsed-seconds", 0.0))
     stop_reason = None
-    wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_train_nodes), settings.wait_for_nodes)
+    ids = wait_for_nodes(grid, max(settings.min_available_nodes, settings.min_train_nodes), settings.wait_for_nodes)
+    check_same_nodes(state, settings, ids)
     for rnd in range(state.last_round + 1, settings.rounds + 1):
         record = play_round(grid, settings, store, test, state, rnd, on_reply)
         record["elapsed-seconds"] = time.perf_counter() - start

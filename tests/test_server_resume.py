@@ -186,3 +186,17 @@ def test_the_simulation_cli_maps_resume_to_the_run_config_key(tmp_path, monkeypa
 
     assert overrides_from_args(parse_args(["--resume", "runs/x"]))["resume"] == "runs/x"
     assert "resume" not in overrides_from_args(parse_args([]))
+
+
+def test_a_resume_whose_pooled_nodes_are_gone_is_refused():
+    from types import SimpleNamespace
+
+    from server.rounds import RunState, check_same_nodes
+
+    state = RunState(last_round=1, resumed_after=1)
+    state.pool.update(101, object())
+    settings = SimpleNamespace(rounds=3)
+    check_same_nodes(state, settings, [101, 102])  # same nodes: fine
+    with pytest.raises(RuntimeError, match="new node ids"):
+        check_same_nodes(state, settings, [7, 8])  # a simulation restarted with fresh ids
+    check_same_nodes(RunState(), settings, [7, 8])  # not a resume: nothing to check
