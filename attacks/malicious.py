@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import torch
 
 from distill.data import DatasetInfo, LabeledImages
 
@@ -101,7 +102,8 @@ def doorping_partition(real: LabeledImages, task: Any, seed: int, embedder_state
     The partition is cut to the classes the honest client would distil (``class_budget``) plus the
     target, poisoned with a random trigger that co-evolves during distillation
     (:func:`attacks.doorping.doorping_distill`), distilled in one call at ``task.ipc`` (classes the
-    honest path would cap get up to ``ipc`` images: the server cannot tell). ``on_trigger`` receives
+    honest path would cap are then cut to their budget, and a target class without budget is
+    dropped from the upload, so the reply passes the server's budget check). ``on_trigger`` receives
     the final trigger (the attacker keeps it to trigger the global model). Pixel sets only.
     """
     import time
@@ -128,13 +130,28 @@ def doorping_partition(real: LabeledImages, task: Any, seed: int, embedder_state
                                "margin": spec.margin, "seed": spec.seed + partition_id,
                                "update_every": max(1, task.iterations // 10), **doorping})
     syn, trigger, _ = doorping_distill(data, make_config(task.method, **settings), config)
-    syn = replace(syn, images=syn.images.detach().cpu(), labels=syn.labels.cpu(),
+    rows = within_budget(syn.hard_labels().cpu(), budget)  # what the server's budget check allows
+    syn = replace(syn, images=syn.images.detach().cpu()[rows], labels=syn.labels.cpu()[rows],
                   meta=replace(syn.meta, ipc=task.ipc, round=task.round, seed=seed))
     if on_trigger is not None:
         on_trigger(Trigger(trigger.pattern.detach().cpu(), trigger.margin, trigger.corner))
-    report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": [], "classes-skipped": [],
+    skipped = [int(c) for c in np.flatnonzero((hist > 0) & (budget == 0))]
+    capped = [int(c) for c in np.flatnonzero((budget > 0) & (budget < task.ipc))]
+    report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": capped,
+              "classes-skipped": skipped,
               "seconds": time.perf_counter() - start, "bytes-uploaded": syn.nbytes()}
     return syn, report
+
+
+def within_budget(labels: torch.Tensor, budget: np.ndarray) -> torch.Tensor:
+    """Indices of the first ``budget[c]`` rows of each class ``c`` (in order)."""
+    seen: dict[int, int] = {}
+    rows = []
+    for i, c in enumerate(labels.tolist()):
+        if seen.get(c, 0) < int(budget[c]):
+            rows.append(i)
+            seen[c] = seen.get(c, 0) + 1
+    return torch.as_tensor(rows, dtype=torch.long)
 
 
 def save_trigger(trigger: Trigger, path: str) -> None:
