@@ -72,6 +72,7 @@ def dp_sgd_trainer(config: DPMTTConfig, sigma: float) -> ExpertTrainer:
 
     def train(net: nn.Module, data: LabeledImages, experts: ExpertConfig, gen: torch.Generator,
               checkpoint: Callable[[], None]) -> dict:
+        data = data.to(next(net.parameters()).device)  # the expert's device (CUDA too)
         gsm = GradSampleModule(copy.deepcopy(net), loss_reduction="sum")  # hooks stay off ``net``
         params = [p for p in gsm.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=experts.lr, momentum=experts.momentum)

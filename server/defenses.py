@@ -204,7 +204,12 @@ def screen_round(result: Any, pool: Any, settings: Any, test: LabeledImages) -> 
     start = time.perf_counter()
     judged = {node for node, _ in result.accepted}
     references = [(node, syn) for node, syn in pool.items() if node not in judged]
-    report = screen(result.accepted, test, config, references)
+    try:
+        report = screen(result.accepted, test, config, references)
+    except Exception as err:  # noqa: BLE001 - a failing defense must not stop the round (sets stay accepted)
+        log.exception("fedistill: defense %s failed; the round keeps its accepted sets", config.mode)
+        return {"mode": config.mode, "error": f"{type(err).__name__}: {err}", "dropped": {},
+                "seconds": time.perf_counter() - start}
     report["clients"] = {str(node): syn.meta.client for node, syn in result.accepted}  # the set's own claim
     for node, reason in report["dropped"].items():
         result.reject(int(node), Rejected("defense-dropped", reason))

@@ -40,7 +40,7 @@ MAX_FACTOR_ARRAYS = 8  # the largest kind (haba) stores 7
 # ``duplicate`` and ``unsolicited`` are decided by the round loop (server/rounds.py), not here.
 KINDS = ("error-reply", "malformed", "keys", "oversized", "dtype", "shape", "non-finite", "magnitude",
          "label-range", "soft-labels", "too-many", "factors", "metadata", "privacy", "declined-budget",
-         "duplicate", "unsolicited", "timeout")
+         "duplicate", "unsolicited", "timeout", "defense-dropped")
 DECLINE_KINDS = {"budget": "declined-budget"}  # a client's ``declined`` record kind -> rejection kind
 # Privacy figures of a DP reply: metric key -> the set-meta ``privacy`` key that must agree with it.
 DP_FIGURES = {"epsilon-round": "epsilon", "delta": "delta", "sigma": "sigma", "sample-rate": "sample_rate",
