@@ -62,9 +62,9 @@ class DPMTTConfig(MTTConfig, DPConfig):
         return self.num_experts * self.expert_train_epochs * self.steps_per_epoch
 
     def cache_tag(self, sigma: float) -> str:
-        """Every setting the buffer's noise depends on, readable in the file name."""
+        """Every setting the buffer's noise depends on (the run seed too), readable in the file name."""
         return (f"dp-{self.accountant}-s{sigma:.6g}-q{self.sample_rate:g}-c{self.clip:g}"
-                f"-spe{self.steps_per_epoch}-k{self.chunk}")
+                f"-spe{self.steps_per_epoch}-k{self.chunk}-n{self.seed}")
 
 
 def dp_sgd_trainer(config: DPMTTConfig, sigma: float) -> ExpertTrainer:
@@ -77,6 +77,9 @@ def dp_sgd_trainer(config: DPMTTConfig, sigma: float) -> ExpertTrainer:
         params = [p for p in gsm.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=experts.lr, momentum=experts.momentum)
         dsa = DSA(experts.dsa_strategy) if experts.dsa else None
+        # Sampling and noise also depend on the run's seed, not only the (shared) expert seed,
+        # so clients and runs do not all draw the same noise. Seeded, not secure: docs/privacy.md.
+        gen = torch.Generator().manual_seed(gen.initial_seed() * 1_000_003 + config.seed)
 
         def augment(x: torch.Tensor) -> torch.Tensor:  # per example: fine under DP
             return dsa(x, gen) if dsa is not None else x
