@@ -36,6 +36,13 @@ def test_accounts_every_step_of_every_expert_and_matches_opacus(small_train, tmp
     assert p["steps"] == 16 and p["sigma"] == plan.sigma
     assert 3.9 < p["epsilon"] <= 4.0 and p["epsilon"] == epsilon_of(spends_from_meta(p), 1e-5, "rdp")
     assert json.loads(p["spends"]) == [[2.0, 1.0, 1], [plan.sigma, 0.25, 16]]
+    from opacus.accountants import RDPAccountant  # stepped by hand, independent of privacy/
+
+    acc = RDPAccountant()
+    acc.step(noise_multiplier=2.0, sample_rate=1.0)
+    for _ in range(16):
+        acc.step(noise_multiplier=plan.sigma, sample_rate=0.25)
+    assert p["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
     # nothing private is uploaded: every synthetic image differs from every real one
     flat_real = small_train.images.flatten(1)
     assert torch.cdist(syn.images.flatten(1), flat_real).min() > 1e-3
