@@ -31,7 +31,21 @@ def make_context(node_id: int, node_config: dict) -> Context:
     return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
 
 
-class InProcessGrid(Grid):
+class LocalGrid(Grid):
+    """What every in-process test Grid shares: no run to set, messages built directly."""
+
+    def set_run(self, run) -> None:  # noqa: D102 - not needed in process
+        pass
+
+    @property
+    def run(self):  # noqa: D102
+        return None
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+
+class InProcessGrid(LocalGrid):
     """Delivers each message by calling the ClientApp in this process.
 
     ``tamper(node_id, reply)`` may replace a node's reply (a misbehaving client);
@@ -46,16 +60,6 @@ class InProcessGrid(Grid):
                          for i, nid in enumerate(range(101, 101 + num_nodes))}
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
-
-    def set_run(self, run) -> None:  # noqa: D102 - not needed in process
-        pass
-
-    @property
-    def run(self):  # noqa: D102
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)

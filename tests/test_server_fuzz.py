@@ -15,7 +15,6 @@ from typing import Callable, Iterable
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +22,7 @@ from distill.data import load_dataset
 from distill.synthetic import FACTOR_SPEC_KEY, SetMetadata
 from server.rounds import collect, make_messages
 from server.validate import KINDS, Expectation, Rejected, check_reply, factor_spec_json
-from tests.flower_fixtures import task_identity  # noqa: F401 - fixture
+from tests.flower_fixtures import LocalGrid, task_identity  # noqa: F401 - fixture
 
 INFO = load_dataset().info
 K, IPC = INFO.num_classes, 2
@@ -485,22 +484,12 @@ def reply_for(msg: Message, content: Content | Error) -> Message:
     return Message(to_record_dict(content), reply_to=msg)
 
 
-class ScriptedGrid(Grid):
+class ScriptedGrid(LocalGrid):
     """Answers each node's message with a prepared reply (``None``: no reply); extras are pushed as they are."""
 
     def __init__(self, script: dict[int, Callable[[Message], Message | None]],
                  extras: Iterable[Callable[[Message], Message]] = ()) -> None:
         self.script, self.extras, self.replies = script, list(extras), {}
-
-    def set_run(self, run) -> None:  # noqa: D102
-        pass
-
-    @property
-    def run(self):  # noqa: D102
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.script)
