@@ -22,8 +22,9 @@ minority of bad sets cannot hide by shifting the reference), and need at least t
 Dropped sets are refused with kind ``defense-dropped`` (counted and explained like any
 rejection) and never enter the pool; the round goes on with the rest. Sets already in the pool
 from other nodes (iterative mode) join the outlier comparison as references but are not judged
-again. The holdout overlaps the test split the global model is evaluated on: the defense only
-selects clients with it, never trains the global model on it.
+again. The holdout is carved out of the server's test split (:func:`split_holdout`): with the
+holdout defense on, the global model is evaluated on the rest, so no image that chose the
+clients also scores the model they built.
 """
 
 from __future__ import annotations
@@ -80,10 +81,18 @@ def robust_z(values: np.ndarray, floor: float = 0.0) -> tuple[np.ndarray, float,
     return (values - med) / scale, med, scale
 
 
-def holdout_subset(test: LabeledImages, size: int, seed: int) -> LabeledImages:
-    """The seeded ``size`` test images the holdout defense scores on (the same every round)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED]))
-    return test.subset(np.sort(rng.permutation(len(test))[:min(size, len(test))]))
+def split_holdout(test: LabeledImages, config: DefenseConfig) -> tuple[LabeledImages | None, LabeledImages]:
+    """(holdout, evaluation split) of the server's test split under ``config``.
+
+    With the holdout defense on, a seeded ``config.holdout`` images (the same every round) score
+    the clients and the global model is evaluated on the remaining ones; at least half of the
+    test split stays for evaluation. Without it: ``(None, test)``.
+    """
+    if config.mode not in ("holdout", "both"):
+        return None, test
+    size = min(config.holdout, len(test) // 2)
+    order = np.random.default_rng(np.random.SeedSequence([config.seed, 0x5EED])).permutation(len(test))
+    return test.subset(np.sort(order[:size])), test.subset(np.sort(order[size:]))
 
 
 @torch.no_grad()
@@ -158,10 +167,11 @@ def _class_z(means: dict[int, dict[int, torch.Tensor]], z_by_node: dict[int, tup
                 z_by_node[node] = (float(zi), c)
 
 
-def screen(accepted: list[tuple[int, SyntheticSet]], test: LabeledImages, config: DefenseConfig,
+def screen(accepted: list[tuple[int, SyntheticSet]], holdout: LabeledImages | None, config: DefenseConfig,
            references: list[tuple[int, SyntheticSet]] = ()) -> dict[str, Any]:
     """Judge a round's accepted sets; returns ``{"mode", "dropped": {node: reason}, "scores": {...}}``.
 
+    ``holdout``: the labelled images the holdout defense scores on (:func:`split_holdout`).
     ``references``: other nodes' pooled sets, used as outlier references only.
     """
     report: dict[str, Any] = {"mode": config.mode, "dropped": {}, "scores": {}}
@@ -171,7 +181,9 @@ def screen(accepted: list[tuple[int, SyntheticSet]], test: LabeledImages, config
         return report
     dropped: dict[int, str] = {}
     if config.mode in ("holdout", "both") and len(accepted) >= MIN_CLIENTS:
-        scores = holdout_scores(accepted, holdout_subset(test, config.holdout, config.seed), config)
+        if holdout is None:
+            raise ValueError(f"defense {config.mode!r} needs holdout images")
+        scores = holdout_scores(accepted, holdout, config)
         report["scores"]["holdout"] = {str(n): s for n, s in scores.items()}
         judged = {n: s for n, s in scores.items() if s is not None}
         if len(judged) >= MIN_CLIENTS:
@@ -192,7 +204,7 @@ def screen(accepted: list[tuple[int, SyntheticSet]], test: LabeledImages, config
     return report
 
 
-def screen_round(result: Any, pool: Any, settings: Any, test: LabeledImages) -> dict[str, Any] | None:
+def screen_round(result: Any, pool: Any, settings: Any, holdout: LabeledImages | None) -> dict[str, Any] | None:
     """The round loop's hook: screen ``result.accepted`` (a ``RoundResult``) under ``settings.defense``.
 
     Dropped sets leave ``result.accepted`` and are refused as ``defense-dropped``; returns the
@@ -205,7 +217,7 @@ def screen_round(result: Any, pool: Any, settings: Any, test: LabeledImages) -> 
     judged = {node for node, _ in result.accepted}
     references = [(node, syn) for node, syn in pool.items() if node not in judged]
     try:
-        report = screen(result.accepted, test, config, references)
+        report = screen(result.accepted, holdout, config, references)
     except Exception as err:  # noqa: BLE001 - a failing defense must not stop the round (sets stay accepted)
         log.exception("fedistill: defense %s failed; the round keeps its accepted sets", config.mode)
         return {"mode": config.mode, "error": f"{type(err).__name__}: {err}", "dropped": {},

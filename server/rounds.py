@@ -26,7 +26,7 @@ from distill.networks import network_for
 from distill.synthetic import SyntheticSet
 from distill.train import TrainConfig, accuracy_and_loss, train_network
 
-from .defenses import defense_summary, screen_round
+from .defenses import defense_summary, screen_round, split_holdout
 from .pool import SyntheticPool
 from .settings import RunSettings
 from .store import RunStore, privacy_summary
@@ -344,7 +344,8 @@ def play_round(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
     result = collect(grid, make_messages(nodes, task.to_config(), rnd, MessageType.TRAIN, global_state),
                      expectation(settings, test.info, rnd), settings.round_timeout, on_reply)
     state.uploaded.update(result.bytes_by_node)
-    defense = screen_round(result, state.pool, settings, test)  # drops sets before they reach the pool
+    holdout, test = split_holdout(test, settings.defense_config())  # the holdout never scores the global model
+    defense = screen_round(result, state.pool, settings, holdout)  # drops sets before they reach the pool
     for node, syn in result.accepted:
         state.pool.update(node, syn)
         store.save_set(syn, rnd, node)
@@ -361,7 +362,8 @@ def play_round(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
         t0 = time.perf_counter()
         state.net = train_global(state.pool, settings, task.seed)
         acc, loss = accuracy_and_loss(state.net, test)
-        record.update({"accuracy": acc, "loss": loss, "train-seconds": time.perf_counter() - t0})
+        record.update({"accuracy": acc, "loss": loss, "eval-examples": len(test),
+                       "train-seconds": time.perf_counter() - t0})
         store.save_model(state.net.state_dict(), rnd)
     # Under DP, clients decline: accuracy on their held-out data is a release nobody accounts.
     if state.net is not None and rnd == settings.rounds and settings.fraction_evaluate > 0 and task.dp == "none":

@@ -55,12 +55,13 @@ def measure(summary: dict[str, Any], spec: Any, malicious: list[int], attack: st
     from attacks.malicious import load_trigger
     from client.task import cached_dataset
     from distill.networks import network_for
+    from server.defenses import split_holdout
     from server.store import RunStore
     from simulations.malicious_client import trigger_path
 
     store = RunStore(summary["run"])
     settings = base.RunSettings.from_run_config(json.loads((store.root / "config.json").read_text()))
-    test = cached_dataset(settings.task.dataset).test
+    _, test = split_holdout(cached_dataset(settings.task.dataset).test, settings.defense_config())  # as the server
     out: dict[str, Any] = {"attack": attack, "spec": spec.to_dict(), "malicious-partitions": malicious,
                            "asr": None, "cta": None}
     triggers = {pid: spec.trigger(test.info) for pid in malicious} if attack == "naive" else {}

@@ -17,7 +17,7 @@ from distill.data import LabeledImages, load_dataset
 from distill.synthetic import SetMetadata, SyntheticSet
 from distill.train import random_real_subset
 from server.app import run
-from server.defenses import DefenseConfig, screen
+from server.defenses import DefenseConfig, screen, split_holdout
 from server.rounds import make_messages
 from server.store import read_metrics
 from simulations.malicious_client import make_malicious_app
@@ -96,10 +96,24 @@ def test_holdout_defense_drops_flipped_labels_and_keeps_honest_sets(honest_sets)
     spare, honest = honest_sets
     flip = random_real_subset(spare, 10, seed=9)
     bad = _set(LabeledImages(flip.images, (flip.labels + 1) % 10, DS.info), 200)
-    report = screen(honest + [bad], DS.test, DefenseConfig("holdout", epochs=20, holdout=300, arch_kwargs=ARCH))
+    config = DefenseConfig("holdout", epochs=20, holdout=300, arch_kwargs=ARCH)
+    holdout, _ = split_holdout(DS.test, config)
+    report = screen(honest + [bad], holdout, config)
     assert list(report["dropped"]) == ["200"] and report["dropped"]["200"].startswith("holdout:")
     assert report["scores"]["holdout"]["200"] < 0.2 < min(v for k, v in report["scores"]["holdout"].items()
                                                           if k != "200")
+
+
+def test_the_holdout_is_carved_out_of_the_evaluation_split():
+    config = DefenseConfig("holdout", holdout=300)
+    holdout, rest = split_holdout(DS.test, config)
+    assert len(holdout) == 300 and len(rest) == len(DS.test) - 300
+    as_rows = lambda d: {tuple(row) for row in d.images.flatten(1).numpy().round(5).tolist()}  # noqa: E731
+    assert not as_rows(holdout) & as_rows(rest)
+    again, _ = split_holdout(DS.test, config)
+    assert torch.equal(again.images, holdout.images)  # the same images every round
+    assert split_holdout(DS.test, DefenseConfig("outlier"))[1] is DS.test
+    assert len(split_holdout(DS.test, DefenseConfig("both", holdout=10**6))[1]) == len(DS.test) - len(DS.test) // 2
 
 
 def test_outlier_defense_drops_a_stamped_target_class_and_keeps_honest_sets(honest_sets):
@@ -158,7 +172,7 @@ def test_doorping_client_learns_and_saves_a_trigger_and_leaves_honest_replies_al
 def test_doorping_upload_fits_the_budget_the_server_checks(small_train):
     """Non-IID: capped classes are cut to their budget and reported as the honest path reports them."""
     from attacks.malicious import doorping_partition, within_budget
-    from client.task import class_budget
+    from distill.partition import class_budget
 
     assert within_budget(torch.tensor([0, 0, 1, 0, 1, 2]), np.array([2, 1, 0])).tolist() == [0, 1, 2]
     keep = torch.cat([idx[:n] for idx, n in zip(small_train.class_indices(), [60, 3, 25, 60, 0, 0, 0, 0, 0, 0])])
