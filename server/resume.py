@@ -67,6 +67,7 @@ def open_run(settings: RunSettings, info: DatasetInfo) -> tuple[RunStore, RunSta
     metrics = store.metrics
     if [m.get("round") for m in metrics] != list(range(1, len(metrics) + 1)):
         raise ResumeError(f"{store.root}: metrics.jsonl rounds are not 1..{len(metrics)}")
+    check_round_fields(store, metrics)
     removed = store.remove_temp_files()
     moved = quarantine_interrupted_sets(store, metrics)
     state = RunState(pool=load_pool(store, settings, info, metrics), last_round=len(metrics),
@@ -77,6 +78,21 @@ def open_run(settings: RunSettings, info: DatasetInfo) -> tuple[RunStore, RunSta
     log.warning("fedistill: resuming %s after round %d: %d sets in the pool, %d interrupted sets set aside, "
                 "%d temp files removed", store.root, len(metrics), len(state.pool), len(moved), len(removed))
     return store, state
+
+
+def check_round_fields(store: RunStore, metrics: list[dict]) -> None:
+    """Refuse (as :class:`ResumeError`) metrics lines whose fields the resume reads have the wrong type."""
+    def is_int(x: object) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    for m in metrics:
+        nodes, uploaded = m.get("accepted-nodes", []), m.get("uploaded-bytes", {})
+        if not (isinstance(nodes, list) and all(is_int(n) for n in nodes)):
+            raise ResumeError(f"{store.root}: round {m['round']}: accepted-nodes is not a list of node ids: {nodes!r}")
+        if not (isinstance(uploaded, dict) and all(k.lstrip("-").isdigit() and is_int(b) and b >= 0
+                                                   for k, b in uploaded.items())):
+            raise ResumeError(f"{store.root}: round {m['round']}: uploaded-bytes is not {{node id: bytes}}: "
+                              f"{uploaded!r}")
 
 
 def quarantine_interrupted_sets(store: RunStore, metrics: list[dict]) -> list[Path]:

@@ -133,6 +133,23 @@ def test_a_tampered_accepted_set_or_checkpoint_stops_the_resume(tmp_path, tmp_pa
             run(InProcessGrid(client_app, 3), {}, resume=str(root))
 
 
+def test_metrics_lines_with_wrongly_typed_fields_stop_the_resume_with_a_reason(tmp_path, tmp_path_factory,
+                                                                              task_identity):  # noqa: F811
+    import shutil
+    ref = reference(tmp_path_factory)
+    for field, value, reason in [("accepted-nodes", ["101"], "accepted-nodes"),
+                                 ("accepted-nodes", 101, "accepted-nodes"),
+                                 ("uploaded-bytes", {"101": "9"}, "uploaded-bytes"),
+                                 ("uploaded-bytes", {"x": 9}, "uploaded-bytes")]:
+        root = tmp_path / f"{field}-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(ref, root)
+        (root / "summary.json").unlink()
+        first = {**read_metrics(root)[0], field: value}
+        (root / "metrics.jsonl").write_text(json.dumps(first) + "\n")
+        with pytest.raises(ResumeError, match=reason):
+            run(InProcessGrid(client_app, 3), {}, resume=str(root))
+
+
 def test_resume_uses_the_runs_own_config_and_refuses_fedavg_and_dp(tmp_path, tmp_path_factory,
                                                                  task_identity):  # noqa: F811
     from server.resume import resume_settings
