@@ -56,9 +56,11 @@ def log(msg: str) -> None:
 # (no openssl / ssh-keygen binaries needed, and no network).
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only."""
-    path.write_bytes(data)
-    path.chmod(0o600)
+    """Write a private key readable by its owner only, from its first byte (no window at umask mode)."""
+    path.unlink(missing_ok=True)  # O_CREAT's mode applies only to a new file
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def make_certs(directory: str | Path, hosts: Sequence[str] = ("localhost", HOST), days: int = 30) -> dict[str, Path]:
