@@ -109,7 +109,7 @@ def doorping_partition(real: LabeledImages, task: Any, seed: int, embedder_state
     import time
     from dataclasses import replace
 
-    from client.task import class_budget
+    from distill.partition import class_budget
     from distill.methods import make_config
 
     from .doorping import SUPPORTED, DoorpingConfig, doorping_distill

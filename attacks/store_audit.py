@@ -8,8 +8,8 @@ What the store holds (``server/store.py``): ``config.json`` (the flat kebab-case
   partition as members;
 - the global model (loss and confidence attacks) with all stored clients' data as members.
 
-Members are re-derived exactly as the client derived them, with ``client.task.load_partition``
-(a Flower-free module). ``config.json`` does not record the number of partitions, so it is
+Members are re-derived exactly as the client derived them, from the run's config with
+``distill.partition`` (the same partitioner and held-out split the client uses). ``config.json`` does not record the number of partitions, so it is
 an argument (default: the number of distinct clients in the store, right when every
 partition uploaded). Non-members are test-split images, which no client held. Store runs
 have no randomised inclusion, so their epsilon figures are indicative, not an audit.
@@ -18,15 +18,16 @@ have no randomised inclusion, so their epsilon figures are indicative, not an au
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from distill.data import LabeledImages
+from distill.data import LabeledImages, load_dataset
 from distill.networks import seeded_network
+from distill.partition import partition, split_held_out
 from distill.synthetic import SyntheticSet
 
 from .membership import AttackResult, confidence_attack, distance_attack, loss_attack
@@ -70,12 +71,16 @@ def latest_sets(run: StoredRun) -> dict[str, SyntheticSet]:
 
 def client_members(config: dict[str, Any], partition_id: int, num_partitions: int) -> LabeledImages:
     """The real images client ``partition_id`` distilled (its partition minus its held-out part)."""
-    from client.task import DistillTask, load_partition  # Flower-free; imported only here
-
-    names = {f.name.replace("_", "-") for f in fields(DistillTask)} - {"round"}
-    task = DistillTask.from_config({k: v for k, v in config.items() if k in names})
-    train, _ = load_partition(task, {"partition-id": partition_id, "num-partitions": num_partitions})
-    return train
+    needed = ("dataset", "partitioner", "alpha", "shards-per-client", "seed", "holdout-fraction")
+    missing = [k for k in needed if k not in config]
+    if missing:
+        raise ValueError(f"config.json lacks {missing}: cannot re-derive the clients' partitions")
+    train = load_dataset(str(config["dataset"])).train
+    parts = partition(train.labels.numpy(), num_partitions, str(config["partitioner"]), alpha=float(config["alpha"]),
+                      shards_per_client=int(config["shards-per-client"]), seed=int(config["seed"]))
+    distilled, _ = split_held_out(parts[partition_id], int(config["seed"]), partition_id,
+                                  float(config["holdout-fraction"]))
+    return train.subset(distilled)
 
 
 def _balanced(members: LabeledImages, pool: LabeledImages, seed: int) -> tuple[LabeledImages, LabeledImages]:

@@ -28,10 +28,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .local import build_network, evaluate_model, train_local
+from distill.partition import client_seed
 from distill.synthetic import SyntheticSet
 
-from .task import DistillTask, client_seed, distill_partition, load_partition
+from .local import build_network, evaluate_model, train_local
+from .task import DistillTask, distill_partition, load_partition
 
 app = ClientApp()
 LEDGER_KEY = "privacy-ledger"

@@ -20,7 +20,7 @@ from distill.data import Dataset, LabeledImages, load_dataset, load_npz
 from distill.factors import BASE_KEY, Factors
 from distill.methods import distill, make_config
 from distill.parameterize import RHO_COMPOSES, check_options
-from distill.partition import PARTITIONERS, partition
+from distill.partition import PARTITIONERS, class_budget, partition, split_held_out
 from distill.synthetic import SetMetadata, SyntheticSet, concat_sets
 
 ALGORITHMS = ("fedistill", "fedavg")
@@ -159,11 +159,6 @@ class DistillTask:
         return {"width": self.net_width, "depth": self.net_depth}
 
 
-def client_seed(run_seed: int, partition_id: int, round_: int = 1) -> int:
-    """A per-client, per-round seed: distinct clients never share random draws."""
-    return int(np.random.SeedSequence([run_seed, partition_id, round_]).generate_state(1)[0] % (2**31))
-
-
 @lru_cache(maxsize=4)
 def cached_dataset(name_or_path: str) -> Dataset:
     """Load a dataset once per process (Ray actors serve many virtual clients)."""
@@ -200,27 +195,11 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any]) -> tuple[L
                          f"got {sorted(node_config)}") from err
     if not 0 <= pid < n:
         raise ValueError(f"partition-id {pid} outside [0, {n})")
-    idx = _partition_indices(task.dataset, n, task.partitioner, task.alpha, task.shards_per_client,
-                             task.seed)[pid]
-    rng = np.random.default_rng(client_seed(task.seed, pid, 0))
-    idx = rng.permutation(idx)
-    n_hold = int(round(task.holdout_fraction * len(idx)))
+    part = _partition_indices(task.dataset, n, task.partitioner, task.alpha, task.shards_per_client,
+                              task.seed)[pid]
+    train_idx, held_idx = split_held_out(part, task.seed, pid, task.holdout_fraction)
     data = cached_dataset(task.dataset).train
-    return data.subset(np.sort(idx[n_hold:])), data.subset(np.sort(idx[:n_hold]))
-
-
-def class_budget(histogram: np.ndarray, ipc: int, min_class_samples: int,
-                 samples_per_image: int) -> np.ndarray:
-    """Synthetic images per class: 0 below ``min_class_samples``, else at most ``n_c // samples_per_image``.
-
-    A class held by a handful of samples would otherwise become near-copies of those
-    samples (most of all with real initialisation); this keeps at least
-    ``samples_per_image`` real samples behind every synthetic image.
-    """
-    hist = np.asarray(histogram, dtype=np.int64)
-    budget = np.minimum(ipc, hist // samples_per_image)
-    budget[hist < min_class_samples] = 0
-    return budget
+    return data.subset(train_idx), data.subset(held_idx)
 
 
 def distill_partition(real: LabeledImages, task: DistillTask, seed: int,

@@ -82,6 +82,40 @@ def class_histograms(labels: np.ndarray, parts: list[np.ndarray], num_classes: i
     return np.stack([np.bincount(labels[p], minlength=num_classes) for p in parts])
 
 
+def client_seed(run_seed: int, partition_id: int, round_: int = 1) -> int:
+    """A per-client, per-round seed: distinct clients never share random draws."""
+    return int(np.random.SeedSequence([run_seed, partition_id, round_]).generate_state(1)[0] % (2**31))
+
+
+def split_held_out(part: np.ndarray, run_seed: int, partition_id: int,
+                   holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out) indices of a simulated client's partition ``part``, both sorted.
+
+    A seeded ``holdout_fraction`` is held out for federated evaluation; the client distills the
+    rest. The client and the attacks' membership audit (which must know exactly which images
+    went into distillation) both derive the split here, so they cannot disagree.
+    """
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    idx = np.random.default_rng(client_seed(run_seed, partition_id, 0)).permutation(np.asarray(part))
+    n_hold = int(round(holdout_fraction * len(idx)))
+    return np.sort(idx[n_hold:]), np.sort(idx[:n_hold])
+
+
+def class_budget(histogram: np.ndarray, ipc: int, min_class_samples: int,
+                 samples_per_image: int) -> np.ndarray:
+    """Synthetic images per class: 0 below ``min_class_samples``, else at most ``n_c // samples_per_image``.
+
+    A class held by a handful of samples would otherwise become near-copies of those
+    samples (most of all with real initialisation); this keeps at least
+    ``samples_per_image`` real samples behind every synthetic image.
+    """
+    hist = np.asarray(histogram, dtype=np.int64)
+    budget = np.minimum(ipc, hist // samples_per_image)
+    budget[hist < min_class_samples] = 0
+    return budget
+
+
 def _check(labels: np.ndarray, num_clients: int) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from attacks.audit import run_audit
 from attacks.report import SECTIONS
@@ -37,6 +38,13 @@ def tiny_store(tmp_path, mnist):
 def test_members_are_the_clients_distilled_partition(tiny_store):
     a, b = client_members(CONFIG, 0, 4), client_members(CONFIG, 1, 4)
     assert len(a) == len(b) == 1800  # 2000 per client, 10 % held out
+    from client.task import DistillTask, load_partition
+    for pid, members in ((0, a), (1, b)):  # exactly what the client itself distils
+        task = DistillTask.from_config({k: v for k, v in CONFIG.items() if k != "mode"})
+        train, _ = load_partition(task, {"partition-id": pid, "num-partitions": 4})
+        assert torch.equal(train.images, members.images) and torch.equal(train.labels, members.labels)
+    with pytest.raises(ValueError, match="holdout-fraction"):
+        client_members({k: v for k, v in CONFIG.items() if k != "holdout-fraction"}, 0, 4)
     run = read_store(tiny_store)
     assert [c for _, c, _ in run.sets] == ["0", "1"] and run.model_state is not None
 

@@ -11,7 +11,8 @@ from tests.flower_fixtures import make_context, task_identity  # noqa: F401 - fi
 
 from client.app import app
 from client.local import build_network
-from client.task import DistillTask, class_budget, client_seed, load_partition
+from client.task import DistillTask, load_partition
+from distill.partition import class_budget, client_seed
 from distill.synthetic import SetMetadata, SyntheticSet
 
 TINY = {"iterations": 2, "ipc": 3, "batch-real": 16, "net-width": 8}
