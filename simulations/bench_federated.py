@@ -80,7 +80,9 @@ def run_one(name: str, args: list[str], runs_dir: Path) -> dict[str, Any]:
              for m in metrics]
     return {"name": name, "args": args, "accuracy": summary["accuracy"],
             "mb-per-client": summary["mb-uploaded-per-client"], "curve": curve, "run": str(root),
-            "wall-seconds": wall, "peak-rss-gib": peak[0] / 2**30, "clients": summary["clients"]}
+            "wall-seconds": wall, "peak-rss-gib": peak[0] / 2**30, "clients": summary["clients"],
+            "accepted": summary.get("accepted"), "rejected-by-kind": summary.get("rejected-by-kind", {}),
+            "pool-images": metrics[-1].get("pool-images")}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
