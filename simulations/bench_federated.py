@@ -94,22 +94,23 @@ def plot(results: dict[str, Any], path: Path) -> None:
     splits = [s for s in SPLITS if any(f"{m}-{s}" in results for m in ("oneshot", "iterative", "fedavg"))]
     fig, axes = plt.subplots(1, len(splits), figsize=(max(7.5, 4.2 * len(splits)), 3.8), sharey=True, squeeze=False)
     styles = {"iterative": ("fedistill iterative", "s-", "C1"), "oneshot": ("fedistill one-shot", "*", "C0"),
-              "fedavg": ("FedAvg", ".-", "C2")}
+              "oneshot-ipc20": ("fedistill one-shot, IPC 20", "P", "C3"), "fedavg": ("FedAvg", ".-", "C2")}
     for ax, split in zip(axes[0], splits):
         for kind, (label, fmt, color) in styles.items():
             r = results.get(f"{kind}-{split}")
             if not r or "curve" not in r:
                 continue
             pts = [(c["mb-per-client"], 100 * c["accuracy"]) for c in r["curve"] if c["accuracy"] is not None]
+            one_shot = kind.startswith("oneshot")
             ax.plot([p[0] for p in pts], [p[1] for p in pts], fmt, color=color, label=label,
-                    markersize=12 if kind == "oneshot" else 5, zorder=3 if kind == "oneshot" else 2)
+                    markersize=12 if one_shot else 5, zorder=3 if one_shot else 2)
         ax.set_xscale("log")
         ax.set_title("IID" if split == "iid" else f"Dirichlet alpha={split}")
         ax.set_xlabel("MB uploaded per client")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("global test accuracy (%)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
-    plotted = [r for k, r in results.items() if not k.startswith(("_", "oneshot100"))]
+    plotted = [r for k, r in results.items() if k.rsplit("-", 1)[0] in ("oneshot", "iterative", "fedavg")]
     extra = " ".join(sorted({kv for r in plotted for kv in r.get("settings", [])})) or "defaults"
     fig.suptitle(f"10 clients, bundled MNIST (8k train / 2k test), same ConvNet for all ({extra})", fontsize=10)
     fig.tight_layout()
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-100", action="store_true", help="skip the 100-client one-shot run")
     p.add_argument("--out", type=Path, default=OUT / "federated.json")
     p.add_argument("--plot-only", action="store_true")
+    p.add_argument("--tag", default="", help="suffix of the result keys' method part, e.g. -ipc20 for a variant row")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config passed to every run (e.g. a smoke test: --set iterations=2)")
     args = p.parse_args(argv)
@@ -140,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 "fedavg": ["--algorithm", "fedavg", "--rounds", str(args.fedavg_rounds)]}
         extra = [a for kv in args.set for a in ("--set", kv)]
         common = ["--clients", "10", "--set", "fraction-evaluate=0", *extra]
-        jobs = [(f"{m}-{s}", plan[m] + SPLITS[s] + common) for s in args.splits for m in args.methods]
+        jobs = [(f"{m}{args.tag}-{s}", plan[m] + SPLITS[s] + common) for s in args.splits for m in args.methods]
         if not args.no_100:
             jobs.append(("oneshot100-0.5", ["--mode", "one-shot", "--alpha", "0.5", "--clients", "100",
                                             "--set", "fraction-evaluate=0", *extra]))
