@@ -8,7 +8,7 @@ KIP-rho rows: non-private DM (real initialisation) at rho in {0, 0.5, 0.9}. Writ
 markdown table and a PNG plot (accuracy vs epsilon).
 
     python simulations/bench_privacy.py --quick          # smoke run, ~2 min on 2 CPU cores
-    python simulations/bench_privacy.py --preset medium  # about an hour on 2 CPU cores
+    python simulations/bench_privacy.py --preset medium  # about an hour on 2 quiet CPU cores (width-64 nets)
     python simulations/bench_privacy.py                  # the full run: hours on CPU
 """
 
@@ -38,6 +38,10 @@ from distill.train import TrainConfig, accuracy, evaluate, train_network  # noqa
 from privacy.dpsgd_baseline import DPSGDConfig, train_dpsgd  # noqa: E402
 
 EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
+# Run order: the rows the targets are judged on first (epsilon 8 against no DP, then KIP-rho), so
+# a run cut off by its time budget keeps them (rows.jsonl is written row by row).
+EPSILON_ORDER = (8.0, math.inf, 1.0, 2.0, 4.0)
+RHO_AFTER = math.inf
 RHOS = (0.0, 0.5, 0.9)
 
 
@@ -66,10 +70,11 @@ class Preset:
 
 PRESETS = {
     "full": Preset(),
-    # What fits in about an hour on 2 CPU cores: 300 real images per class, shorter runs, two
-    # evaluation seeds; the same rows as "full".
-    "medium": Preset(per_class=300, dm_steps=400, gm_iterations=10, gm_outer=5, gm_inner=5,
-                     rho_iterations=200, nodp_batch_real=64, eval_seeds=(0, 1)),
+    # What fits in about an hour on 2 quiet CPU cores: 300 real images per class, width-64
+    # ConvNets for distillation and evaluation (a width-128 evaluation alone takes ~5 minutes
+    # per seed here), shorter runs, two evaluation seeds; the same rows as "full".
+    "medium": Preset(per_class=300, net={"width": 64}, dm_steps=400, gm_iterations=10, gm_outer=5, gm_inner=5,
+                     rho_iterations=200, nodp_batch_real=64, eval_net={"width": 64}, eval_seeds=(0, 1)),
     "quick": Preset(per_class=100, test_size=500, ipc=10, net={"width": 16, "depth": 2}, dm_steps=20,
                     dm_sample_rate=0.1, gm_iterations=2, gm_outer=2, gm_inner=1, gm_sample_rate=0.1,
                     rho_iterations=20, eval_net={"width": 16, "depth": 2}, eval_epochs=20,
@@ -128,7 +133,7 @@ def run(p: Preset, log) -> list[dict]:
     train = _subset(data.train, p.per_class)
     test = data.test if p.test_size <= 0 else data.test.subset(torch.arange(p.test_size))
     rows = []
-    for eps in EPSILONS:
+    for eps in EPSILON_ORDER:
         if math.isinf(eps):
             dm = ("dm (no DP)", "dm", {"init": "noise", "iterations": p.dm_steps,
                                        "batch_real": p.nodp_batch_real})
@@ -145,12 +150,13 @@ def run(p: Preset, log) -> list[dict]:
             log(rows[-1])
         rows.append(dpsgd_row(eps, train, test, p))
         log(rows[-1])
-    for rho in RHOS:
-        rows.append(distilled_row(f"dm rho={rho}", "dm", math.inf,
-                                  {"init": "real", "rho": rho, "iterations": p.rho_iterations,
-                                   "batch_real": p.nodp_batch_real}, train, test, p))
-        log(rows[-1])
-    return rows
+        if eps == RHO_AFTER:
+            for rho in RHOS:
+                rows.append(distilled_row(f"dm rho={rho}", "dm", math.inf,
+                                          {"init": "real", "rho": rho, "iterations": p.rho_iterations,
+                                           "batch_real": p.nodp_batch_real}, train, test, p))
+                log(rows[-1])
+    return sorted(rows, key=lambda r: (r["row"].startswith("dm rho"), r["target_epsilon"]))
 
 
 def table(rows: list[dict]) -> str:
