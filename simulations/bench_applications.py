@@ -1,0 +1,253 @@
+"""Benchmark the applications of a distilled set on the bundled MNIST sample (issue 8).
+
+DM at IPC 10, then: cross-architecture evaluation (ConvNet, MLP, LeNet, AlexNet, ResNet-18,
+beside a random real subset of the same size), a NAS proxy (a ConvNet grid ranked after
+training on the DM set, on the random subset and on the whole pool; Spearman rho against the
+pool), and class-incremental MNIST in 5 steps of 2 classes with a GDumb memory of k = IPC
+images per class (DM-distilled, random, herding). Writes ``<preset>.json``, ``<preset>.md`` and
+PNG plots under ``--out``.
+
+    python simulations/bench_applications.py --quick     # smoke run, ~1-2 minutes on 2 cores
+    python simulations/bench_applications.py             # default preset: hours on 2 cores (estimate)
+    python simulations/bench_applications.py --parts nas --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from distill import load_dataset, make_config, random_real_subset  # noqa: E402
+from distill.continual import ContinualConfig, run_continual  # noqa: E402
+from distill.crossarch import DEFAULT_ARCHS, CrossArchReport, cross_arch_evaluate  # noqa: E402
+from distill.data import LabeledImages  # noqa: E402
+from distill.methods import distill  # noqa: E402
+from distill.nas import GROUND_TRUTH, NASReport, convnet_grid, nas_proxy  # noqa: E402
+from distill.train import TrainConfig  # noqa: E402
+
+PARTS = ("crossarch", "nas", "continual")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every budget of one run; recorded in the JSON so a figure says how it was made."""
+
+    ipc: int = 10
+    dm_iterations: int = 600
+    dm_settings: dict = field(default_factory=dict)
+    net: dict = field(default_factory=dict)  # ConvNet options, distillation and evaluation alike
+    test_per_class: int | None = None        # None: the whole test split
+    seeds: tuple[int, ...] = (0, 1, 2)
+    arch_epochs: dict = field(default_factory=lambda: {"convnet": 300, "mlp": 300, "lenet": 300,
+                                                       "alexnet": 100, "resnet18": 100})
+    crossarch_random: bool = True            # the random-real baseline beside DM
+    nas_grid: dict = field(default_factory=dict)  # convnet_grid options
+    nas_proxy_epochs: int = 100
+    nas_pool_epochs: int = 3
+    nas_pool_size: int | None = None         # None: the whole training pool
+    nas_seeds: tuple[int, ...] = (0,)
+    cl_buffers: tuple[str, ...] = ("distill", "random", "herding")
+    cl_dm_iterations: int = 200
+    cl_dm_settings: dict = field(default_factory=dict)
+    cl_epochs: int = 300
+    cl_seeds: tuple[int, ...] = (0,)
+
+
+PRESETS = {
+    # Smoke run: every code path, tiny budgets, small networks; numbers mean nothing.
+    "quick": Preset(dm_iterations=10, dm_settings={"batch_real": 64}, net={"width": 32},
+                    test_per_class=20, seeds=(0,),
+                    arch_epochs={"convnet": 5, "mlp": 10, "lenet": 10, "alexnet": 1, "resnet18": 1},
+                    crossarch_random=False,
+                    nas_grid={"depths": (1, 2), "widths": (16,), "norms": ("instancenorm", "none"),
+                              "activations": ("relu", "sigmoid"), "poolings": ("avgpool",)},
+                    nas_proxy_epochs=5, nas_pool_epochs=1, nas_pool_size=1000,
+                    cl_buffers=("distill", "random"), cl_dm_iterations=5,
+                    cl_dm_settings={"batch_real": 32}, cl_epochs=5),
+    # The issue's figures on a 2-core CPU; estimated (not measured) from per-epoch costs:
+    # DM ~20 min, cross-architecture ~80 min, NAS (36 ConvNets) ~50 min, continual ~60 min.
+    "default": Preset(),
+}
+
+
+def stratified(data: LabeledImages, per_class: int | None) -> LabeledImages:
+    """The first ``per_class`` images of each class (a fixed, balanced subset), or all."""
+    if per_class is None:
+        return data
+    return data.subset(torch.cat([idx[:per_class] for idx in data.class_indices()]))
+
+
+def run_crossarch(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], test: LabeledImages,
+                  p: Preset, device: str) -> dict[str, CrossArchReport]:
+    cfg = TrainConfig(device=device)
+    out = {}
+    for name, (x, y) in sets.items():
+        out[name] = cross_arch_evaluate(x, y, test, cfg, archs=DEFAULT_ARCHS, seeds=p.seeds,
+                                        arch_kwargs={"convnet": dict(p.net)}, epochs=dict(p.arch_epochs))
+        print(out[name].markdown(name), flush=True)
+    return out
+
+
+def run_nas(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], train: LabeledImages,
+            test: LabeledImages, p: Preset, device: str) -> NASReport:
+    pool = train if p.nas_pool_size is None else random_real_subset(
+        train, p.nas_pool_size // train.info.num_classes, seed=0)
+    grid = convnet_grid(**p.nas_grid)
+    report = nas_proxy(sets, pool, test, grid, TrainConfig(epochs=p.nas_proxy_epochs, device=device),
+                       TrainConfig(epochs=p.nas_pool_epochs, device=device), seeds=p.nas_seeds)
+    for source, s in report.summary().items():
+        print(f"NAS proxy {source}: spearman {s['spearman']:.3f}, picks {s['selected']} "
+              f"({100 * s['selected_true_acc']:.2f} % vs best {100 * s['best_true_acc']:.2f} %)", flush=True)
+    return report
+
+
+def run_cl(train: LabeledImages, test: LabeledImages, p: Preset, device: str) -> dict[str, dict]:
+    out = {}
+    for buffer in p.cl_buffers:
+        runs = []
+        for seed in p.cl_seeds:
+            settings = {"iterations": p.cl_dm_iterations, "device": device, "arch_kwargs": dict(p.net),
+                        **p.cl_dm_settings}
+            cfg = ContinualConfig(k=p.ipc, buffer=buffer, method="dm", method_settings=settings, seed=seed,
+                                  train=TrainConfig(epochs=p.cl_epochs, device=device, arch_kwargs=dict(p.net)))
+            runs.append(run_continual(train, test, cfg).to_dict())
+        per_step = [statistics.mean(r["accuracies"][i] for r in runs) for i in range(len(runs[0]["accuracies"]))]
+        finals, averages = [r["final"] for r in runs], [r["average"] for r in runs]
+        out[buffer] = {"runs": runs, "mean_per_step": per_step,
+                       "final_mean": statistics.mean(finals), "final_std": statistics.pstdev(finals),
+                       "average_mean": statistics.mean(averages), "average_std": statistics.pstdev(averages)}
+        print(f"continual {buffer:<8} per step {[round(100 * a, 1) for a in per_step]} | final "
+              f"{100 * out[buffer]['final_mean']:.2f} | average {100 * out[buffer]['average_mean']:.2f}", flush=True)
+    return out
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Applications of a distilled set ({report['preset']} preset)", "",
+             f"{report['machine']}; {report['date']}; `{report['command']}`", "",
+             f"DM IPC {report['ipc']}: {report['dm']['iterations']} iterations, {report['dm']['seconds']:.0f} s."]
+    if "crossarch" in report:
+        archs = list(DEFAULT_ARCHS)
+        lines += ["", "## Cross-architecture (test accuracy %, mean +- std over seeds)", "",
+                  "| set | " + " | ".join(archs) + " |", "| --- " * (len(archs) + 1) + "|"]
+        for name, rows in report["crossarch"].items():
+            cells = {r["arch"]: f"{100 * r['mean']:.2f} +- {100 * r['std']:.2f}" for r in rows}
+            lines.append(f"| {name} | " + " | ".join(cells[a] for a in archs) + " |")
+    if "nas" in report:
+        lines += ["", f"## NAS proxy ({len(report['nas']['rows'])} ConvNets)", "",
+                  "| proxy | Spearman rho vs whole pool | picks | its true acc % | best true acc % |",
+                  "| --- | --- | --- | --- | --- |"]
+        for source, s in report["nas"]["summary"].items():
+            lines.append(f"| {source} | {s['spearman']:.3f} | {s['selected']} | "
+                         f"{100 * s['selected_true_acc']:.2f} | {100 * s['best_true_acc']:.2f} |")
+    if "continual" in report:
+        steps = len(next(iter(report["continual"].values()))["mean_per_step"])
+        lines += ["", f"## Class-incremental MNIST (GDumb memory, k = {report['ipc']} per class)", "",
+                  "| memory | " + " | ".join(f"step {i + 1}" for i in range(steps)) + " | final | average |",
+                  "| --- " * (steps + 3) + "|"]
+        for buffer, r in report["continual"].items():
+            cells = [f"{100 * a:.2f}" for a in r["mean_per_step"]]
+            lines.append(f"| {buffer} | " + " | ".join(cells) + f" | {100 * r['final_mean']:.2f} | "
+                         f"{100 * r['average_mean']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, out: Path, preset: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    if "nas" in report:
+        rows, summary = report["nas"]["rows"], report["nas"]["summary"]
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for source, s in summary.items():
+            ax.scatter([100 * r[f"acc_{GROUND_TRUTH}"] for r in rows], [100 * r[f"acc_{source}"] for r in rows],
+                       label=f"{source} (rho {s['spearman']:.2f})", s=18)
+        ax.set(xlabel="accuracy trained on the whole pool (%)", ylabel="accuracy trained on the proxy (%)",
+               title="NAS proxy: ConvNet grid")
+        ax.legend()
+        figures.append((fig, out / f"{preset}_nas_proxy.png"))
+    if "continual" in report:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for buffer, r in report["continual"].items():
+            steps = range(1, len(r["mean_per_step"]) + 1)
+            ax.plot(steps, [100 * a for a in r["mean_per_step"]], marker="o", label=buffer)
+        ax.set(xlabel="step (2 new classes each)", ylabel="accuracy on classes seen (%)",
+               title=f"class-incremental MNIST, k = {report['ipc']}", xticks=list(range(1, 6)))
+        ax.legend()
+        figures.append((fig, out / f"{preset}_continual.png"))
+    for fig, path in figures:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return [path for _, path in figures]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--quick", action="store_true", help="smoke run (--preset quick)")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which applications to run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench_results/applications", help="output directory")
+    args = p.parse_args(argv)
+    preset_name = "quick" if args.quick else args.preset
+    preset = PRESETS[preset_name]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    data = load_dataset()
+    test = stratified(data.test, preset.test_per_class)
+    report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+                               f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+                    "date": time.strftime("%Y-%m-%d"), "preset": preset_name, "device": args.device,
+                    "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "ipc": preset.ipc,
+                    "test_images": len(test), "settings": asdict(preset)}
+    sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if {"crossarch", "nas"} & set(args.parts):
+        t0 = time.perf_counter()
+        cfg = make_config("dm", ipc=preset.ipc, iterations=preset.dm_iterations, seed=0, device=args.device,
+                          arch_kwargs=dict(preset.net), **preset.dm_settings)
+        syn = distill(data.train, cfg)
+        report["dm"] = {"iterations": syn.meta.iterations, "seconds": time.perf_counter() - t0}
+        rand = random_real_subset(data.train, preset.ipc, seed=0)
+        sets = {"dm": (syn.images, syn.hard_labels()), "random": (rand.images, rand.labels)}
+        syn.save(out / f"{preset_name}_dm_ipc{preset.ipc}.npz")
+    else:
+        report["dm"] = {"iterations": 0, "seconds": 0.0}
+    if "crossarch" in args.parts:
+        chosen = sets if preset.crossarch_random else {"dm": sets["dm"]}
+        report["crossarch"] = {k: v.rows() for k, v in run_crossarch(chosen, test, preset, args.device).items()}
+    if "nas" in args.parts:
+        nas = run_nas(sets, data.train, test, preset, args.device)
+        report["nas"] = {"rows": nas.rows(), "summary": nas.summary()}
+    if "continual" in args.parts:
+        report["continual"] = run_cl(data.train, test, preset, args.device)
+    report["seconds"] = time.perf_counter() - start
+
+    (out / f"{preset_name}.json").write_text(json.dumps(report, indent=2))
+    md = markdown(report)
+    (out / f"{preset_name}.md").write_text(md)
+    written = plots(report, out, preset_name)
+    print(md)
+    print(f"wrote {out / f'{preset_name}.json'}, {out / f'{preset_name}.md'}, "
+          + ", ".join(str(w) for w in written) + f" in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
