@@ -109,8 +109,8 @@ def doorping_partition(real: LabeledImages, task: Any, seed: int, embedder_state
     import time
     from dataclasses import replace
 
-    from distill.partition import class_budget
     from distill.methods import make_config
+    from distill.partition import class_budget
 
     from .doorping import SUPPORTED, DoorpingConfig, doorping_distill
 

@@ -9,9 +9,9 @@ What the store holds (``server/store.py``): ``config.json`` (the flat kebab-case
 - the global model (loss and confidence attacks) with all stored clients' data as members.
 
 Members are re-derived exactly as the client derived them, from the run's config with
-``distill.partition`` (the same partitioner and held-out split the client uses). ``config.json`` does not record the number of partitions, so it is
-an argument (default: the number of distinct clients in the store, right when every
-partition uploaded). Non-members are test-split images, which no client held. Store runs
+``distill.partition`` (the same partitioner and held-out split the client uses).
+``config.json`` does not record the number of partitions, so it is an argument (default:
+the number of distinct clients in the store, right when every partition uploaded). Non-members are test-split images, which no client held. Store runs
 have no randomised inclusion, so their epsilon figures are indicative, not an audit.
 """
 
