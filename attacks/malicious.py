@@ -120,7 +120,7 @@ def doorping_partition(real: LabeledImages, task: Any, seed: int, embedder_state
     hist = real.class_histogram()
     budget = class_budget(hist, task.ipc, task.min_class_samples, task.samples_per_image)
     keep = np.flatnonzero(budget > 0).tolist() + [spec.target]
-    data = real.subset(np.flatnonzero(np.isin(real.labels.numpy(), keep)))
+    data = real.of_classes(keep)
     settings: dict[str, Any] = dict(ipc=task.ipc, iterations=task.iterations, init=task.init, seed=seed,
                                     arch="convnet", arch_kwargs=task.arch_kwargs, embedder_state=embedder_state,
                                     embedder_noise=task.embedder_noise, rho=task.rho)

@@ -227,7 +227,7 @@ def distill_partition(real: LabeledImages, task: DistillTask, seed: int,
     parts: list[SyntheticSet] = []
     for k in groups:
         classes = np.flatnonzero(budget == k if not shared_nets else budget > 0)
-        group = real.subset(np.flatnonzero(np.isin(real.labels.numpy(), classes)))
+        group = real.of_classes(classes)
         settings: dict[str, Any] = dict(ipc=int(k), iterations=task.iterations, init=task.init, seed=seed,
                                         arch="convnet", arch_kwargs=task.arch_kwargs,
                                         embedder_state=embedder_state, embedder_noise=task.embedder_noise,

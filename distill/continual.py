@@ -192,12 +192,6 @@ def make_selector(config: ContinualConfig) -> Selector:
     return random_memory if config.buffer == "random" else herding_memory
 
 
-def only_classes(data: LabeledImages, classes: tuple[int, ...] | list[int]) -> LabeledImages:
-    """The samples of ``data`` whose label is one of ``classes``."""
-    mask = torch.isin(data.labels.cpu(), torch.tensor(list(classes), dtype=torch.long))
-    return data.subset(torch.nonzero(mask).flatten())
-
-
 def run_continual(train: LabeledImages, test: LabeledImages, config: ContinualConfig,
                   select: Selector | None = None, progress: bool = False) -> ContinualResult:
     """Run the class-incremental protocol; ``select`` overrides the config's memory filler."""
@@ -207,16 +201,17 @@ def run_continual(train: LabeledImages, test: LabeledImages, config: ContinualCo
     seen: list[int] = []
     results = []
     for step, classes in enumerate(class_steps(info.num_classes, config.classes_per_step, config.class_order)):
-        step_data = only_classes(train, classes)  # this step's real data, handed out only now
-        images, labels = select(step_data, config.k, config.seed * 1000 + step)
+        step_data = train.of_classes(classes)  # this step's real data, handed out only now
+        step_seed = config.seed * 1000 + step
+        images, labels = select(step_data, config.k, step_seed)
         memory.add(images, labels, classes)
         del step_data, images, labels  # from here on only the memory remembers this step
         seen += list(classes)
         x, y = memory.tensors()
-        net = network_for(info, config.train.arch, seed=config.seed * 1000 + step,
-                          device=config.train.device, **config.train.arch_kwargs)
-        train_network(net, x, y, config.train, seed=config.seed * 1000 + step)
-        test_seen = only_classes(test, seen)
+        net = network_for(info, config.train.arch, seed=step_seed, device=config.train.device,
+                          **config.train.arch_kwargs)
+        train_network(net, x, y, config.train, seed=step_seed)
+        test_seen = test.of_classes(seen)
         acc = accuracy(SeenClasses(net, seen, info.num_classes), test_seen)
         results.append(StepResult(step, tuple(classes), tuple(seen), acc, memory.counts()))
         if progress:

@@ -87,6 +87,15 @@ class LabeledImages:
         """Indices of each class's samples, one tensor per class (possibly empty)."""
         return [torch.nonzero(self.labels == c).flatten() for c in range(self.info.num_classes)]
 
+    def of_classes(self, classes) -> "LabeledImages":
+        """The samples whose label is one of ``classes`` (any iterable of ints), in their order."""
+        wanted = torch.as_tensor(np.asarray(list(classes), dtype=np.int64))
+        return self.subset(torch.nonzero(torch.isin(self.labels.cpu(), wanted)).flatten())
+
+    def first_per_class(self, n: int) -> "LabeledImages":
+        """The first ``n`` samples of each class: a fixed, balanced subset."""
+        return self.subset(torch.cat([idx[:n] for idx in self.class_indices()]))
+
     def to(self, device: torch.device | str) -> "LabeledImages":
         return LabeledImages(self.images.to(device), self.labels.to(device), self.info)
 

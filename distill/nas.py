@@ -129,9 +129,12 @@ class NASReport:
 
     def summary(self) -> dict:
         best = max(self.accuracies[GROUND_TRUTH])
-        return {s: {"spearman": self.correlation(s), "selected": self.selected(s)[0],
-                    "selected_true_acc": self.selected(s)[1], "best_true_acc": best}
-                for s in self.proxies}
+        out = {}
+        for s in self.proxies:
+            name, true_acc = self.selected(s)
+            out[s] = {"spearman": self.correlation(s), "selected": name, "selected_true_acc": true_acc,
+                      "best_true_acc": best}
+        return out
 
     def rows(self) -> list[dict]:
         return [{"candidate": c.name, **c.kwargs(),

@@ -82,13 +82,6 @@ PRESETS = {
 }
 
 
-def stratified(data: LabeledImages, per_class: int | None) -> LabeledImages:
-    """The first ``per_class`` images of each class (a fixed, balanced subset), or all."""
-    if per_class is None:
-        return data
-    return data.subset(torch.cat([idx[:per_class] for idx in data.class_indices()]))
-
-
 def run_crossarch(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], test: LabeledImages,
                   p: Preset, device: str) -> dict[str, CrossArchReport]:
     cfg = TrainConfig(device=device)
@@ -211,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     data = load_dataset()
-    test = stratified(data.test, preset.test_per_class)
+    test = data.test if preset.test_per_class is None else data.test.first_per_class(preset.test_per_class)
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                     "date": time.strftime("%Y-%m-%d"), "preset": preset_name, "device": args.device,

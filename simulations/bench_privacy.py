@@ -82,12 +82,6 @@ PRESETS = {
 }
 
 
-def _subset(data: LabeledImages, per_class: int) -> LabeledImages:
-    if per_class <= 0:
-        return data
-    return data.subset(torch.cat([idx[:per_class] for idx in data.class_indices()]))
-
-
 def _evaluate(images: torch.Tensor, labels: torch.Tensor, test: LabeledImages, p: Preset) -> list[float]:
     cfg = TrainConfig(arch_kwargs=p.eval_net, epochs=p.eval_epochs)
     return list(evaluate(images, labels, test, cfg, seeds=p.eval_seeds).accuracies)
@@ -130,7 +124,7 @@ def dpsgd_row(eps: float, train: LabeledImages, test: LabeledImages, p: Preset) 
 
 def run(p: Preset, log) -> list[dict]:
     data = load_dataset("mnist10k")
-    train = _subset(data.train, p.per_class)
+    train = data.train.first_per_class(p.per_class) if p.per_class > 0 else data.train
     test = data.test if p.test_size <= 0 else data.test.subset(torch.arange(p.test_size))
     rows = []
     for eps in EPSILON_ORDER:

@@ -52,3 +52,14 @@ def test_bundled_path_env_override(tmp_path, monkeypatch):
     monkeypatch.setenv(BUNDLED_ENV, str(tmp_path / "missing.npz"))
     with pytest.raises(FileNotFoundError, match=BUNDLED_ENV):
         bundled_path()
+
+
+def test_class_filters_keep_order_and_pick_the_right_samples(mnist):
+    data = mnist.test
+    sub = data.of_classes(np.array([7, 2]))
+    assert set(sub.labels.tolist()) == {2, 7} and len(sub) == int((data.labels == 2).sum() + (data.labels == 7).sum())
+    idx = torch.nonzero((data.labels == 2) | (data.labels == 7)).flatten()
+    assert torch.equal(sub.images, data.images[idx])  # original order
+    first = data.first_per_class(3)
+    assert first.class_histogram().tolist() == [3] * 10
+    assert torch.equal(first.images[:3], data.images[data.class_indices()[0][:3]])
