@@ -76,6 +76,12 @@ PRESETS = {
                     nas_proxy_epochs=5, nas_pool_epochs=1, nas_pool_size=1000,
                     cl_buffers=("distill", "random"), cl_dm_iterations=5,
                     cl_dm_settings={"batch_real": 32}, cl_epochs=5),
+    # The comparisons at budgets one 2-core CPU hour allows: width-32 ConvNets throughout,
+    # 2 evaluation seeds, shorter training; the whole test split and the whole pool as ground truth.
+    "medium": Preset(dm_iterations=200, net={"width": 32}, seeds=(0, 1),
+                     arch_epochs={"convnet": 300, "mlp": 300, "lenet": 300, "alexnet": 100, "resnet18": 50},
+                     nas_proxy_epochs=100, nas_pool_epochs=2,
+                     cl_dm_iterations=100, cl_epochs=200),
     # The figures on a 2-core CPU; estimated (not measured) from per-epoch costs:
     # DM ~20 min, cross-architecture ~80 min, NAS (36 ConvNets) ~50 min, continual ~60 min.
     "default": Preset(),

@@ -1,6 +1,6 @@
 """Benchmark the distillation core on the bundled MNIST sample.
 
-For each method (random real subset, DM, DC, DSA, KIP, RFAD, FRePo, BPTT) and IPC: test
+For each method (random real subset, DM, DC, DSA, KIP, RFAD, FRePo, BPTT, MTT, CAFE) and IPC: test
 accuracy mean +- std over several evaluation seeds, seconds per outer iteration, peak
 memory; plus the whole-pool accuracy with the same evaluator. Each (method, IPC) runs in its
 own subprocess so its peak RSS is its own. ``--reference-dir`` adds the DM speed comparison
@@ -37,7 +37,7 @@ from distill.synthetic import SetMetadata, SyntheticSet  # noqa: E402
 from distill.train import TrainConfig, evaluate  # noqa: E402
 from distill.visualize import save_grid  # noqa: E402
 
-METHODS = ("random", "dm", "dc", "dsa", "kip", "rfad", "frepo", "bptt")
+METHODS = ("random", "dm", "dc", "dsa", "kip", "rfad", "frepo", "bptt", "mtt", "cafe")
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,14 @@ PRESETS = {
     # Smoke run: every code path, tiny budgets.
     "quick": Preset(
         iterations={("dm", 0): 3, ("dc", 0): 1, ("dsa", 0): 1,
-                    ("kip", 0): 3, ("rfad", 0): 3, ("frepo", 0): 3, ("bptt", 0): 2},
+                    ("kip", 0): 3, ("rfad", 0): 3, ("frepo", 0): 3, ("bptt", 0): 2,
+                    ("mtt", 0): 2, ("cafe", 0): 1},
         settings={"dm": {"batch_real": 64}, "dc": {"batch_real": 32}, "dsa": {"batch_real": 32},
                   "kip": {"batch_real": 64}, "rfad": {"batch_real": 64, "n_models": 2},
-                  "frepo": {"batch_real": 64}, "bptt": {"batch_real": 64, "inner_steps": 5, "truncate": 5}},
+                  "frepo": {"batch_real": 64}, "bptt": {"batch_real": 64, "inner_steps": 5, "truncate": 5},
+                  "mtt": {"num_experts": 1, "expert_train_epochs": 2, "max_start_epoch": 0, "expert_epochs": 1,
+                          "syn_steps": 2, "expert_cache": "bench_results/experts-quick"},
+                  "cafe": {"batch_real": 64, "outer_loop": 1, "inner_loop": 1}},
         gm_loops={1: (1, 1), 10: (2, 2), 50: (2, 2)},
         eval_epochs={1: 20, 10: 20, 50: 10}, pool_epochs=1),
     # About 20 minutes per method and IPC on a 2-core CPU (measured iteration costs).
@@ -72,16 +76,22 @@ PRESETS = {
                     ("kip", 1): 4000, ("kip", 10): 2000, ("kip", 50): 500,
                     ("rfad", 1): 1500, ("rfad", 10): 600, ("rfad", 50): 120,
                     ("frepo", 1): 5000, ("frepo", 10): 1500, ("frepo", 50): 300,
-                    ("bptt", 1): 600, ("bptt", 10): 150, ("bptt", 50): 25},
+                    ("bptt", 1): 600, ("bptt", 10): 150, ("bptt", 50): 25,
+                    ("mtt", 1): 300, ("mtt", 10): 200, ("mtt", 50): 60,
+                    ("cafe", 1): 100, ("cafe", 10): 40, ("cafe", 50): 15},
         settings={"dc": {"batch_real": 64}, "dsa": {"batch_real": 64},
-                  "bptt": {"inner_steps": 10, "truncate": 5}},
+                  "bptt": {"inner_steps": 10, "truncate": 5}, "cafe": {"batch_real": 256},
+                  # Experts and student at width 32: at width 128 the 30 expert epochs alone take
+                  # ~20 min on 2 cores and each unroll ~16x longer. The evaluator stays width 128.
+                  "mtt": {"arch_kwargs": {"width": 32}}},
         gm_loops={1: (1, 1), 10: (10, 10), 50: (10, 10)},
         eval_epochs={1: 1000, 10: 1000, 50: 500}, pool_epochs=20),
     # The papers' settings (GPU): DM 20k iterations, DC/DSA 1000, 1000 evaluation epochs.
     # DC/DSA loops as in Zhao et al. (outer, inner): IPC 1 (1, 1), IPC 10 (10, 50), IPC 50 (50, 10).
     "paper": Preset(
         iterations={("dm", 0): 20000, ("dc", 0): 1000, ("dsa", 0): 1000,
-                    ("kip", 0): 5000, ("rfad", 0): 5000, ("frepo", 0): 20000, ("bptt", 0): 5000},
+                    ("kip", 0): 5000, ("rfad", 0): 5000, ("frepo", 0): 20000, ("bptt", 0): 5000,
+                    ("mtt", 0): 5000, ("cafe", 0): 1000},
         gm_loops={1: (1, 1), 10: (10, 50), 50: (50, 10)},
         eval_epochs={1: 1000, 10: 1000, 50: 1000}, pool_epochs=50),
 }
@@ -212,7 +222,8 @@ def table(results: list[dict]) -> str:
              "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
         acc = f"{100 * r['acc_mean']:.2f} +- {100 * r['acc_std']:.2f}"
-        lines.append(f"| {r['method']} | {r.get('ipc') or '-'} | {r.get('iterations', '-')} | {acc} | "
+        label = r["method"] + "".join(f" {k}={v}" for k, v in sorted(r.get("overrides", {}).items()))
+        lines.append(f"| {label} | {r.get('ipc') or '-'} | {r.get('iterations', '-')} | {acc} | "
                      f"{r.get('sec_per_iter', 0):.2f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
