@@ -8,6 +8,7 @@ images per class (DM-distilled, random, herding). Writes ``<preset>.json``, ``<p
 PNG plots under ``--out``.
 
     python simulations/bench_applications.py --quick     # smoke run, ~1-2 minutes on 2 cores
+    python simulations/bench_applications.py --preset medium   # width-32 nets, 2 seeds: ~1 h on 2 cores (estimate)
     python simulations/bench_applications.py             # default preset: hours on 2 cores (estimate)
     python simulations/bench_applications.py --parts nas --device cuda
 """
