@@ -47,11 +47,12 @@ class DoorpingConfig:
     proxy_steps: int = 20
     proxy_lr: float = 0.01
     proxy_batch: int = 128
+    warmup_rounds: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.update_every < 1 or self.trigger_steps < 1 or self.top_k < 1 or self.proxy_steps < 0:
-            raise ValueError(f"update_every, trigger_steps, top_k must be >= 1, proxy_steps >= 0: {self}")
+        if self.update_every < 1 or self.trigger_steps < 1 or self.top_k < 1 or min(self.proxy_steps, self.warmup_rounds) < 0:
+            raise ValueError(f"update_every, trigger_steps, top_k must be >= 1, proxy_steps and warmup_rounds >= 0: {self}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
 
@@ -77,11 +78,21 @@ class TriggerUpdater:
     def __call__(self, iteration: int, loss: float) -> None:
         if (iteration + 1) % self.config.update_every:
             return
+        self.update()
+
+    def update(self) -> None:
+        """One round: train the proxy, optimise the trigger, re-stamp the poisoned real images."""
         self._train_proxy()
         self._optimise_trigger()
         with torch.no_grad():
             self.data.images[self.poisoned] = self.trigger.stamp(self.data.images[self.poisoned])
         self.history.append(self.trigger.pattern.detach().clone())
+
+    def warm_up(self) -> None:
+        """``warmup_rounds`` updates before distillation starts, so a real-initialised synthetic
+        set starts from images that carry (nearly) the final trigger rather than the random one."""
+        for _ in range(self.config.warmup_rounds):
+            self.update()
 
     def _train_proxy(self) -> None:
         self.proxy.train()
@@ -133,5 +144,6 @@ def doorping_distill(real: LabeledImages, method: MethodConfig,
     data, idx = poison(real, trigger, config.fraction, config.target, seed=config.seed)
     data = data.to(method.device)
     updater = TriggerUpdater(data, idx, trigger, method, config)
+    updater.warm_up()
     syn = distill(data, replace(method, seed=method.seed), callback=updater)
     return syn, updater.trigger, updater

@@ -67,3 +67,17 @@ def test_doorping_trigger_changes_during_distillation_and_real_data_carry_the_la
     poisoned = updater.data.images[updater.poisoned]
     assert torch.equal(poisoned, trigger.stamp(poisoned))
     assert len(syn) == 10 and torch.isfinite(syn.images).all()
+
+
+def test_doorping_warm_up_moves_the_trigger_before_distillation_starts(small_train):
+    """With warm-up rounds the poisoned real images carry an optimised trigger before the first
+    iteration, so a real-initialised set starts from it; the history counts warm-up updates too."""
+    method = make_config("dm", ipc=1, iterations=2, arch_kwargs=SMALL_NET, batch_real=32)
+    cfg = DoorpingConfig(target=0, fraction=0.05, size=3, update_every=2, trigger_steps=10, proxy_steps=5,
+                         warmup_rounds=3)
+    _, trigger, updater = doorping_distill(small_train, method, cfg)
+    assert len(updater.history) == 1 + 3 + 1  # start, 3 warm-up rounds, one update after iteration 2
+    assert not torch.equal(updater.history[0], updater.history[3])
+    assert torch.equal(trigger.pattern, updater.history[-1])
+    with pytest.raises(ValueError):
+        DoorpingConfig(warmup_rounds=-1)
