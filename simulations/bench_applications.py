@@ -8,7 +8,7 @@ images per class (DM-distilled, random, herding). Writes ``<preset>.json``, ``<p
 PNG plots under ``--out``.
 
     python simulations/bench_applications.py --quick     # smoke run, ~1-2 minutes on 2 cores
-    python simulations/bench_applications.py --preset medium   # width-32 nets, 2 seeds: ~1 h on 2 cores (estimate)
+    python simulations/bench_applications.py --preset medium   # width-32 nets, 2 seeds: 53 min on 2 cores (measured)
     python simulations/bench_applications.py             # default preset: hours on 2 cores (estimate)
     python simulations/bench_applications.py --parts nas --device cuda
 """
@@ -77,8 +77,9 @@ PRESETS = {
                     nas_proxy_epochs=5, nas_pool_epochs=1, nas_pool_size=1000,
                     cl_buffers=("distill", "random"), cl_dm_iterations=5,
                     cl_dm_settings={"batch_real": 32}, cl_epochs=5),
-    # The issue's comparisons at budgets one 2-core CPU hour allows: width-32 ConvNets throughout,
-    # 2 evaluation seeds, shorter training; the whole test split and the whole pool as ground truth.
+    # The issue's comparisons at budgets one 2-core CPU hour allows (3,163 s measured): width-32
+    # ConvNets throughout, 2 evaluation seeds, shorter training; the whole test split and the
+    # whole pool as ground truth.
     "medium": Preset(dm_iterations=200, net={"width": 32}, seeds=(0, 1),
                      arch_epochs={"convnet": 300, "mlp": 300, "lenet": 300, "alexnet": 100, "resnet18": 50},
                      nas_proxy_epochs=100, nas_pool_epochs=2,
