@@ -119,6 +119,7 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
         if method in ("dc", "dsa") and ipc in preset.gm_loops:
             settings["outer_loop"], settings["inner_loop"] = preset.gm_loops[ipc]
         settings.update(overrides or {})
+        iterations = int(settings.pop("iterations", iterations))  # --set m.iterations=N beats the preset
         config = make_config(method, ipc=ipc, iterations=iterations, seed=0, device=device,
                              time_limit_s=time_limit, **settings)
         syn = distill(data.train, config, callback=lambda it, loss: stamps.append(time.perf_counter()))
