@@ -11,6 +11,8 @@ PNG plots under ``--out``.
     python simulations/bench_applications.py --preset medium   # width-32 nets, 2 seeds: 53 min on 2 cores (measured)
     python simulations/bench_applications.py             # default preset: hours on 2 cores (estimate)
     python simulations/bench_applications.py --parts nas --device cuda
+    python simulations/bench_applications.py --preset medium --parts crossarch \
+        --sets mtt=bench_results/distill/mtt_ipc10.npz dsa=bench_results/distill/dsa_ipc10.npz
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from distill.crossarch import DEFAULT_ARCHS, CrossArchReport, cross_arch_evaluat
 from distill.data import LabeledImages  # noqa: E402
 from distill.methods import distill  # noqa: E402
 from distill.nas import GROUND_TRUTH, NASReport, convnet_grid, nas_proxy  # noqa: E402
+from distill.synthetic import SyntheticSet  # noqa: E402
 from distill.train import TrainConfig  # noqa: E402
 
 PARTS = ("crossarch", "nas", "continual")
@@ -134,6 +137,23 @@ def run_cl(train: LabeledImages, test: LabeledImages, p: Preset, device: str) ->
     return out
 
 
+def load_extra_sets(specs: list[str], info) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``NAME=PATH`` saved sets (any method's, e.g. bench_distill's ``<method>_ipc<k>.npz``) as
+    (decoded images, hard labels); refused if they were distilled from another dataset."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--sets takes NAME=PATH, got {spec!r}")
+        if name in ("dm", "random") or name in out:
+            raise SystemExit(f"--sets name {name!r} is taken")
+        syn = SyntheticSet.load(path)
+        if syn.meta.dataset.name != info.name:
+            raise SystemExit(f"{path}: distilled from {syn.meta.dataset.name!r}, not {info.name!r}")
+        out[name] = (syn.images.detach(), syn.hard_labels())
+    return out
+
+
 def markdown(report: dict) -> str:
     lines = [f"# Applications of a distilled set ({report['preset']} preset)", "",
              f"{report['machine']}; {report['date']}; `{report['command']}`", "",
@@ -204,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which applications to run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench_results/applications", help="output directory")
+    p.add_argument("--sets", nargs="+", default=[], metavar="NAME=PATH",
+                   help="saved synthetic sets evaluated beside DM's in the crossarch and nas parts")
     args = p.parse_args(argv)
     preset_name = "quick" if args.quick else args.preset
     preset = PRESETS[preset_name]
@@ -228,10 +250,11 @@ def main(argv: list[str] | None = None) -> int:
         rand = random_real_subset(data.train, preset.ipc, seed=0)
         sets = {"dm": (syn.images, syn.hard_labels()), "random": (rand.images, rand.labels)}
         syn.save(out / f"{preset_name}_dm_ipc{preset.ipc}.npz")
+        sets.update(load_extra_sets(args.sets, data.info))
     else:
         report["dm"] = {"iterations": 0, "seconds": 0.0}
     if "crossarch" in args.parts:
-        chosen = sets if preset.crossarch_random else {"dm": sets["dm"]}
+        chosen = sets if preset.crossarch_random else {k: v for k, v in sets.items() if k != "random"}
         report["crossarch"] = {k: v.rows() for k, v in run_crossarch(chosen, test, preset, args.device).items()}
     if "nas" in args.parts:
         nas = run_nas(sets, data.train, test, preset, args.device)

@@ -239,3 +239,24 @@ def test_continual_herding_and_config_validation(small_train, tiny_test):
         ContinualConfig(buffer="reservoir")
     with pytest.raises(ValueError, match="no settings"):
         ContinualConfig(method_settings={"iterationz": 5})
+
+
+def test_bench_applications_loads_saved_sets_by_name_and_refuses_bad_ones(mnist, tmp_path):
+    """``--sets NAME=PATH``: any method's saved set joins the cross-architecture table as
+    (decoded images, hard labels); a malformed spec, a taken name or another dataset is refused."""
+    from dataclasses import replace as dc_replace
+
+    from distill.synthetic import SetMetadata, SyntheticSet
+    from simulations.bench_applications import load_extra_sets
+
+    sub = random_real_subset(mnist.train, 2, seed=0)
+    path = SyntheticSet(sub.images, sub.labels, SetMetadata(mnist.info, "mtt", 2)).save(tmp_path / "mtt.npz")
+    sets = load_extra_sets([f"mtt={path}"], mnist.info)
+    x, y = sets["mtt"]
+    assert torch.equal(x, sub.images) and torch.equal(y, sub.labels)
+    for bad in (["mtt"], [f"dm={path}"], [f"a={path}", f"a={path}"]):
+        with pytest.raises(SystemExit):
+            load_extra_sets(bad, mnist.info)
+    other = SyntheticSet(sub.images, sub.labels, SetMetadata(dc_replace(mnist.info, name="other"), "dm", 2))
+    with pytest.raises(SystemExit, match="distilled from"):
+        load_extra_sets([f"x={other.save(tmp_path / 'o.npz')}"], mnist.info)
