@@ -47,12 +47,14 @@ class DoorpingConfig:
     proxy_steps: int = 20
     proxy_lr: float = 0.01
     proxy_batch: int = 128
-    warmup_rounds: int = 0
+    warmup_rounds: int = 0  # updates before the first distillation iteration (docs/attacks.md)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.update_every < 1 or self.trigger_steps < 1 or self.top_k < 1 or min(self.proxy_steps, self.warmup_rounds) < 0:
-            raise ValueError(f"update_every, trigger_steps, top_k must be >= 1, proxy_steps and warmup_rounds >= 0: {self}")
+        if self.update_every < 1 or self.trigger_steps < 1 or self.top_k < 1:
+            raise ValueError(f"update_every, trigger_steps, top_k must be >= 1: {self}")
+        if self.proxy_steps < 0 or self.warmup_rounds < 0:
+            raise ValueError(f"proxy_steps and warmup_rounds must be >= 0: {self}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
 

@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
 from distill import load_dataset, make_config, random_real_subset  # noqa: E402
 from distill.continual import ContinualConfig, run_continual  # noqa: E402
 from distill.crossarch import DEFAULT_ARCHS, CrossArchReport, cross_arch_evaluate  # noqa: E402
-from distill.data import LabeledImages  # noqa: E402
+from distill.data import DatasetInfo, LabeledImages  # noqa: E402
 from distill.methods import distill  # noqa: E402
 from distill.nas import GROUND_TRUTH, NASReport, convnet_grid, nas_proxy  # noqa: E402
 from distill.synthetic import SyntheticSet  # noqa: E402
@@ -137,7 +137,7 @@ def run_cl(train: LabeledImages, test: LabeledImages, p: Preset, device: str) ->
     return out
 
 
-def load_extra_sets(specs: list[str], info) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def load_extra_sets(specs: list[str], info: DatasetInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``NAME=PATH`` saved sets (any method's, e.g. bench_distill's ``<method>_ipc<k>.npz``) as
     (decoded images, hard labels); refused if they were distilled from another dataset."""
     out = {}
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     data = load_dataset()
+    extra = load_extra_sets(args.sets, data.info)  # before any training: a bad path fails at once
     test = data.test if preset.test_per_class is None else data.test.first_per_class(preset.test_per_class)
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -248,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         syn = distill(data.train, cfg)
         report["dm"] = {"iterations": syn.meta.iterations, "seconds": time.perf_counter() - t0}
         rand = random_real_subset(data.train, preset.ipc, seed=0)
-        sets = {"dm": (syn.images, syn.hard_labels()), "random": (rand.images, rand.labels)}
+        sets = {"dm": (syn.images, syn.hard_labels()), "random": (rand.images, rand.labels), **extra}
         syn.save(out / f"{preset_name}_dm_ipc{preset.ipc}.npz")
-        sets.update(load_extra_sets(args.sets, data.info))
     else:
         report["dm"] = {"iterations": 0, "seconds": 0.0}
     if "crossarch" in args.parts:
