@@ -13,6 +13,8 @@ PNG plots under ``--out``.
     python simulations/bench_applications.py --parts nas --device cuda
     python simulations/bench_applications.py --preset medium --parts crossarch \
         --sets mtt=bench_results/distill/mtt_ipc10.npz dsa=bench_results/distill/dsa_ipc10.npz
+    python simulations/bench_applications.py --preset medium --parts crossarch --no-baselines \
+        --seeds 0 --sets kip=bench_results/distill/kip_ipc10.npz   # only the saved set, one seed
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -139,7 +141,8 @@ def run_cl(train: LabeledImages, test: LabeledImages, p: Preset, device: str) ->
 
 def load_extra_sets(specs: list[str], info: DatasetInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``NAME=PATH`` saved sets (any method's, e.g. bench_distill's ``<method>_ipc<k>.npz``) as
-    (decoded images, hard labels); refused if they were distilled from another dataset."""
+    (decoded images, labels as stored: the soft labels KIP, RFAD, FRePo and BPTT learn are what
+    their sets teach, and the trainer takes them); refused if distilled from another dataset."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -150,14 +153,15 @@ def load_extra_sets(specs: list[str], info: DatasetInfo) -> dict[str, tuple[torc
         syn = SyntheticSet.load(path)
         if syn.meta.dataset.name != info.name:
             raise SystemExit(f"{path}: distilled from {syn.meta.dataset.name!r}, not {info.name!r}")
-        out[name] = (syn.images.detach(), syn.hard_labels())
+        out[name] = (syn.images.detach(), syn.labels.detach())
     return out
 
 
 def markdown(report: dict) -> str:
     lines = [f"# Applications of a distilled set ({report['preset']} preset)", "",
              f"{report['machine']}; {report['date']}; `{report['command']}`", "",
-             f"DM IPC {report['ipc']}: {report['dm']['iterations']} iterations, {report['dm']['seconds']:.0f} s."]
+             f"DM IPC {report['ipc']}: {report['dm']['iterations']} iterations, {report['dm']['seconds']:.0f} s."
+             if report["dm"]["iterations"] else "No DM set distilled (saved sets only)."]
     if "crossarch" in report:
         archs = list(DEFAULT_ARCHS)
         lines += ["", "## Cross-architecture (test accuracy %, mean +- std over seeds)", "",
@@ -191,6 +195,19 @@ def plots(report: dict, out: Path, preset: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     figures = []
+    if report.get("crossarch"):
+        archs, names = list(DEFAULT_ARCHS), list(report["crossarch"])
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 3), 4))
+        width = 0.8 / len(names)
+        for i, name in enumerate(names):
+            by_arch = {r["arch"]: r for r in report["crossarch"][name]}
+            ax.bar([a + (i - (len(names) - 1) / 2) * width for a in range(len(archs))],
+                   [100 * by_arch[a]["mean"] for a in archs], width,
+                   yerr=[100 * by_arch[a]["std"] for a in archs], label=name, capsize=2)
+        ax.set(xticks=range(len(archs)), xticklabels=archs, ylabel="test accuracy (%)",
+               title="cross-architecture: trained on each set", ylim=(50, 100))
+        ax.legend(fontsize=7, ncol=2)
+        figures.append((fig, out / f"{preset}_crossarch.png"))
     if "nas" in report:
         rows, summary = report["nas"]["rows"], report["nas"]["summary"]
         fig, ax = plt.subplots(figsize=(5, 4))
@@ -226,9 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_results/applications", help="output directory")
     p.add_argument("--sets", nargs="+", default=[], metavar="NAME=PATH",
                    help="saved synthetic sets evaluated beside DM's in the crossarch and nas parts")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="evaluate only the --sets: distill no DM set and draw no random subset")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="evaluation seeds of the crossarch part (default: the preset's)")
     args = p.parse_args(argv)
+    if args.no_baselines and not args.sets:
+        p.error("--no-baselines needs --sets: there would be nothing to evaluate")
+    if args.no_baselines and "continual" in args.parts:
+        p.error("--no-baselines applies to crossarch and nas; the continual part distills its own buffers")
     preset_name = "quick" if args.quick else args.preset
     preset = PRESETS[preset_name]
+    if args.seeds is not None:
+        preset = replace(preset, seeds=tuple(args.seeds))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -242,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "ipc": preset.ipc,
                     "test_images": len(test), "settings": asdict(preset)}
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if {"crossarch", "nas"} & set(args.parts):
+    if {"crossarch", "nas"} & set(args.parts) and args.no_baselines:
+        report["dm"] = {"iterations": 0, "seconds": 0.0}
+        sets = dict(extra)
+    elif {"crossarch", "nas"} & set(args.parts):
         t0 = time.perf_counter()
         cfg = make_config("dm", ipc=preset.ipc, iterations=preset.dm_iterations, seed=0, device=args.device,
                           arch_kwargs=dict(preset.net), **preset.dm_settings)

@@ -243,7 +243,8 @@ def test_continual_herding_and_config_validation(small_train, tiny_test):
 
 def test_bench_applications_loads_saved_sets_by_name_and_refuses_bad_ones(mnist, tmp_path):
     """``--sets NAME=PATH``: any method's saved set joins the cross-architecture table as
-    (decoded images, hard labels); a malformed spec, a taken name or another dataset is refused."""
+    (decoded images, stored labels, soft ones kept); a malformed spec, a taken name or another
+    dataset is refused."""
     from dataclasses import replace as dc_replace
 
     from distill.synthetic import SetMetadata, SyntheticSet
@@ -254,9 +255,33 @@ def test_bench_applications_loads_saved_sets_by_name_and_refuses_bad_ones(mnist,
     sets = load_extra_sets([f"mtt={path}"], mnist.info)
     x, y = sets["mtt"]
     assert torch.equal(x, sub.images) and torch.equal(y, sub.labels)
+    soft = torch.softmax(torch.randn(len(sub), mnist.info.num_classes, generator=torch.Generator().manual_seed(0)), 1)
+    kip = SyntheticSet(sub.images, soft, SetMetadata(mnist.info, "kip", 2)).save(tmp_path / "kip.npz")
+    assert torch.equal(load_extra_sets([f"kip={kip}"], mnist.info)["kip"][1], soft)  # learned labels kept
     for bad in (["mtt"], [f"dm={path}"], [f"a={path}", f"a={path}"]):
         with pytest.raises(SystemExit):
             load_extra_sets(bad, mnist.info)
     other = SyntheticSet(sub.images, sub.labels, SetMetadata(dc_replace(mnist.info, name="other"), "dm", 2))
     with pytest.raises(SystemExit, match="distilled from"):
         load_extra_sets([f"x={other.save(tmp_path / 'o.npz')}"], mnist.info)
+
+
+def test_bench_applications_no_baselines_evaluates_only_the_saved_sets(mnist, tmp_path):
+    """``--no-baselines``: no DM distillation, no random subset; the table, JSON and plot hold
+    only the named sets, over the seeds given."""
+    import json
+
+    from distill.synthetic import SetMetadata, SyntheticSet
+    from simulations.bench_applications import main
+
+    sub = random_real_subset(mnist.train, 1, seed=0)
+    path = SyntheticSet(sub.images, sub.labels, SetMetadata(mnist.info, "cafe", 1)).save(tmp_path / "c.npz")
+    out = tmp_path / "out"
+    assert main(["--quick", "--parts", "crossarch", "--no-baselines", "--seeds", "3",
+                 "--sets", f"cafe={path}", "--out", str(out)]) == 0
+    report = json.loads((out / "quick.json").read_text())
+    assert list(report["crossarch"]) == ["cafe"] and report["dm"]["iterations"] == 0
+    assert all(len(r["accuracies"]) == 1 for r in report["crossarch"]["cafe"])
+    assert (out / "quick_crossarch.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["--quick", "--no-baselines", "--out", str(out)])  # nothing to evaluate
