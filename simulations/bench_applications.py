@@ -141,8 +141,9 @@ def run_cl(train: LabeledImages, test: LabeledImages, p: Preset, device: str) ->
 
 def load_extra_sets(specs: list[str], info: DatasetInfo) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``NAME=PATH`` saved sets (any method's, e.g. bench_distill's ``<method>_ipc<k>.npz``) as
-    (decoded images, labels as stored: the soft labels KIP, RFAD, FRePo and BPTT learn are what
-    their sets teach, and the trainer takes them); refused if distilled from another dataset."""
+    (decoded images, labels as stored: learned soft labels, KIP's and FRePo's by default, are
+    part of what a set teaches, and the trainer takes them); refused if distilled from another
+    dataset."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
