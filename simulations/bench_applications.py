@@ -200,11 +200,12 @@ def plots(report: dict, out: Path, preset: str) -> list[Path]:
         archs, names = list(DEFAULT_ARCHS), list(report["crossarch"])
         fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 3), 4))
         width = 0.8 / len(names)
+        colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")  # no two sets share a colour
         for i, name in enumerate(names):
             by_arch = {r["arch"]: r for r in report["crossarch"][name]}
             ax.bar([a + (i - (len(names) - 1) / 2) * width for a in range(len(archs))],
                    [100 * by_arch[a]["mean"] for a in archs], width,
-                   yerr=[100 * by_arch[a]["std"] for a in archs], label=name, capsize=2)
+                   yerr=[100 * by_arch[a]["std"] for a in archs], label=name, capsize=2, color=colours(i))
         ax.set(xticks=range(len(archs)), xticklabels=archs, ylabel="test accuracy (%)",
                title="cross-architecture: trained on each set", ylim=(50, 100))
         ax.legend(fontsize=7, ncol=2)
