@@ -270,11 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     "date": time.strftime("%Y-%m-%d"), "preset": preset_name, "device": args.device,
                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "ipc": preset.ipc,
                     "test_images": len(test), "settings": asdict(preset)}
-    sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if {"crossarch", "nas"} & set(args.parts) and args.no_baselines:
-        report["dm"] = {"iterations": 0, "seconds": 0.0}
-        sets = dict(extra)
-    elif {"crossarch", "nas"} & set(args.parts):
+    report["dm"] = {"iterations": 0, "seconds": 0.0}
+    sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(extra)
+    if {"crossarch", "nas"} & set(args.parts) and not args.no_baselines:
         t0 = time.perf_counter()
         cfg = make_config("dm", ipc=preset.ipc, iterations=preset.dm_iterations, seed=0, device=args.device,
                           arch_kwargs=dict(preset.net), **preset.dm_settings)
@@ -283,8 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         rand = random_real_subset(data.train, preset.ipc, seed=0)
         sets = {"dm": (syn.images, syn.hard_labels()), "random": (rand.images, rand.labels), **extra}
         syn.save(out / f"{preset_name}_dm_ipc{preset.ipc}.npz")
-    else:
-        report["dm"] = {"iterations": 0, "seconds": 0.0}
     if "crossarch" in args.parts:
         chosen = sets if preset.crossarch_random else {k: v for k, v in sets.items() if k != "random"}
         report["crossarch"] = {k: v.rows() for k, v in run_crossarch(chosen, test, preset, args.device).items()}
