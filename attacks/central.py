@@ -20,7 +20,7 @@ from distill.train import TrainConfig, train_network
 
 from .backdoor import Trigger, attack_success_rate, clean_test_accuracy, poison
 from .canary import CanaryAudit, canary_audit, make_canaries
-from .doorping import DoorpingConfig, doorping_distill
+from .doorping import SUPPORTED as DOORPING_METHODS, DoorpingConfig, doorping_distill
 from .experiment import MembershipReport, run_membership
 from .membership import audit_pool
 from .metrics import epsilon_lower_bound_from_scores
@@ -162,7 +162,7 @@ def backdoor_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[
             rows.append(evaluate("clean", client, trigger))
         elif step == "naive":
             rows.append(evaluate("naive", poison(client, trigger, frac, target, cfg.seed)[0], trigger))
-        elif method.method in ("dm", "dc", "dsa"):
+        elif method.method in DOORPING_METHODS:
             dcfg = DoorpingConfig(target=target, fraction=frac, size=trigger.size, seed=cfg.seed,
                                   **b.get("doorping_settings", {}))
             syn, trig, _ = doorping_distill(client, method, dcfg)

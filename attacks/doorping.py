@@ -28,7 +28,9 @@ from distill.synthetic import SyntheticSet
 
 from .backdoor import Trigger, poison
 
-SUPPORTED = ("dm", "dc", "dsa")
+# Every method that draws its real batches through distill.methods.base.RealSampler (which shares
+# the tensor the callback re-stamps); MTT is out: its expert trajectories are trained before distilling.
+SUPPORTED = ("dm", "dc", "dsa", "cafe", "kip", "rfad", "frepo", "bptt")
 
 
 @dataclass(frozen=True)

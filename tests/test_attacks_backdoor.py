@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from attacks.backdoor import Trigger, attack_success_rate, clean_test_accuracy, poison
-from attacks.doorping import DoorpingConfig, doorping_distill
+from attacks.doorping import SUPPORTED, DoorpingConfig, doorping_distill
 from distill.methods import make_config
+from distill.methods.base import RealSampler
 from distill.networks import seeded_network
 from distill.train import TrainConfig, train_network
 
@@ -81,3 +82,29 @@ def test_doorping_warm_up_moves_the_trigger_before_distillation_starts(small_tra
     assert torch.equal(trigger.pattern, updater.history[-1])
     with pytest.raises(ValueError):
         DoorpingConfig(warmup_rounds=-1)
+
+
+TINY = {"dm": {"batch_real": 16}, "dc": {"batch_real": 8, "outer_loop": 1, "inner_loop": 1},
+        "dsa": {"batch_real": 8, "outer_loop": 1, "inner_loop": 1},
+        "cafe": {"batch_real": 16, "outer_loop": 1, "inner_loop": 1}, "kip": {"batch_real": 20},
+        "rfad": {"batch_real": 20, "n_models": 1}, "frepo": {"batch_real": 20, "pool_size": 2},
+        "bptt": {"batch_real": 20, "inner_steps": 2, "truncate": 2}}
+
+
+@pytest.mark.parametrize("method_name", SUPPORTED)
+def test_every_supported_method_samples_the_tensor_doorping_restamps(small_train, monkeypatch, method_name):
+    """DOORPING re-stamps the poisoned real images in place; a method only learns the latest trigger
+    if its real-batch sampler holds that very tensor rather than a copy."""
+    held = []
+    original = RealSampler.__init__
+
+    def recording_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        held.append(self.images)
+
+    monkeypatch.setattr(RealSampler, "__init__", recording_init)
+    method = make_config(method_name, ipc=1, iterations=2, arch_kwargs=SMALL_NET, **TINY[method_name])
+    cfg = DoorpingConfig(target=0, fraction=0.05, size=3, update_every=1, trigger_steps=2, proxy_steps=1)
+    syn, trigger, updater = doorping_distill(small_train, method, cfg)
+    assert held and all(t is updater.data.images for t in held)
+    assert len(updater.history) == 3 and torch.isfinite(syn.images).all()
