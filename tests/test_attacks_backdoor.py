@@ -12,6 +12,7 @@ from distill.networks import seeded_network
 from distill.train import TrainConfig, train_network
 
 from .conftest import SMALL_NET
+from .test_methods import FAST
 
 
 @pytest.mark.parametrize("corner", ["bottom-right", "top-left"])
@@ -84,13 +85,6 @@ def test_doorping_warm_up_moves_the_trigger_before_distillation_starts(small_tra
         DoorpingConfig(warmup_rounds=-1)
 
 
-TINY = {"dm": {"batch_real": 16}, "dc": {"batch_real": 8, "outer_loop": 1, "inner_loop": 1},
-        "dsa": {"batch_real": 8, "outer_loop": 1, "inner_loop": 1},
-        "cafe": {"batch_real": 16, "outer_loop": 1, "inner_loop": 1}, "kip": {"batch_real": 20},
-        "rfad": {"batch_real": 20, "n_models": 1}, "frepo": {"batch_real": 20, "pool_size": 2},
-        "bptt": {"batch_real": 20, "inner_steps": 2, "truncate": 2}}
-
-
 @pytest.mark.parametrize("method_name", SUPPORTED)
 def test_every_supported_method_samples_the_tensor_doorping_restamps(small_train, monkeypatch, method_name):
     """DOORPING re-stamps the poisoned real images in place; a method only learns the latest trigger
@@ -103,7 +97,7 @@ def test_every_supported_method_samples_the_tensor_doorping_restamps(small_train
         held.append(self.images)
 
     monkeypatch.setattr(RealSampler, "__init__", recording_init)
-    method = make_config(method_name, ipc=1, iterations=2, arch_kwargs=SMALL_NET, **TINY[method_name])
+    method = make_config(method_name, ipc=1, iterations=2, arch_kwargs=SMALL_NET, **FAST[method_name])
     cfg = DoorpingConfig(target=0, fraction=0.05, size=3, update_every=1, trigger_steps=2, proxy_steps=1)
     syn, trigger, updater = doorping_distill(small_train, method, cfg)
     assert held and all(t is updater.data.images for t in held)
