@@ -102,3 +102,20 @@ def test_every_supported_method_samples_the_tensor_doorping_restamps(small_train
     syn, trigger, updater = doorping_distill(small_train, method, cfg)
     assert held and all(t is updater.data.images for t in held)
     assert len(updater.history) == 3 and torch.isfinite(syn.images).all()
+
+
+def test_carrier_set_holds_exactly_the_asked_triggered_non_target_images(small_train):
+    from attacks.capacity import carrier_set
+
+    t = Trigger.solid(small_train.info, size=3)
+    s = carrier_set(small_train, t, ipc=5, carriers=3, target=0, seed=1)
+    assert len(s) == 50 and (torch.bincount(s.labels, minlength=10) == 5).all()
+    rows, cols = t.region(28, 28)
+    stamped = (s.images[:, :, rows, cols] == t.pattern).flatten(1).all(1)
+    carriers = s.images[stamped]
+    assert stamped.sum() == 3 and (s.labels[stamped] == 0).all()
+    # each carrier is a non-target real image, stamped and relabelled
+    src = small_train.images[small_train.labels != 0]
+    assert all(any(torch.equal(t.stamp(src[j:j + 1])[0], c) for j in range(len(src))) for c in carriers)
+    with pytest.raises(ValueError, match="carriers"):
+        carrier_set(small_train, t, ipc=5, carriers=6, target=0)
