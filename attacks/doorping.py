@@ -50,6 +50,7 @@ class DoorpingConfig:
     proxy_lr: float = 0.01
     proxy_batch: int = 128
     warmup_rounds: int = 0  # updates before the first distillation iteration (docs/attacks.md)
+    start: str = "random"  # the paper's random patch, or "white": the naive trigger, then optimised
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -59,6 +60,8 @@ class DoorpingConfig:
             raise ValueError(f"proxy_steps and warmup_rounds must be >= 0: {self}")
         if not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.start not in ("random", "white"):
+            raise ValueError(f"start must be 'random' or 'white', got {self.start!r}")
 
 
 class TriggerUpdater:
@@ -143,8 +146,11 @@ def doorping_distill(real: LabeledImages, method: MethodConfig,
     gen = torch.Generator().manual_seed(config.seed)
     lo = torch.tensor([(0.0 - m) / s for m, s in zip(info.mean, info.std)]).view(-1, 1, 1)
     hi = torch.tensor([(1.0 - m) / s for m, s in zip(info.mean, info.std)]).view(-1, 1, 1)
-    start = lo + (hi - lo) * torch.rand(info.channels, config.size, config.size, generator=gen)
-    trigger = Trigger(start, config.margin)
+    if config.start == "white":
+        trigger = Trigger.solid(info, config.size, 1.0, config.margin)
+    else:
+        trigger = Trigger(lo + (hi - lo) * torch.rand(info.channels, config.size, config.size, generator=gen),
+                          config.margin)
     data, idx = poison(real, trigger, config.fraction, config.target, seed=config.seed)
     data = data.to(method.device)
     updater = TriggerUpdater(data, idx, trigger, method, config)

@@ -85,6 +85,19 @@ def test_doorping_warm_up_moves_the_trigger_before_distillation_starts(small_tra
         DoorpingConfig(warmup_rounds=-1)
 
 
+def test_doorping_white_start_begins_from_the_naive_trigger_and_stays_in_range(small_train):
+    method = make_config("dm", ipc=1, iterations=2, arch_kwargs=SMALL_NET, batch_real=32)
+    cfg = DoorpingConfig(target=0, fraction=0.05, size=3, update_every=1, trigger_steps=10, proxy_steps=5,
+                         start="white")
+    _, trigger, updater = doorping_distill(small_train, method, cfg)
+    assert torch.equal(updater.history[0], Trigger.solid(small_train.info, size=3).pattern)
+    info = small_train.info
+    lo, hi = (0 - info.mean[0]) / info.std[0], (1 - info.mean[0]) / info.std[0]
+    assert trigger.pattern.min() >= lo - 1e-6 and trigger.pattern.max() <= hi + 1e-6
+    with pytest.raises(ValueError, match="start"):
+        DoorpingConfig(start="black")
+
+
 @pytest.mark.parametrize("method_name", SUPPORTED)
 def test_every_supported_method_samples_the_tensor_doorping_restamps(small_train, monkeypatch, method_name):
     """DOORPING re-stamps the poisoned real images in place; a method only learns the latest trigger
