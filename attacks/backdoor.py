@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from distill.data import DatasetInfo, LabeledImages
-from distill.train import accuracy
+from distill.networks import seeded_network
+from distill.train import TrainConfig, accuracy, train_network
 
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
@@ -110,3 +111,13 @@ def attack_success_rate(net: nn.Module, test: LabeledImages, trigger: Trigger, t
 def clean_test_accuracy(net: nn.Module, test: LabeledImages) -> float:
     """CTA: plain top-1 accuracy on the untouched test set."""
     return accuracy(net, test)
+
+
+def train_and_score(images: torch.Tensor, labels: torch.Tensor, test: LabeledImages, trigger: Trigger,
+                    target: int, train: TrainConfig, seed: int) -> dict[str, float]:
+    """Train a fresh seeded network on a (synthetic) set, as its user would; its ASR and CTA."""
+    info = test.info
+    net = seeded_network(train.arch, info.channels, info.num_classes, (info.height, info.width),
+                         seed=seed, **train.arch_kwargs)
+    net = train_network(net, images, labels, train, seed=seed)
+    return {"asr": attack_success_rate(net, test, trigger, target), "cta": clean_test_accuracy(net, test)}

@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 
 from distill.data import Dataset, LabeledImages
 from distill.methods import make_config
-from distill.networks import seeded_network
-from distill.train import TrainConfig, train_network
+from distill.train import TrainConfig
 
-from .backdoor import Trigger, attack_success_rate, clean_test_accuracy, poison
+from .backdoor import Trigger, poison, train_and_score
 from .canary import CanaryAudit, canary_audit, make_canaries
 from .doorping import SUPPORTED as DOORPING_METHODS, DoorpingConfig, doorping_distill
 from .experiment import MembershipReport, run_membership
@@ -148,12 +147,8 @@ def backdoor_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[
     def evaluate(name: str, real: LabeledImages, trig: Trigger, syn=None) -> dict[str, Any]:
         from distill.methods import distill
         syn = syn if syn is not None else distill(real, method)
-        info = data.info
-        net = seeded_network(train.arch, info.channels, info.num_classes, (info.height, info.width),
-                             seed=cfg.seed, **train.arch_kwargs)
-        net = train_network(net, syn.images, syn.labels, train, seed=cfg.seed)
         return {"name": name, "fraction": frac if name != "clean" else 0.0,
-                "asr": attack_success_rate(net, data.test, trig, target), "cta": clean_test_accuracy(net, data.test)}
+                **train_and_score(syn.images, syn.labels, data.test, trig, target, train, cfg.seed)}
 
     steps = ["clean", "naive"] + (["doorping"] if b.get("doorping") else [])
     rows = []

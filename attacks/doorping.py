@@ -143,14 +143,12 @@ def doorping_distill(real: LabeledImages, method: MethodConfig,
     if method.method not in SUPPORTED:
         raise ValueError(f"DOORPING is wired for {SUPPORTED}, got method {method.method!r}")
     info = real.info
-    gen = torch.Generator().manual_seed(config.seed)
-    lo = torch.tensor([(0.0 - m) / s for m, s in zip(info.mean, info.std)]).view(-1, 1, 1)
-    hi = torch.tensor([(1.0 - m) / s for m, s in zip(info.mean, info.std)]).view(-1, 1, 1)
     if config.start == "white":
         trigger = Trigger.solid(info, config.size, 1.0, config.margin)
-    else:
-        trigger = Trigger(lo + (hi - lo) * torch.rand(info.channels, config.size, config.size, generator=gen),
-                          config.margin)
+    else:  # uniform pixel values in [0, 1], normalised
+        black, white = (Trigger.solid(info, config.size, v, config.margin).pattern for v in (0.0, 1.0))
+        u = torch.rand(info.channels, config.size, config.size, generator=torch.Generator().manual_seed(config.seed))
+        trigger = Trigger(black + (white - black) * u, config.margin)
     data, idx = poison(real, trigger, config.fraction, config.target, seed=config.seed)
     data = data.to(method.device)
     updater = TriggerUpdater(data, idx, trigger, method, config)

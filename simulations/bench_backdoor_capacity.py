@@ -28,12 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from attacks.backdoor import Trigger, attack_success_rate, clean_test_accuracy  # noqa: E402
+from attacks.backdoor import Trigger, train_and_score  # noqa: E402
 from attacks.capacity import carrier_set  # noqa: E402
 from attacks.membership import audit_pool  # noqa: E402
 from distill.data import Dataset, LabeledImages, load_dataset  # noqa: E402
-from distill.networks import seeded_network  # noqa: E402
-from distill.train import TrainConfig, train_network  # noqa: E402
+from distill.train import TrainConfig  # noqa: E402
 
 EVALUATOR = TrainConfig(arch="convnet", arch_kwargs={"width": 32, "depth": 3}, epochs=50, batch_size=64, dsa=False)
 
@@ -43,13 +42,9 @@ def measure(data: Dataset, client: LabeledImages, ipc: int, size: int, share: fl
     trigger = Trigger.solid(data.info, size=size)
     carriers = int(round(share * ipc))
     s = carrier_set(client, trigger, ipc, carriers, target, seed=seed)
-    info = data.info
-    net = seeded_network(EVALUATOR.arch, info.channels, info.num_classes, (info.height, info.width),
-                         seed=seed, **EVALUATOR.arch_kwargs)
-    net = train_network(net, s.images, s.labels, EVALUATOR, seed=seed)
     return {"ipc": ipc, "size": size, "share": share, "carriers": carriers, "seed": seed,
             "carrier_fraction_of_set": carriers / len(s),
-            "asr": attack_success_rate(net, data.test, trigger, target), "cta": clean_test_accuracy(net, data.test)}
+            **train_and_score(s.images, s.labels, data.test, trigger, target, EVALUATOR, seed)}
 
 
 def plot(rows: list[dict], path: Path) -> None:
