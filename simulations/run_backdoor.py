@@ -65,6 +65,8 @@ def measure(summary: dict[str, Any], spec: Any, malicious: list[int], attack: st
     out: dict[str, Any] = {"attack": attack, "spec": spec.to_dict(), "malicious-partitions": malicious,
                            "asr": None, "cta": None}
     triggers = {pid: spec.trigger(test.info) for pid in malicious} if attack == "naive" else {}
+    if not malicious:  # a clean federation: the spec's trigger gives the false-trigger floor
+        triggers = {"none": spec.trigger(test.info)}
     for pid in malicious if attack != "naive" and trigger_dir else []:
         if (path := trigger_path(trigger_dir, pid)).exists():
             triggers[pid] = load_trigger(str(path), spec)

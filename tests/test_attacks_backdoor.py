@@ -6,7 +6,7 @@ import torch
 
 from attacks.backdoor import Trigger, attack_success_rate, clean_test_accuracy, poison
 from attacks.doorping import SUPPORTED, DoorpingConfig, doorping_distill
-from distill.methods import make_config
+from distill.methods import distill, make_config
 from distill.methods.base import RealSampler
 from distill.networks import seeded_network
 from distill.train import TrainConfig, train_network
@@ -115,6 +115,54 @@ def test_every_supported_method_samples_the_tensor_doorping_restamps(small_train
     syn, trigger, updater = doorping_distill(small_train, method, cfg)
     assert held and all(t is updater.data.images for t in held)
     assert len(updater.history) == 3 and torch.isfinite(syn.images).all()
+
+
+@pytest.mark.parametrize("method_name", SUPPORTED)
+def test_initial_sources_replay_each_methods_real_initialisation(small_train, method_name):
+    """DOORPING finds its carriers by replaying the initial draws; that holds only if every method
+    initialises first from ``generator(seed)``: with no iterations, the set is those real images."""
+    from distill.methods.base import initial_sources
+
+    method = make_config(method_name, ipc=3, iterations=0, seed=5, arch_kwargs=SMALL_NET, **FAST[method_name])
+    syn = distill(small_train, method)
+    sources = initial_sources(small_train, method)
+    assert torch.equal(syn.images, small_train.images[sources])
+    assert torch.equal(syn.hard_labels(), small_train.labels[sources])
+    with pytest.raises(ValueError, match="init"):
+        initial_sources(small_train, make_config(method_name, init="noise"))
+
+
+def test_doorping_restamps_the_final_trigger_on_exactly_the_carriers(small_train):
+    from attacks.doorping import carrier_rows
+
+    method = make_config("dm", ipc=10, iterations=4, arch_kwargs=SMALL_NET, batch_real=32)
+    base = dict(target=0, fraction=0.2, size=3, update_every=2, trigger_steps=5, proxy_steps=3)
+    stale, _, _ = doorping_distill(small_train, method, DoorpingConfig(**base, restamp=False))
+    syn, trigger, updater = doorping_distill(small_train, method, DoorpingConfig(**base))
+    rows = carrier_rows(updater.data, updater.poisoned.numpy(), method)
+    assert len(rows) and (syn.hard_labels()[rows] == 0).all()  # carriers are relabelled poisoned images
+    assert torch.equal(syn.images[rows], trigger.stamp(stale.images[rows]))  # exactly the final patch
+    assert not torch.equal(stale.images[rows], syn.images[rows])  # the run without it kept stale patches
+    rest = np.setdiff1d(np.arange(len(syn)), rows)
+    assert torch.equal(syn.images[rest], stale.images[rest])  # nothing else differs
+    noise = make_config("dm", ipc=10, iterations=1, init="noise", arch_kwargs=SMALL_NET)
+    assert len(carrier_rows(updater.data, updater.poisoned.numpy(), noise)) == 0
+
+
+def test_doorping_extra_terms_change_the_trigger_and_contrast_moves_it_off_the_clean_corner(small_train):
+    method = make_config("dm", ipc=1, iterations=2, arch_kwargs=SMALL_NET, batch_real=32)
+    base = dict(target=0, fraction=0.05, size=3, update_every=1, trigger_steps=10, proxy_steps=5)
+    paper = doorping_distill(small_train, method, DoorpingConfig(**base, target_weight=0.0, contrast_weight=0.0))[1]
+    target = doorping_distill(small_train, method, DoorpingConfig(**base, target_weight=1.0, contrast_weight=0.0))[1]
+    contrast = doorping_distill(small_train, method, DoorpingConfig(**base, target_weight=0.0, contrast_weight=10.0))[1]
+    assert not torch.equal(paper.pattern, target.pattern)
+    rows, cols = paper.region(28, 28)
+    corner = small_train.images[:, :, rows, cols].mean(0)
+    assert (contrast.pattern - corner).square().mean() > (paper.pattern - corner).square().mean() + 1.0
+    with pytest.raises(ValueError, match="contrast_weight"):
+        DoorpingConfig(contrast_weight=-1.0)
+    with pytest.raises(ValueError, match="target_weight"):
+        DoorpingConfig(target_weight=-1.0)
 
 
 def test_carrier_set_holds_exactly_the_asked_triggered_non_target_images(small_train):

@@ -147,6 +147,8 @@ def test_backdoor_measure_writes_asr_and_cta_into_the_summary(tmp_path, task_ide
     stored = json.loads((Path(summary["run"]) / "summary.json").read_text())
     assert stored["backdoor"] == out["backdoor"] and 0 <= out["backdoor"]["asr"] <= 1
     assert 0 <= out["backdoor"]["cta"] <= 1 and out["backdoor"]["malicious-partitions"] == [0]
+    floor = measure(summary, spec, [])["backdoor"]  # a clean federation's false-trigger floor: same trigger
+    assert floor["asr-by-partition"] == {"none": out["backdoor"]["asr"]} and floor["asr"] == out["backdoor"]["asr"]
     bd, rest = backdoor_args(["--malicious", "2", "--poison-fraction", "0.3", "--clients", "5"])
     assert (bd.malicious, bd.poison_fraction, rest) == (2, 0.3, ["--clients", "5"])
 

@@ -118,9 +118,7 @@ def init_synthetic(real: LabeledImages, config: MethodConfig, gen: torch.Generat
         if k == 0:
             continue
         if config.init == "real":
-            order = torch.cat([torch.randperm(len(idx), generator=gen)
-                               for _ in range(-(-k * per_real // len(idx)))])
-            pick = idx[order[:k * per_real]]
+            pick = _real_picks(idx, k * per_real, gen)
             rows.append(real.images[pick.to(real.images.device)].detach().cpu().clone())
         else:
             rows.append(torch.randn(k * per_real, *real.info.image_shape, generator=gen))
@@ -133,6 +131,29 @@ def init_synthetic(real: LabeledImages, config: MethodConfig, gen: torch.Generat
     param = make_parameterization(torch.cat(rows).to(config.device), config.rho, gen,
                                   config.param, config.param_kwargs)
     return SyntheticPlan(param, torch.cat(labels).to(config.device), classes, slices)
+
+
+def _real_picks(idx: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` of a class's real indices, without repetition while the class has enough."""
+    order = torch.cat([torch.randperm(len(idx), generator=gen) for _ in range(-(-n // len(idx)))])
+    return idx[order[:n]]
+
+
+def initial_sources(real: LabeledImages, config: MethodConfig) -> torch.Tensor:
+    """For a real-initialised pixel set: the index into ``real`` each synthetic image starts from,
+    in the set's row order.
+
+    Every method seeds ``generator(config.seed)`` and calls :func:`init_synthetic` first, so this
+    replays its draws; an attacker who controls distillation (``attacks.doorping``) uses it to find
+    the synthetic images that started as its poisoned real ones.
+    """
+    if config.init != "real" or config.param != "pixels":
+        raise ValueError(f"sources exist for init='real' and param='pixels' only, got {config.init!r}, {config.param!r}")
+    gen = generator(config.seed)
+    picks = [_real_picks(idx, min(config.ipc, len(idx)), gen) for idx in real.class_indices() if len(idx)]
+    if not picks:
+        raise ValueError("real data is empty: nothing to distill")
+    return torch.cat(picks)
 
 
 class RealSampler:
