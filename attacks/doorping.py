@@ -136,7 +136,8 @@ class TriggerUpdater:
 
     def _optimise_trigger(self) -> None:
         """Raise the top-k feature units towards ``alpha`` x their initial activation (MSE, as the paper),
-        plus ``target_weight`` x the proxy's cross-entropy towards the target on stamped images."""
+        plus ``target_weight`` x the proxy's cross-entropy towards the target on stamped images, minus
+        ``contrast_weight`` x the patch's mean squared distance from the clean images' patch region."""
         for p in self.proxy.parameters():
             p.requires_grad_(False)
         weight = self.proxy.classifier.weight.abs().sum(0)

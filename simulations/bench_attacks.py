@@ -106,7 +106,7 @@ def federated(out: Path, quick: bool, attacks: tuple[str, ...] = ("naive", "door
         rows.append(row)
         print(f"{name:<16} ASR {row['asr']:.3f}  CTA {row['cta']:.3f}  dropped partitions {row['dropped']}  "
               f"{row['seconds']:.0f} s", flush=True)
-        path.write_text(json.dumps({"config": cfg, "rows": rows}, indent=2))  # after each row: hours of work
+        path.write_text(json.dumps({"config": cfg, "rows": rows}, indent=2))  # after each row: an interrupted table keeps its runs
     return rows
 
 
