@@ -98,10 +98,11 @@ class TriggerUpdater:
                                     seed=config.seed + 7, device=data.images.device, **method.arch_kwargs)
         self.opt = torch.optim.SGD(self.proxy.parameters(), lr=config.proxy_lr, momentum=0.9)
         self.gen = torch.Generator().manual_seed(config.seed)
-        lo = [(0.0 - m) / s for m, s in zip(info.mean, info.std)]
-        hi = [(1.0 - m) / s for m, s in zip(info.mean, info.std)]
-        self.lo = torch.tensor(lo).view(-1, 1, 1)
-        self.hi = torch.tensor(hi).view(-1, 1, 1)
+        self.lo, self.hi = (Trigger.solid(info, 1, v, 0).pattern for v in (0.0, 1.0))  # [C, 1, 1] pixel bounds
+        # The clean images never change, so neither does the corner the contrast term moves away from.
+        rows, cols = trigger.region(info.height, info.width)
+        clean = torch.as_tensor(np.setdiff1d(np.arange(len(data)), poisoned)[:256], device=data.images.device)
+        self.background = data.images[clean][:, :, rows, cols].mean(0)
         self.history: list[torch.Tensor] = [trigger.pattern.detach().clone()]
 
     def __call__(self, iteration: int, loss: float) -> None:
@@ -149,16 +150,13 @@ class TriggerUpdater:
         with torch.no_grad():
             goal = self.config.alpha * self.proxy.embed(probe.stamp(x))[:, units].mean(0).clamp_min(1e-3)
         target = torch.full((len(x),), self.config.target, dtype=torch.long, device=x.device)
-        rows, cols = probe.region(x.shape[2], x.shape[3])
-        clean = np.setdiff1d(np.arange(len(self.data)), self.poisoned.cpu().numpy())[:256]
-        background = self.data.images[torch.as_tensor(clean, device=x.device)][:, :, rows, cols].mean(0)
         for _ in range(self.config.trigger_steps):
             emb = self.proxy.embed(probe.stamp(x))
             loss = F.mse_loss(emb[:, units].mean(0), goal)
             if self.config.target_weight:
                 loss = loss + self.config.target_weight * F.cross_entropy(self.proxy.classifier(emb), target)
             if self.config.contrast_weight:
-                loss = loss - self.config.contrast_weight * (pattern - background).square().mean()
+                loss = loss - self.config.contrast_weight * (pattern - self.background).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -204,7 +202,7 @@ def restamp_carriers(syn: SyntheticSet, real: LabeledImages, poisoned: np.ndarra
                      trigger: Trigger) -> SyntheticSet:
     """``syn`` with ``trigger`` pasted, exactly, on its carriers (:func:`carrier_rows`)."""
     rows = torch.as_tensor(carrier_rows(real, poisoned, method), dtype=torch.long)
-    if not len(rows) or syn.factors is not None:
+    if not len(rows):  # also every factorised set: carrier_rows covers pixel sets only
         return syn
     images = syn.images.detach().clone()
     with torch.no_grad():
