@@ -12,6 +12,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from torch import nn
+
 from distill.methods.base import MatchingConfig
 
 from .accounting import ACCOUNTANTS, Spend, calibrate_sigma, epsilon_of
@@ -27,6 +29,13 @@ class DPConfig(MatchingConfig):
     real start would upload private images verbatim. Which classes get synthetic images comes
     from class counts released once with noise ``count_sigma`` (accounted); a class needs a
     noisy count of ``count_threshold`` (< 0: ``3 * count_sigma``).
+
+    Noise and Poisson sampling come from a secret generator (:mod:`privacy.randomness`), so
+    ``seed`` reproduces only what does not touch the data. ``insecure_reproducible_noise``
+    seeds them from ``seed`` too: for tests only, since whoever knows the seed can then
+    subtract the noise (the ClientApp refuses it). ``released_counts`` are class counts a
+    node released with noise before (its ledger keeps them): reusing them is free, so the
+    run then makes no count release of its own.
     """
 
     init: str = "noise"
@@ -39,6 +48,8 @@ class DPConfig(MatchingConfig):
     reuse: int = 1
     count_sigma: float = 10.0
     count_threshold: float = -1.0
+    insecure_reproducible_noise: bool = False
+    released_counts: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +76,13 @@ class DPConfig(MatchingConfig):
             raise ValueError(f"reuse must be >= 1, got {self.reuse}")
         if not (self.count_sigma > 0 and math.isfinite(self.count_sigma)):
             raise ValueError(f"count_sigma must be finite and > 0, got {self.count_sigma}")
+        if self.arch_kwargs.get("norm") == "batchnorm":
+            raise ValueError(f"{self.method}: BatchNorm couples the examples of a batch, so one example's "
+                             "clipped contribution no longer bounds the release; use instancenorm or groupnorm")
+        if self.released_counts is not None:
+            object.__setattr__(self, "released_counts", tuple(float(c) for c in self.released_counts))
+            if not all(math.isfinite(c) for c in self.released_counts):
+                raise ValueError(f"released_counts must be finite, got {self.released_counts}")
 
     @property
     def min_count(self) -> float:
@@ -77,8 +95,24 @@ class DPConfig(MatchingConfig):
         return self.iterations
 
     def fixed_spends(self) -> tuple[Spend, ...]:
-        """Releases with a noise level of their own: the class counts, over all the data, once."""
-        return (Spend(self.count_sigma, 1.0, 1),)
+        """Releases with a noise level of their own: the class counts, over all the data, once
+        (nothing when counts released before are reused)."""
+        return () if self.released_counts is not None else (Spend(self.count_sigma, 1.0, 1),)
+
+
+def refuse_coupling_layers(net: nn.Module, method: str) -> nn.Module:
+    """``net``, or ``ValueError`` if a layer mixes the examples of a batch.
+
+    The accountant assumes each example moves a release by at most ``clip``; BatchNorm
+    normalises every example with statistics of the whole batch, so one example would move
+    every other example's embedding or gradient too.
+    """
+    coupled = [name or type(net).__name__ for name, m in net.named_modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if coupled:
+        raise ValueError(f"{method}: BatchNorm layers {coupled[:5]} couple the examples of a batch and break the "
+                         "per-example sensitivity the accountant assumes; use instance or group norm")
+    return net
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ The class counts ``n_c`` are private too: they are released once with noise ``co
 (:mod:`privacy.layout`), which also decides which classes get synthetic images, and that
 release joins the same accountant. Synthetic images start from noise and their embeddings are clipped the same way,
 so both sides of the loss live in the same space. Everything after the noisy releases is
-post-processing; ``reuse`` synthetic updates per release cost nothing more.
+post-processing; ``reuse`` synthetic updates per release cost nothing more. Sampling and noise
+come from the node's secret generator (:mod:`privacy.randomness`); the networks, DSA draws and
+the noise initialisation stay seeded by the public seed.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from distill.methods.base import Callback, finish, generator, init_synthetic, ma
 from distill.networks import embed_in_chunks
 from distill.synthetic import SyntheticSet
 
-from .config import DPConfig, privacy_plan
-from .layout import noisy_counts, public_layout
+from .config import DPConfig, privacy_plan, refuse_coupling_layers
+from .layout import class_counts, public_layout
 from .noise import clip_rows, noisy_class_sums, poisson_sample
+from .randomness import noise_generator
 
 
 @dataclass(frozen=True)
@@ -44,24 +47,28 @@ class DPDMConfig(DPConfig):
 
 def noisy_real_means(net: torch.nn.Module, real: LabeledImages, counts: torch.Tensor,
                      config: DPDMConfig, sigma: float, dsa: DSA | None, draw,
-                     gen: torch.Generator) -> torch.Tensor:
-    """One DP release: ``[K, D]`` noisy class means of clipped embeddings of a Poisson sample."""
+                     noise: torch.Generator) -> torch.Tensor:
+    """One DP release: ``[K, D]`` noisy class means of clipped embeddings of a Poisson sample.
+
+    ``noise`` (secret) draws the sample and the noise; ``draw`` (DSA, public) only augments.
+    """
     k = real.info.num_classes
-    idx = poisson_sample(len(real), config.sample_rate, gen).to(real.images.device)
+    idx = poisson_sample(len(real), config.sample_rate, noise).to(real.images.device)
     x, y = real.images[idx], real.labels[idx].to(real.images.device)
     if dsa is not None and len(idx):
         x = dsa.apply(x, draw.select(y))
     dim = net.embed(real.images[:1]).shape[1]
     feats = embed_in_chunks(net, x) if len(idx) else x.new_zeros(0, dim)
-    sums = noisy_class_sums(feats, y, k, config.clip, sigma, gen)
+    sums = noisy_class_sums(feats, y, k, config.clip, sigma, noise)
     expected = (config.sample_rate * counts.clamp_min(1.0)).to(sums.device)
     return sums / expected[:, None]
 
 
 def distill(real: LabeledImages, config: DPDMConfig, *, callback: Callback | None = None) -> SyntheticSet:
     plan_dp = privacy_plan(config)
-    gen = generator(config.seed)
-    counts = noisy_counts(real, config.count_sigma, gen)
+    gen = generator(config.seed)  # public: initialisation, networks, DSA
+    noise = noise_generator(config.seed, config.insecure_reproducible_noise)  # secret: sampling, noise
+    counts = class_counts(real, config, noise)
     plan = init_synthetic(public_layout(counts, config, real.info), config, gen)
     real = real.to(config.device)
     kept = torch.as_tensor(plan.classes, device=config.device)
@@ -70,12 +77,12 @@ def distill(real: LabeledImages, config: DPDMConfig, *, callback: Callback | Non
     k, (h, w) = real.info.num_classes, real.info.image_shape[1:]
     bar = tqdm(range(plan_dp.steps), desc="DP-DM", disable=not config.progress)
     for it in bar:
-        net = make_network(config, real, seed=config.seed * 100_003 + it)
+        net = refuse_coupling_layers(make_network(config, real, seed=config.seed * 100_003 + it), config.method)
         for p in net.parameters():
             p.requires_grad_(False)
         draw = dsa.sample(k, h, w, gen) if dsa is not None else None
         with torch.no_grad():
-            target = noisy_real_means(net, real, counts, config, plan_dp.sigma, dsa, draw, gen)[kept]
+            target = noisy_real_means(net, real, counts, config, plan_dp.sigma, dsa, draw, noise)[kept]
         for _ in range(config.reuse):
             syn = plan.images()
             if dsa is not None:

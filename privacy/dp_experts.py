@@ -29,13 +29,14 @@ from torch import nn
 from distill.augment import DSA
 from distill.data import LabeledImages
 from distill.experts import ExpertConfig, ExpertTrainer, load_or_train_experts
-from distill.methods.base import Callback, generator
+from distill.methods.base import Callback
 from distill.methods.mtt import MTTConfig, distill_from_experts
 from distill.synthetic import SyntheticSet
 
-from .config import DPConfig, privacy_plan
+from .config import DPConfig, privacy_plan, refuse_coupling_layers
 from .dp_gm import noisy_gradient
-from .layout import noisy_counts, public_layout
+from .layout import class_counts, expected_total, public_layout
+from .randomness import noise_generator
 
 
 @dataclass(frozen=True)
@@ -62,23 +63,32 @@ class DPMTTConfig(MTTConfig, DPConfig):
         return self.num_experts * self.expert_train_epochs * self.steps_per_epoch
 
     def cache_tag(self, sigma: float) -> str:
-        """Every setting the buffer's noise depends on (the run seed too), readable in the file name."""
-        return (f"dp-{self.accountant}-s{sigma:.6g}-q{self.sample_rate:g}-c{self.clip:g}"
+        """Every setting the buffer's noise depends on (the run seed too), readable in the file name.
+
+        Secret-noise and insecure buffers never share an entry; a node reusing its own cached
+        secret-noise buffer reuses one DP release (post-processing).
+        """
+        kind = "insecure" if self.insecure_reproducible_noise else "secret"
+        return (f"dp-{kind}-{self.accountant}-s{sigma:.6g}-q{self.sample_rate:g}-c{self.clip:g}"
                 f"-spe{self.steps_per_epoch}-k{self.chunk}-n{self.seed}")
 
 
-def dp_sgd_trainer(config: DPMTTConfig, sigma: float) -> ExpertTrainer:
-    """An expert trainer for :mod:`distill.experts`: ``steps_per_epoch`` noisy steps per epoch."""
+def dp_sgd_trainer(config: DPMTTConfig, sigma: float, noise: torch.Generator, expected: float) -> ExpertTrainer:
+    """An expert trainer for :mod:`distill.experts`: ``steps_per_epoch`` noisy steps per epoch.
+
+    ``noise`` (secret) draws every Poisson sample and every noise vector; ``expected`` is the
+    public divisor ``q * N`` from the noisy class counts.
+    """
 
     def train(net: nn.Module, data: LabeledImages, experts: ExpertConfig, gen: torch.Generator,
               checkpoint: Callable[[], None]) -> dict:
+        refuse_coupling_layers(net, config.method)
         data = data.to(next(net.parameters()).device)  # the expert's device (CUDA too)
         gsm = GradSampleModule(copy.deepcopy(net), loss_reduction="sum")  # hooks stay off ``net``
         params = [p for p in gsm.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=experts.lr, momentum=experts.momentum)
         dsa = DSA(experts.dsa_strategy) if experts.dsa else None
-        # Sampling and noise also depend on the run's seed, not only the (shared) expert seed,
-        # so clients and runs do not all draw the same noise. Seeded, not secure: docs/privacy.md.
+        # Augmentation is public (data-independent); it also follows the run's seed.
         gen = torch.Generator().manual_seed(gen.initial_seed() * 1_000_003 + config.seed)
 
         def augment(x: torch.Tensor) -> torch.Tensor:  # per example: fine under DP
@@ -86,7 +96,7 @@ def dp_sgd_trainer(config: DPMTTConfig, sigma: float) -> ExpertTrainer:
 
         for _ in range(experts.epochs):
             for _ in range(config.steps_per_epoch):
-                grads = noisy_gradient(gsm, data, config, sigma, augment, gen)
+                grads = noisy_gradient(gsm, data, config, sigma, augment, noise, expected)
                 for p, g in zip(params, grads):
                     p.grad = g
                 opt.step()
@@ -101,11 +111,13 @@ def dp_sgd_trainer(config: DPMTTConfig, sigma: float) -> ExpertTrainer:
 
 def distill(real: LabeledImages, config: DPMTTConfig, *, callback: Callback | None = None) -> SyntheticSet:
     plan_dp = privacy_plan(config)
-    gen = generator(config.seed)
-    layout = public_layout(noisy_counts(real, config.count_sigma, gen), config, real.info)
+    noise = noise_generator(config.seed, config.insecure_reproducible_noise)  # secret: counts, sampling, noise
+    counts = class_counts(real, config, noise)
+    layout = public_layout(counts, config, real.info)
+    trainer = dp_sgd_trainer(config, plan_dp.sigma, noise, expected_total(counts, config.sample_rate))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Full backward hook is firing")
-        buffer = load_or_train_experts(real, config.expert_config(), trainer=dp_sgd_trainer(config, plan_dp.sigma),
+        buffer = load_or_train_experts(real, config.expert_config(), trainer=trainer,
                                        tag=config.cache_tag(plan_dp.sigma), directory=config.expert_cache or None,
                                        device=config.device)
     # From here on only the buffer and the noisy layout are used: post-processing.

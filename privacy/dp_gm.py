@@ -4,7 +4,8 @@ Per outer step the matching network's gradient on a Poisson-sampled, mixed-class
 computed per example by Opacus's ``GradSampleModule`` (on a separate copy of the network, so the
 synthetic gradient never runs through Opacus's hooks), each example's gradient is clipped to
 ``clip`` over all parameters, the sum gets ``N(0, sigma^2 clip^2)`` and is divided by the
-expected batch size ``q * N`` (as Opacus's DPOptimizer; Abadi et al. 2016). That is one
+expected batch size ``q * N`` (as Opacus's DPOptimizer; Abadi et al. 2016), with ``N`` the
+noisy total of the released class counts: the exact size of the private data is never used. That is one
 accountant step. The synthetic images then move ``reuse`` times to match it (DC's layer-wise
 cosine distance; free: post-processing), and the network trains on the synthetic set.
 Recomputing a gradient at new weights is a new query: every outer step draws a fresh sample.
@@ -28,9 +29,10 @@ from distill.losses import gradient_match_distance
 from distill.methods.base import Callback, finish, generator, init_synthetic, make_network
 from distill.synthetic import SyntheticSet
 
-from .config import DPConfig, privacy_plan
-from .layout import noisy_counts, public_layout
+from .config import DPConfig, privacy_plan, refuse_coupling_layers
+from .layout import class_counts, expected_total, public_layout
 from .noise import clip_and_sum_grad_samples, gaussian_noise, poisson_sample
+from .randomness import noise_generator
 
 
 @dataclass(frozen=True)
@@ -64,11 +66,15 @@ class StepSettings(Protocol):
 
 
 def noisy_gradient(gsm: GradSampleModule, real: LabeledImages, config: StepSettings, sigma: float,
-                   augment, gen: torch.Generator) -> list[torch.Tensor]:
-    """One DP-SGD gradient of the mean cross-entropy at ``gsm``'s weights (one accountant step)."""
+                   augment, noise: torch.Generator, expected: float) -> list[torch.Tensor]:
+    """One DP-SGD gradient of the mean cross-entropy at ``gsm``'s weights (one accountant step).
+
+    ``noise`` (the secret generator) draws the Poisson sample and the noise; ``expected`` is the
+    public divisor ``q * N`` (:func:`privacy.layout.expected_total`), never the exact ``q * n``.
+    """
     params = [p for p in gsm.parameters() if p.requires_grad]
     sums = [torch.zeros_like(p) for p in params]
-    idx = poisson_sample(len(real), config.sample_rate, gen).to(real.images.device)
+    idx = poisson_sample(len(real), config.sample_rate, noise).to(real.images.device)
     for part in idx.split(config.chunk):  # chunks bound the memory of per-example gradients
         x, y = augment(real.images[part]), real.labels[part]
         with warnings.catch_warnings():  # torch notes that the real images need no gradient: right
@@ -77,8 +83,7 @@ def noisy_gradient(gsm: GradSampleModule, real: LabeledImages, config: StepSetti
         for s, g in zip(sums, clip_and_sum_grad_samples([p.grad_sample for p in params], config.clip)):
             s.add_(g)
         gsm.zero_grad(set_to_none=True)  # also clears grad_sample
-    expected = config.sample_rate * len(real)
-    return [(s + gaussian_noise(s.shape, sigma * config.clip, gen, s.device)) / expected for s in sums]
+    return [(s + gaussian_noise(s.shape, sigma * config.clip, noise, s.device)) / expected for s in sums]
 
 
 def _train_on_synthetic(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -94,8 +99,10 @@ def _train_on_synthetic(net: torch.nn.Module, images: torch.Tensor, labels: torc
 
 def distill(real: LabeledImages, config: DPGMConfig, *, callback: Callback | None = None) -> SyntheticSet:
     plan_dp = privacy_plan(config)
-    gen = generator(config.seed)
-    counts = noisy_counts(real, config.count_sigma, gen)
+    gen = generator(config.seed)  # public: initialisation, networks, DSA
+    noise = noise_generator(config.seed, config.insecure_reproducible_noise)  # secret: sampling, noise
+    counts = class_counts(real, config, noise)
+    expected = expected_total(counts, config.sample_rate)
     plan = init_synthetic(public_layout(counts, config, real.info), config, gen)
     real = real.to(config.device)
     dsa = DSA(config.dsa_strategy) if config.dsa else None
@@ -103,7 +110,7 @@ def distill(real: LabeledImages, config: DPGMConfig, *, callback: Callback | Non
     opt = torch.optim.SGD(plan.parameters(), lr=config.lr_img, momentum=config.momentum)
     bar = tqdm(range(config.iterations), desc="DP-GM", disable=not config.progress)
     for it in bar:
-        net = make_network(config, real, seed=config.seed * 100_003 + it)
+        net = refuse_coupling_layers(make_network(config, real, seed=config.seed * 100_003 + it), config.method)
         params = list(net.parameters())
         gsm = GradSampleModule(copy.deepcopy(net), loss_reduction="sum")
         total = 0.0
@@ -115,7 +122,7 @@ def distill(real: LabeledImages, config: DPGMConfig, *, callback: Callback | Non
                 zeros = torch.zeros(x.shape[0], dtype=torch.long)
                 return dsa.apply(x, draw.select(zeros)) if dsa is not None else x
 
-            g_real = noisy_gradient(gsm, real, config, plan_dp.sigma, augment, gen)
+            g_real = noisy_gradient(gsm, real, config, plan_dp.sigma, augment, noise, expected)
             for _ in range(config.reuse):
                 syn = augment(plan.images())
                 g_syn = torch.autograd.grad(F.cross_entropy(net(syn), plan.labels), params, create_graph=True)

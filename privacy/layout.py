@@ -22,6 +22,21 @@ def noisy_counts(real: LabeledImages, count_sigma: float, gen: torch.Generator) 
     return hist + gaussian_noise(hist.shape, count_sigma, gen)
 
 
+def class_counts(real: LabeledImages, config: DPConfig, noise: torch.Generator) -> torch.Tensor:
+    """The run's noisy class counts: the node's earlier release when it passes one, else a new one."""
+    if config.released_counts is None:
+        return noisy_counts(real, config.count_sigma, noise)
+    if len(config.released_counts) != real.info.num_classes:
+        raise ValueError(f"released_counts has {len(config.released_counts)} classes, the data "
+                         f"{real.info.num_classes}")
+    return torch.tensor(config.released_counts, dtype=torch.float32)
+
+
+def expected_total(counts: torch.Tensor, sample_rate: float) -> float:
+    """``q * N`` with ``N`` the noisy total: the divisor of a noisy sum, free of the exact size."""
+    return sample_rate * max(float(counts.sum()), 1.0)
+
+
 def public_layout(counts: torch.Tensor, config: DPConfig, info: DatasetInfo) -> LabeledImages:
     """Zero images laid out as the noisy counts dictate, for ``init_synthetic`` to size the set.
 

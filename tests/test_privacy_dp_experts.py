@@ -48,19 +48,23 @@ def test_accounts_every_step_of_every_expert_and_matches_opacus(small_train, tmp
     assert torch.cdist(syn.images.flatten(1), flat_real).min() > 1e-3
     # the DP buffer is cached under a tag that names its noise, apart from plain SGD experts
     names = [f.name for f in tmp_path.glob("*.npz")]
-    assert len(names) == 1 and "-dp-rdp-s" in names[0]
+    assert len(names) == 1 and "-dp-secret-rdp-s" in names[0]
 
 
-def test_reproducible_with_a_seed(small_train, tmp_path):
-    a = distill(small_train, _cfg(tmp_path / "a", sigma=2.0))
-    b = distill(small_train, _cfg(tmp_path / "b", sigma=2.0))  # trained afresh, same seeds
+def test_reproducible_only_with_the_insecure_switch(small_train, tmp_path):
+    a = distill(small_train, _cfg(tmp_path / "a", sigma=2.0, insecure_reproducible_noise=True))
+    b = distill(small_train, _cfg(tmp_path / "b", sigma=2.0, insecure_reproducible_noise=True))  # trained afresh
     assert torch.equal(a.images, b.images) and a.meta.privacy == b.meta.privacy
+    c = distill(small_train, _cfg(tmp_path / "c", sigma=2.0))
+    d = distill(small_train, _cfg(tmp_path / "d", sigma=2.0))  # secret noise: no seed replays it
+    assert not torch.equal(c.images, d.images)
 
 
 def test_dp_trainer_moves_the_expert_and_checkpoints_every_epoch(small_train):
     cfg = make_config("dp-mtt", **{**FAST, "sigma": 1.0})
     experts = ExpertConfig(arch_kwargs=SMALL_NET, num_experts=1, epochs=2, dsa=False)
-    buffer = train_experts(small_train, experts, trainer=dp_sgd_trainer(cfg, 1.0))
+    trainer = dp_sgd_trainer(cfg, 1.0, torch.Generator().manual_seed(0), expected=0.25 * len(small_train))
+    buffer = train_experts(small_train, experts, trainer=trainer)
     traj = buffer.trajectories[0]
     assert traj.shape[0] == 3 and not torch.equal(traj[0], traj[1]) and not torch.equal(traj[1], traj[2])
     assert buffer.meta["trainer"][0] == {"sigma": 1.0, "sample_rate": 0.25, "clip": 1.0, "steps": 8}

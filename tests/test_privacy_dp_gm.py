@@ -24,7 +24,7 @@ def test_noisy_gradient_is_the_clipped_mean_gradient(small_train):
     net = seeded_network("convnet", 1, 10, (28, 28), seed=3, **SMALL_NET)
     cfg = make_config("dpsgd-gm", **{**FAST, "sample_rate": 1.0, "sigma": 1e-9, "clip": 0.05, "chunk": 5})
     got = noisy_gradient(GradSampleModule(copy.deepcopy(net), loss_reduction="sum"), data, cfg, cfg.sigma,
-                         lambda x: x, torch.Generator().manual_seed(0))
+                         lambda x: x, torch.Generator().manual_seed(0), expected=float(len(data)))
     want = [torch.zeros_like(p) for p in net.parameters()]
     for i in range(len(data)):
         g = torch.autograd.grad(F.cross_entropy(net(data.images[i:i + 1]), data.labels[i:i + 1]),
@@ -36,9 +36,11 @@ def test_noisy_gradient_is_the_clipped_mean_gradient(small_train):
 
 
 def test_reproducible_accounted_and_far_from_private_images(small_train):
-    cfg = make_config("dpsgd-gm", **FAST)
+    cfg = make_config("dpsgd-gm", **FAST, insecure_reproducible_noise=True)
     a, b = distill(small_train, cfg), distill(small_train, cfg)
     assert torch.equal(a.images, b.images) and a.labels.tolist() == sorted(list(range(10)) * 2)
+    secret = make_config("dpsgd-gm", **FAST)  # the default: noise no seed can replay
+    assert not torch.equal(distill(small_train, secret).images, distill(small_train, secret).images)
     p = a.meta.privacy
     assert p["steps"] == 4 and json.loads(p["spends"]) == [[2.0, 1.0, 1], [1.0, 0.2, 4]]
     assert torch.cdist(a.images.flatten(1), small_train.images.flatten(1)).min() > 1.0
