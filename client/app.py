@@ -9,14 +9,18 @@ Wire protocol (keys of the message's RecordDict):
   ``set-meta`` JSON of :class:`distill.synthetic.SetMetadata`), ``metrics`` (MetricRecord).
 - DP reply (``dp`` set): as above, but ``metrics`` carry the privacy figures (epsilon-round,
   epsilon-total, delta, sigma, sample-rate, steps, clip, rho, privacy-budget) and no exact
-  count of the private data. Past the budget the client declines: ``declined`` (ConfigRecord:
-  kind "budget", reason) and ``metrics`` (declined=1, epsilon-total, epsilon-planned), no arrays.
+  count or timing of the private data. Past the budget the client declines: ``declined``
+  (ConfigRecord: kind "budget", reason) and ``metrics`` (declined=1, epsilon-total,
+  epsilon-planned, delta, privacy-budget), no arrays. A task the node's privacy policy refuses
+  (dp="none" on a DP-only node, a larger delta, a method or size over its limits) is declined
+  with kind "policy" and ``metrics`` declined=1 (plus the run's delta in a DP run).
 - FedAvg reply: ``arrays`` and ``metrics`` (with ``num-examples``), as Flower's FedAvg expects.
 - evaluate in: ``arrays`` (+ ``config``); reply ``metrics``: num-examples, accuracy, loss
   (under DP: declined=1 and num-examples 0, since held-out accuracy is not covered by the guarantee).
 
-The DP ledger lives in ``context.state["privacy-ledger"]`` (ConfigRecord, JSON under ``ledger``):
-one accountant over every round of the run.
+The privacy ledger is a file on the node's disk (:mod:`client.private`): with a policy, the
+node's lifetime ledger; without one, a ledger per run and node. Every DP draw comes from the
+node's secret generator; the public seed reproduces only what does not touch the data.
 """
 
 from __future__ import annotations
@@ -31,19 +35,23 @@ from flwr.clientapp import ClientApp
 from distill.partition import client_seed
 from distill.synthetic import SyntheticSet
 
+from . import private
 from .local import build_network, evaluate_model, train_local
 from .task import DistillTask, distill_partition, load_partition
 
 app = ClientApp()
-LEDGER_KEY = "privacy-ledger"
 
 
-def _task(msg: Message) -> DistillTask:
+def _task(msg: Message, context: Context) -> DistillTask:
     config: dict[str, Any] = dict(msg.content["config"]) if "config" in msg.content else {}
     if "server-round" in config:  # injected by Flower's FedAvg strategy
         config["round"] = int(config.pop("server-round"))
     task = DistillTask.from_config(config)
-    torch.set_num_threads(task.client_threads)  # one thread per virtual client: no oversubscription
+    policy = private.node_policy(context.node_config)
+    threads = task.client_threads
+    if policy is not None and policy.max_threads is not None:
+        threads = min(threads, policy.max_threads)  # the node's limit wins
+    torch.set_num_threads(threads)  # one thread per virtual client: no oversubscription
     return task
 
 
@@ -54,11 +62,13 @@ def _partition_id(context: Context) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Distill the local partition (fedistill) or run local SGD on the global model (FedAvg)."""
-    task = _task(msg)
+    task = _task(msg, context)
     seed = client_seed(task.seed, _partition_id(context), task.round)
     global_state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
     if task.dp != "none":
         return _train_private(msg, context, task, seed, global_state)
+    if (declined := private.admit(task, private.node_policy(context.node_config))) is not None:
+        return _decline(msg, declined)
     real, _ = load_partition(task, context.node_config)
     if task.algorithm == "fedavg":
         net = build_network(task, real.info)
@@ -90,26 +100,20 @@ def _set_content(syn: SyntheticSet, metrics: dict[str, Any]) -> RecordDict:
     })
 
 
+def _decline(msg: Message, declined: private.Declined) -> Message:
+    record = ConfigRecord({"kind": declined.kind, "reason": declined.reason})
+    return Message(RecordDict({"declined": record, "metrics": MetricRecord(declined.metrics)}), reply_to=msg)
+
+
 def _train_private(msg: Message, context: Context, task: DistillTask, seed: int,
                    global_state: dict | None) -> Message:
-    """One DP round: charge the ledger (or decline) before the data is read, then distill once."""
-    from privacy import BudgetExceeded, privacy_plan  # Opacus only on DP clients
-
-    from . import private
-
-    config = private.dp_config(task, seed, global_state)
-    stored = context.state[LEDGER_KEY]["ledger"] if LEDGER_KEY in context.state else None
-    ledger = private.load_ledger(stored, task, context.node_config)
-    plan = privacy_plan(config)
-    try:
-        ledger.charge(plan.spends)
-    except BudgetExceeded as err:
-        declined = ConfigRecord({"kind": "budget", "reason": str(err)})
-        metrics = MetricRecord(private.decline_metrics(plan, ledger))
-        return Message(RecordDict({"declined": declined, "metrics": metrics}), reply_to=msg)
-    context.state[LEDGER_KEY] = ConfigRecord({"ledger": private.ledger_json(ledger)})  # spent from here on
-    real, _ = load_partition(task, context.node_config)
-    syn, metrics = private.distill_private(real, task, config, plan, ledger)
+    """One DP round: the node's policy and ledger decide before any private data is read."""
+    outcome = private.private_round(task, context.node_config, run_id=context.run_id, node_id=context.node_id,
+                                    seed=seed, embedder_state=global_state,
+                                    load=lambda: load_partition(task, context.node_config, public_only=True)[0])
+    if isinstance(outcome, private.Declined):
+        return _decline(msg, outcome)
+    syn, metrics = outcome
     syn = syn.with_meta(client=str(_partition_id(context)))
     return Message(_set_content(syn, metrics), reply_to=msg)
 
@@ -117,8 +121,10 @@ def _train_private(msg: Message, context: Context, task: DistillTask, seed: int,
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model's accuracy on this node's held-out data."""
-    task = _task(msg)
-    if task.dp != "none":  # held-out accuracy is a release the DP accountant does not cover
+    task = _task(msg, context)
+    policy = private.node_policy(context.node_config)
+    if task.dp != "none" or (policy is not None and policy.dp_required):
+        # held-out accuracy is a release the DP accountant does not cover
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "accuracy": 0.0, "loss": 0.0,
                                                             "declined": 1})}), reply_to=msg)
     _, holdout = load_partition(task, context.node_config)

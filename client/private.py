@@ -1,47 +1,106 @@
-"""A client's DP round, free of Flower: plan the spend, ask the ledger, distill once.
+"""A client's DP round, free of Flower: admit under the node's policy, charge its ledger, distill once.
 
 Under DP the client makes exactly one distillation call over its whole partition. The
 non-private path (:func:`client.task.distill_partition`) splits classes into groups from the
 exact histogram; under DP that would leak the histogram, and every call would spend again.
-The DP methods choose classes from noisy counts themselves (``privacy.layout``).
+The DP methods choose classes from noisy counts (``privacy.layout``).
 
-A round's spend is fixed from the task alone (never from the data), so the client can ask its
-:class:`privacy.PrivacyLedger` whether the round fits the budget before reading anything, and
-charge it before distilling: a run that fails midway has still spent.
+Order of a round, each step before the next:
+
+1. the node's policy (:class:`privacy.policy.NodePolicy`, from its node-config) admits the task
+   or declines it with a reason: the run cannot raise a cap, a delta or a limit of the node;
+2. the round's spend, fixed from the task alone, is charged to the node's ledger file
+   (:class:`privacy.node_ledger.NodeLedger`), or the round is declined: nothing is read first;
+3. only then is the private data loaded (with public or declared statistics only), the class
+   counts released once (kept in the ledger for later rounds and runs), and the set distilled
+   with noise from the node's secret generator.
+
+A node without a policy (a simulated node) gets a ledger file of its own per run under
+``$FEDISTILL_LEDGER_DIR`` (or ``ledger-dir`` in its node-config; default the system's temp
+folder), so benchmark runs never share a cap; the run's ``privacy-budget`` caps it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import time
-from typing import Any, Mapping
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
-import privacy  # noqa: F401 - registers dp-dm and dpsgd-gm with distill.methods
+import privacy  # noqa: F401 - registers the DP methods with distill.methods
 from distill.data import LabeledImages
 from distill.methods import distill, make_config
 from distill.synthetic import SyntheticSet
-from privacy import DPConfig, PrivacyLedger, PrivacyPlan
+from privacy import BudgetExceeded, DPConfig, PrivacyLedger, PrivacyPlan, privacy_plan
+from privacy.layout import noisy_counts
+from privacy.node_ledger import NodeLedger, file_identity, spends_of
+from privacy.policy import NodePolicy, PolicyDeclined
+from privacy.randomness import noise_generator
 
 from .task import DistillTask
 
+LEDGER_DIR_ENV = "FEDISTILL_LEDGER_DIR"
+COUNTS_RELEASE = "class-counts"
 
-def dp_config(task: DistillTask, seed: int, embedder_state: dict | None = None) -> DPConfig:
-    """The DP method's config for one round; initialisation is always noise under DP."""
+
+@dataclass(frozen=True)
+class Declined:
+    """A round the node will not run: ``kind`` "policy" or "budget", the reason, the reply's metrics."""
+
+    kind: str
+    reason: str
+    metrics: dict[str, float | int]
+
+
+def refuse_insecure(node_config: Mapping[str, Any]) -> None:
+    """Insecure (replayable) noise is for tests of the library; a node never runs with it."""
+    if insecure := sorted(str(k) for k in node_config if "insecure" in str(k)):
+        raise ValueError(f"node-config {insecure}: insecure noise is for tests only; a ClientApp refuses it")
+
+
+def node_policy(node_config: Mapping[str, Any]) -> NodePolicy | None:
+    """The data holder's policy from its node-config (None for a simulated node that sets none)."""
+    refuse_insecure(node_config)
+    return NodePolicy.from_node_config(node_config)
+
+
+def admit(task: DistillTask, policy: NodePolicy | None) -> Declined | None:
+    """A ``policy`` decline for a task the node's policy refuses, else None."""
+    if policy is None:
+        return None
+    try:
+        policy.admit(dp=task.dp if task.algorithm == "fedistill" else "none", delta=task.delta,
+                     iterations=task.iterations, ipc=task.ipc, threads=task.client_threads)
+    except PolicyDeclined as err:
+        metrics: dict[str, float | int] = {"declined": 1}
+        if task.dp != "none":
+            metrics["delta"] = float(task.delta)
+        return Declined("policy", str(err), metrics)
+    return None
+
+
+def dp_config(task: DistillTask, seed: int, embedder_state: dict | None = None, accountant: str | None = None,
+              released_counts: tuple[float, ...] | None = None) -> DPConfig:
+    """The DP method's config for one round: noise init and secret noise, always."""
     if task.dp == "none":
         raise ValueError("dp_config needs a task with dp set")
     return make_config(task.dp, ipc=task.ipc, iterations=task.iterations, init="noise", seed=seed,
                        arch="convnet", arch_kwargs=task.arch_kwargs, embedder_state=embedder_state,
                        embedder_noise=task.embedder_noise, epsilon=task.epsilon, delta=task.delta,
                        clip=task.clip, sigma=task.sigma, sample_rate=task.sample_rate,
-                       accountant=task.accountant, rho=task.rho)
+                       accountant=accountant or task.accountant, rho=task.rho,
+                       insecure_reproducible_noise=False, released_counts=released_counts)
 
 
 def effective_budget(task: DistillTask, node_config: Mapping[str, Any]) -> float | None:
-    """The tighter of the run's ``privacy-budget`` and the node's own; ``None`` for no limit.
+    """This run's cap: the tighter of the run's ``privacy-budget`` and the node's; None for none.
 
-    The run-config is chosen by whoever starts the run; a data holder may cap its spending with
-    ``privacy-budget`` in its node-config, and no run-config can raise that cap. 0 = no limit.
+    A lifetime cap across runs is the policy's ``epsilon-cap``; this one bounds one run.
     """
     caps = []
     for value in (task.privacy_budget, node_config.get("privacy-budget", 0.0)):
@@ -53,44 +112,73 @@ def effective_budget(task: DistillTask, node_config: Mapping[str, Any]) -> float
     return min(caps) if caps else None
 
 
-def load_ledger(state_json: str | None, task: DistillTask, node_config: Mapping[str, Any]) -> PrivacyLedger:
-    """This run's ledger: past spends from ``state_json``; accountant, delta and budget from now.
-
-    Only the spends carry over: (sigma, q, steps) compose under any accountant and delta.
-    """
-    spends = PrivacyLedger.from_state_dict(json.loads(state_json)).spends if state_json else []
-    return PrivacyLedger(task.accountant, task.delta, effective_budget(task, node_config), spends)
+@lru_cache(maxsize=8)
+def _file_identity(path: str, size: int, mtime_ns: int) -> str:
+    return file_identity(path)
 
 
-def ledger_json(ledger: PrivacyLedger) -> str:
-    """What the ClientApp keeps in ``context.state`` between rounds (plain JSON, no pickle)."""
-    return json.dumps(ledger.state_dict())
+def data_identity(task: DistillTask, node_config: Mapping[str, Any]) -> str:
+    """What the ledger guards: the data file's sha256, or the partition a simulated node holds."""
+    if "data-path" in node_config:
+        path = str(node_config["data-path"])
+        st = os.stat(path)
+        return _file_identity(path, st.st_size, st.st_mtime_ns)
+    spec = {k: node_config.get(k) for k in ("partition-id", "num-partitions")}
+    spec.update(dataset=task.dataset, partitioner=task.partitioner, alpha=task.alpha,
+                shards=task.shards_per_client, seed=task.seed, holdout=task.holdout_fraction)
+    return "partition:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def privacy_metrics(plan: PrivacyPlan, ledger: PrivacyLedger) -> dict[str, float | int]:
-    """The reply's privacy figures: this round's spend and the run's total so far."""
-    return {"epsilon-round": float(plan.epsilon), "epsilon-total": float(ledger.epsilon()),
+def open_ledger(task: DistillTask, node_config: Mapping[str, Any], policy: NodePolicy | None,
+                run_id: int, node_id: int) -> NodeLedger:
+    """The node's lifetime ledger under a policy, else this run's own ledger file for this node."""
+    data_id = (policy.data_id if policy is not None else "") or data_identity(task, node_config)
+    if policy is not None:
+        return NodeLedger(policy.ledger, data_id, policy.accountant, policy.max_delta, policy.epsilon_cap)
+    root = Path(str(node_config.get("ledger-dir") or os.environ.get(LEDGER_DIR_ENV)
+                    or Path(tempfile.gettempdir()) / "fedistill-ledgers"))
+    return NodeLedger(root / f"run-{run_id}" / f"node-{node_id}.json", data_id, task.accountant, task.delta)
+
+
+def privacy_metrics(plan: PrivacyPlan, run_total: float, budget: float | None) -> dict[str, float | int]:
+    """The reply's privacy figures: this round's spend and the run's total so far (run's delta)."""
+    return {"epsilon-round": float(plan.epsilon), "epsilon-total": float(run_total),
             "delta": float(plan.delta), "sigma": float(plan.sigma), "sample-rate": float(plan.sample_rate),
             "steps": int(plan.steps), "clip": float(plan.clip), "rho": float(plan.rho),
-            "privacy-budget": float(ledger.budget or 0.0)}
+            "privacy-budget": float(budget or 0.0)}
 
 
-def decline_metrics(plan: PrivacyPlan, ledger: PrivacyLedger) -> dict[str, float | int]:
-    """What a declining client reports: its total so far and the round it would not pay for."""
-    return {"declined": 1, "epsilon-total": float(ledger.epsilon()),
-            "epsilon-planned": float(ledger.epsilon_after(plan.spends)), "delta": float(ledger.delta),
-            "privacy-budget": float(ledger.budget or 0.0)}
+def decline_metrics(plan: PrivacyPlan, run: PrivacyLedger) -> dict[str, float | int]:
+    """What a declining client reports: this run's total so far and the total it would not pay for."""
+    return {"declined": 1, "epsilon-total": float(run.epsilon()),
+            "epsilon-planned": float(run.epsilon_after(plan.spends)), "delta": float(run.delta),
+            "privacy-budget": float(run.budget or 0.0)}
 
 
-def distill_private(real: LabeledImages, task: DistillTask, config: DPConfig, plan: PrivacyPlan,
-                    ledger: PrivacyLedger) -> tuple[SyntheticSet, dict[str, Any]]:
-    """One DP distillation of the whole partition, already charged to ``ledger``; set + metrics.
-
-    The metrics hold no exact count of the private data (no ``num-examples`` or histogram).
-    """
-    start = time.perf_counter()
-    syn = distill(real, config)
-    syn = syn.with_meta(round=task.round, seed=config.seed)
-    metrics: dict[str, Any] = {"seconds": time.perf_counter() - start, "bytes-uploaded": syn.nbytes(),
-                               **privacy_metrics(plan, ledger)}
+def private_round(task: DistillTask, node_config: Mapping[str, Any], *, run_id: int, node_id: int, seed: int,
+                  load: Callable[[], LabeledImages], embedder_state: dict | None = None,
+                  ) -> tuple[SyntheticSet, dict[str, Any]] | Declined:
+    """One DP round (see the module docstring): the set and its metrics, or why it was declined."""
+    policy = node_policy(node_config)
+    if (declined := admit(task, policy)) is not None:
+        return declined
+    ledger = open_ledger(task, node_config, policy, run_id, node_id)
+    kept = ledger.release(COUNTS_RELEASE)
+    counts = tuple(kept["counts"]) if isinstance(kept, dict) and "counts" in kept else None
+    config = dp_config(task, seed, embedder_state, ledger.base.accountant, counts)
+    plan = privacy_plan(config)
+    run = PrivacyLedger(config.accountant, task.delta, effective_budget(task, node_config))
+    try:
+        charge = ledger.charge(plan.spends, run=str(run_id), round=task.round, method=task.dp, run_budget=run)
+    except BudgetExceeded as err:
+        run.spends = spends_of(ledger.read(), str(run_id))
+        return Declined("budget", str(err), decline_metrics(plan, run))
+    real = load()  # charged: from here on the round has spent, whatever happens
+    if counts is None:
+        released = noisy_counts(real, config.count_sigma, noise_generator(seed))
+        counts = tuple(float(c) for c in released.tolist())
+        ledger.keep_release(COUNTS_RELEASE, {"sigma": config.count_sigma, "counts": list(counts)})
+    syn = distill(real, replace(config, sigma=plan.sigma, released_counts=counts))
+    syn = syn.with_meta(round=task.round, seed=config.seed, privacy=plan.meta(count_sigma=config.count_sigma))
+    metrics: dict[str, Any] = {"bytes-uploaded": syn.nbytes(), **privacy_metrics(plan, charge.run, run.budget)}
     return syn, metrics

@@ -11,12 +11,13 @@ import math
 import time
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from distill.data import Dataset, LabeledImages, load_dataset, load_npz
+from distill.data import Dataset, LabeledImages, load_dataset, load_npz, public_stats
 from distill.factors import BASE_KEY, Factors
 from distill.methods import distill, make_config
 from distill.parameterize import RHO_COMPOSES, check_options
@@ -26,7 +27,7 @@ from distill.synthetic import SetMetadata, SyntheticSet, concat_sets
 ALGORITHMS = ("fedistill", "fedavg")
 # ``dp`` values: no DP, or the name of a DP method that ``import privacy`` registers. Kept as
 # strings here so the server (which imports this module) never needs Opacus.
-DP_MODES = ("none", "dpsgd-gm", "dp-dm")
+DP_MODES = ("none", "dpsgd-gm", "dp-dm", "dp-mtt")
 DP_ACCOUNTANTS = ("rdp", "prv")
 
 
@@ -173,7 +174,8 @@ def _partition_indices(dataset: str, num_partitions: int, partitioner: str, alph
                            shards_per_client=shards_per_client, seed=seed))
 
 
-def load_partition(task: DistillTask, node_config: Mapping[str, Any]) -> tuple[LabeledImages, LabeledImages]:
+def load_partition(task: DistillTask, node_config: Mapping[str, Any],
+                   public_only: bool = False) -> tuple[LabeledImages, LabeledImages]:
     """This node's (train, held-out) data.
 
     With ``data-path`` in ``node_config`` (a real deployment) the node's own ``.npz`` is used:
@@ -183,10 +185,15 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any]) -> tuple[L
     rejects unless they equal its own. Otherwise the
     node's ``partition-id`` of ``num-partitions`` over the run's dataset is taken, and a
     seeded ``holdout-fraction`` of it is held out for federated evaluation.
+
+    ``public_only`` (every DP round): the normalisation and the class count must be public, a
+    known dataset's or declared in the node-config (``data-mean``, ``data-std``, ``num-classes``),
+    never computed from the private data, which would release them outside the accountant.
     """
     if "data-path" in node_config:
-        name = node_config.get("data-name")
-        local = load_npz(str(node_config["data-path"]), str(name) if name else None)
+        name = str(node_config.get("data-name") or Path(str(node_config["data-path"])).stem)
+        stats, classes = declared_statistics(name, node_config, public_only)
+        local = load_npz(str(node_config["data-path"]), name, stats=stats, num_classes=classes)
         return local.train, local.test
     try:
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
@@ -195,11 +202,49 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any]) -> tuple[L
                          f"got {sorted(node_config)}") from err
     if not 0 <= pid < n:
         raise ValueError(f"partition-id {pid} outside [0, {n})")
+    if public_only and str(task.dataset).endswith(".npz") and public_stats(Path(task.dataset).stem) is None:
+        raise ValueError(f"dataset {task.dataset!r}: under DP the normalisation must be public, and this file is "
+                         "no known dataset (name it after one, e.g. mnist.npz, or give the node its data-path with "
+                         "declared data-mean, data-std and num-classes)")
     part = _partition_indices(task.dataset, n, task.partitioner, task.alpha, task.shards_per_client,
                               task.seed)[pid]
     train_idx, held_idx = split_held_out(part, task.seed, pid, task.holdout_fraction)
     data = cached_dataset(task.dataset).train
     return data.subset(train_idx), data.subset(held_idx)
+
+
+KNOWN_NUM_CLASSES = 10  # every dataset with published statistics here (MNIST, Fashion-MNIST, CIFAR-10, SVHN)
+
+
+def declared_statistics(name: str, node_config: Mapping[str, Any], public_only: bool
+                        ) -> tuple[tuple[tuple[float, ...], tuple[float, ...]] | None, int | None]:
+    """``(stats, num_classes)`` a node may use: declared ones first, then a known dataset's.
+
+    ``(None, None)`` (computed from the data) is allowed only when ``public_only`` is off.
+    """
+    declared = [k for k in ("data-mean", "data-std", "num-classes") if k in node_config]
+    if declared:
+        if len(declared) < 3:
+            raise ValueError(f"node-config declares {declared}: declare data-mean, data-std and num-classes together")
+        try:
+            mean = tuple(float(v) for v in str(node_config["data-mean"]).split(","))
+            std = tuple(float(v) for v in str(node_config["data-std"]).split(","))
+            classes = int(node_config["num-classes"])
+        except ValueError as err:
+            raise ValueError(f"node-config data-mean / data-std (comma-separated numbers) or num-classes: {err}") \
+                from err
+        if classes < 2 or not all(s > 0 and math.isfinite(s) for s in std) or not all(map(math.isfinite, mean)):
+            raise ValueError(f"declared statistics must be finite, std > 0 and num-classes >= 2: {mean}, {std}, "
+                             f"{classes}")
+        return (mean, std), classes
+    if (stats := public_stats(name)) is not None:
+        return stats, KNOWN_NUM_CLASSES
+    if public_only:
+        raise ValueError(f"data {name!r}: under DP the normalisation statistics and the class count must be public; "
+                         "set data-name to a known dataset (mnist, fashionmnist, cifar10, svhn) or declare data-mean, "
+                         "data-std and num-classes in the node-config (the node never computes them from private "
+                         "data)")
+    return None, None
 
 
 def distill_partition(real: LabeledImages, task: DistillTask, seed: int,

@@ -153,8 +153,19 @@ def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
     return Dataset(split(x_train, y_train), split(x_test, y_test))
 
 
-def load_npz(path: str | Path, name: str | None = None) -> Dataset:
-    """A local ``.npz`` with ``x_train, y_train, x_test, y_test`` (uint8 HxW or HxWxC)."""
+def public_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """A known dataset's published normalisation (what a DP node may use), or None."""
+    return NORMALISATION.get(name.lower().replace("-", "").replace("_", ""))
+
+
+def load_npz(path: str | Path, name: str | None = None, *,
+             stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+             num_classes: int | None = None) -> Dataset:
+    """A local ``.npz`` with ``x_train, y_train, x_test, y_test`` (uint8 HxW or HxWxC).
+
+    Normalisation: ``stats`` if given, else the known dataset ``name`` (default: the file's stem)
+    names, else the file's own train split. ``num_classes`` defaults to the largest label + 1.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such dataset file: {path}")
@@ -164,7 +175,7 @@ def load_npz(path: str | Path, name: str | None = None) -> Dataset:
             raise ValueError(f"{path} lacks keys {sorted(missing)}")
         arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     key = name or path.stem
-    return from_arrays(key, **arrays, stats=NORMALISATION.get(key.lower()))
+    return from_arrays(key, **arrays, num_classes=num_classes, stats=stats or public_stats(key))
 
 
 BUNDLED_ENV = "FEDISTILL_MNIST10K"

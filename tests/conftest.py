@@ -26,3 +26,11 @@ def small_train(mnist: Dataset):
     """600 training images, 60 per class: enough signal, fast."""
     idx = torch.cat([i[:60] for i in mnist.train.class_indices()])
     return mnist.train.subset(idx)
+
+
+@pytest.fixture(autouse=True)
+def private_ledger_dir(tmp_path_factory, monkeypatch) -> str:
+    """Every test's simulated DP nodes keep their per-run ledgers in a folder of their own."""
+    folder = str(tmp_path_factory.mktemp("ledgers"))
+    monkeypatch.setenv("FEDISTILL_LEDGER_DIR", folder)
+    return folder

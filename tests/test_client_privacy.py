@@ -1,5 +1,5 @@
 """The ClientApp under DP: Opacus's epsilon in every reply, no private image uploaded, one
-accountant over all rounds in ``context.state``, and a decline exactly when the budget would break."""
+accountant over all rounds in the node's ledger file, and a decline exactly when the budget would break."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from opacus.accountants import RDPAccountant
 from tests.flower_fixtures import make_context, task_identity  # noqa: F401 - fixture
 
-from client.app import LEDGER_KEY, app
-from client.private import dp_config, effective_budget
+from client.app import app
+from client.private import dp_config, effective_budget, open_ledger
 from client.task import DistillTask, load_partition
 from distill.synthetic import SetMetadata
 from privacy import Spend, epsilon_of, privacy_plan, spends_from_meta
@@ -54,6 +54,7 @@ def test_reply_epsilon_is_opacus_epsilon_for_the_same_parameters(setting, task_i
     if setting["sigma"] == 0:
         assert meta["mode"] == "target-epsilon" and meta["epsilon"] <= 2.0
     assert "num-examples" not in m and "class-histogram" not in m  # exact counts of private data
+    assert "seconds" not in m  # nor how long it took
 
 
 def test_no_synthetic_image_equals_a_private_training_image(mnist, task_identity):  # noqa: F811
@@ -70,15 +71,20 @@ def test_no_synthetic_image_equals_a_private_training_image(mnist, task_identity
     assert nearest(copy) == 0.0
 
 
-def test_ledger_in_context_state_composes_rounds_like_one_accountant(task_identity):  # noqa: F811
+def _ledger_spends(ctx) -> list[Spend]:
+    state = open_ledger(DistillTask.from_config(DP), ctx.node_config, None, ctx.run_id, ctx.node_id).read()
+    return [Spend(*s) for e in state["entries"] for s in e["spends"]]
+
+
+def test_ledger_file_composes_rounds_like_one_accountant(task_identity):  # noqa: F811
     ctx = make_context(7, NODE)
     replies = [app(_message({**DP, "sigma": sigma}, rnd), ctx) for rnd, sigma in ((1, 1.0), (2, 2.5))]
     every = [s for r in replies for s in spends_from_meta(_privacy(r))]
+    assert len(every) == 3  # the class counts are released once and reused by round 2
     total = replies[1].content["metrics"]["epsilon-total"]
     assert total == epsilon_of(every, 1e-5, "rdp") == pytest.approx(_opacus_epsilon(every, 1e-5), rel=1e-9)
     assert total > replies[0].content["metrics"]["epsilon-total"] == replies[0].content["metrics"]["epsilon-round"]
-    ledger = json.loads(ctx.state[LEDGER_KEY]["ledger"])
-    assert [Spend(*s) for s in ledger["spends"]] == every
+    assert _ledger_spends(ctx) == every
 
 
 @pytest.mark.parametrize("rounds_paid, slack", [(2, 0.0), (1, 1e-6)])
@@ -86,8 +92,8 @@ def test_budget_declines_exactly_when_the_next_round_would_exceed_it(rounds_paid
                                                                      task_identity):  # noqa: F811
     """Budget = k rounds' epsilon: rounds 1..k are paid (the k-th lands on the budget), round k+1
     declines; a budget a hair under two rounds declines the second."""
-    per_round = privacy_plan(dp_config(DistillTask.from_config(DP), seed=0)).spends
-    budget = epsilon_of(list(per_round) * 2, 1e-5, "rdp") * (1 - slack)
+    counts, query = privacy_plan(dp_config(DistillTask.from_config(DP), seed=0)).spends
+    budget = epsilon_of([counts, query, query], 1e-5, "rdp") * (1 - slack)  # counts are released once
     ctx = make_context(7, NODE)
     config = {**DP, "privacy-budget": budget}
     for rnd in range(1, rounds_paid + 1):
@@ -100,7 +106,7 @@ def test_budget_declines_exactly_when_the_next_round_would_exceed_it(rounds_paid
     assert "privacy budget exceeded" in declined.content["declined"]["reason"]
     m = declined.content["metrics"]
     assert m["declined"] == 1 and m["epsilon-total"] == paid and m["epsilon-planned"] > budget >= paid
-    assert len(json.loads(ctx.state[LEDGER_KEY]["ledger"])["spends"]) == 2 * rounds_paid  # nothing spent
+    assert len(_ledger_spends(ctx)) == 1 + rounds_paid  # counts once, one query spend a round; nothing for the decline
 
 
 def test_a_node_may_cap_its_budget_below_the_run(task_identity):  # noqa: F811
