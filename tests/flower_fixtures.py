@@ -27,8 +27,8 @@ def task_identity():
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def make_context(node_id: int, node_config: dict) -> Context:
-    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
+def make_context(node_id: int, node_config: dict, run_id: int = 1) -> Context:
+    return Context(run_id=run_id, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
 
 
 class LocalGrid(Grid):
@@ -53,10 +53,12 @@ class InProcessGrid(LocalGrid):
     """
 
     def __init__(self, client_app: ClientApp, num_nodes: int, tamper: Tamper | None = None,
-                 extra_node_config: dict | None = None) -> None:
+                 extra_node_config: dict | None = None, node_config: Callable[[int], dict] | None = None,
+                 run_id: int = 1) -> None:
         self.client_app, self.tamper = client_app, tamper
         self.contexts = {nid: make_context(nid, {"partition-id": i, "num-partitions": num_nodes,
-                                                 **(extra_node_config or {})})
+                                                 **(extra_node_config or {}),
+                                                 **(node_config(i) if node_config else {})}, run_id)
                          for i, nid in enumerate(range(101, 101 + num_nodes))}
         self.replies: dict[str, Message] = {}
         self.sent: list[Message] = []
