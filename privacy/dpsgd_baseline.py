@@ -21,6 +21,7 @@ from distill.data import LabeledImages
 from distill.networks import seeded_network
 
 from .accounting import ACCOUNTANTS
+from .randomness import noise_generator
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class DPSGDConfig:
     accountant: str = "rdp"
     seed: int = 0
     device: str = "cpu"
+    insecure_reproducible_noise: bool = False  # tests only: noise replayable from ``seed``
 
     def __post_init__(self) -> None:
         if not (self.epsilon > 0 and math.isfinite(self.epsilon)):
@@ -69,8 +71,10 @@ def train_dpsgd(train: LabeledImages, config: DPSGDConfig) -> DPSGDResult:
     info = train.info
     net = seeded_network(config.arch, info.channels, info.num_classes, (info.height, info.width),
                          seed=config.seed, device=config.device, **config.arch_kwargs)
+    # Opacus's DPDataLoader Poisson-samples with this loader's generator: secret, like the noise.
+    sampling = noise_generator(config.seed + 1, config.insecure_reproducible_noise)
     loader = DataLoader(TensorDataset(train.images, train.labels), batch_size=config.batch_size,
-                        shuffle=True, generator=torch.Generator().manual_seed(config.seed))
+                        shuffle=True, generator=sampling)
     opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Secure RNG turned off")  # documented in docs/privacy.md
@@ -79,7 +83,7 @@ def train_dpsgd(train: LabeledImages, config: DPSGDConfig) -> DPSGDResult:
         model, opt, loader = engine.make_private_with_epsilon(
             module=net, optimizer=opt, data_loader=loader, target_epsilon=config.epsilon,
             target_delta=config.delta, epochs=config.epochs, max_grad_norm=config.clip,
-            noise_generator=torch.Generator(device=config.device).manual_seed(config.seed + 1))
+            noise_generator=noise_generator(config.seed, config.insecure_reproducible_noise, config.device))
     model.train()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Full backward hook is firing")

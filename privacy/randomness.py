@@ -36,13 +36,15 @@ def secret_seed() -> int:
     return secrets.randbits(SECRET_BITS)
 
 
-def noise_generator(public_seed: int, insecure_reproducible_noise: bool = False) -> torch.Generator:
+def noise_generator(public_seed: int, insecure_reproducible_noise: bool = False,
+                    device: str | torch.device = "cpu") -> torch.Generator:
     """The generator of every draw a DP guarantee depends on.
 
     Secret by default: seeded by :func:`secret_seed`, which is not kept anywhere. With
     ``insecure_reproducible_noise`` it is seeded from ``public_seed``, so anyone who knows the
     seed can replay the noise: for tests and audits only, never for an upload.
     """
+    gen = torch.Generator(device=device)
     if insecure_reproducible_noise:
-        return torch.Generator().manual_seed((int(public_seed) * 1_000_003 + NOISE_STREAM) % 2**63)
-    return torch.Generator().manual_seed(secret_seed())
+        return gen.manual_seed((int(public_seed) * 1_000_003 + NOISE_STREAM) % 2**63)
+    return gen.manual_seed(secret_seed())

@@ -122,12 +122,12 @@ def dpsgd_row(eps: float, train: LabeledImages, test: LabeledImages, p: Preset) 
             "privacy": priv, "seconds": time.perf_counter() - start}
 
 
-def run(p: Preset, log) -> list[dict]:
+def run(p: Preset, log, epsilons: tuple[float, ...] = EPSILON_ORDER) -> list[dict]:
     data = load_dataset("mnist10k")
     train = data.train.first_per_class(p.per_class) if p.per_class > 0 else data.train
     test = data.test if p.test_size <= 0 else data.test.subset(torch.arange(p.test_size))
     rows = []
-    for eps in EPSILON_ORDER:
+    for eps in epsilons:
         if math.isinf(eps):
             dm = ("dm (no DP)", "dm", {"init": "noise", "iterations": p.dm_steps,
                                        "batch_real": p.nodp_batch_real})
@@ -164,6 +164,20 @@ def table(rows: list[dict]) -> str:
         std = (sum((a - sum(accs) / len(accs)) ** 2 for a in accs) / len(accs)) ** 0.5
         lines.append(f"| {r['row']} | {r['target_epsilon']:g} | {spent} | {sigma} | "
                      f"{100 * r['accuracy']:.2f} +- {std:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def compare(old: list[dict], new: list[dict]) -> str:
+    """Markdown: each DP row of ``new`` beside the same row of an earlier run ``old`` (raw JSON rows)."""
+    before = {(r["row"], r["target_epsilon"]): r for r in old}
+    lines = ["| row | target eps | before: accuracy % | now: accuracy % | change (points) |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in new:
+        o = before.get((r["row"], r["target_epsilon"]))
+        if o is None:
+            continue
+        a, b = 100 * o["accuracy"], 100 * r["accuracy"]
+        lines.append(f"| {r['row']} | {r['target_epsilon']:g} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
     return "\n".join(lines)
 
 
@@ -210,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_privacy",
                         help="folder for results.json, table.md and accuracy_vs_epsilon.png")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    parser.add_argument("--epsilons", default="", help="comma-separated subset of 8,inf,1,2,4 (default: all)")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="an earlier results.json: print each row beside its earlier accuracy")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,14 +240,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['row']:>14} eps={row['target_epsilon']:<4g} spent={row['epsilon']:.3f} "
               f"acc={100 * row['accuracy']:.2f}% ({row['seconds']:.0f}s)", flush=True)
 
-    rows = run(preset, log)
-    result = {"preset": preset_name, "settings": asdict(preset), "delta": 1e-5,
+    epsilons = tuple(float(e) for e in args.epsilons.split(",")) if args.epsilons else EPSILON_ORDER
+    rows = run(preset, log, epsilons)
+    result = {"preset": preset_name, "settings": asdict(preset), "delta": 1e-5, "noise": "secret",
+              "command": " ".join(["python", "simulations/bench_privacy.py", *(argv if argv is not None else sys.argv[1:])]),
+              "date": time.strftime("%Y-%m-%d"),
               "machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()}, "rows": rows}
     (args.out / "results.json").write_text(json.dumps(_jsonable(result), indent=2, allow_nan=False))
     (args.out / "table.md").write_text(table(rows) + "\n")
     plot(rows, args.out / "accuracy_vs_epsilon.png")
     print(table(rows))
+    if args.compare is not None:
+        text = compare(json.loads(args.compare.read_text())["rows"], _jsonable(rows))
+        (args.out / "compare.md").write_text(text + "\n")
+        print(text)
     print(f"wrote {args.out}")
     return 0
 
