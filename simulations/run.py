@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
 
+from client.task import DP_MODES  # noqa: E402
 from server.settings import RunSettings  # noqa: E402
 
 
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the run store directory goes")
     p.add_argument("--name", default="", help="run name (default: algorithm-mode)")
     dp = p.add_argument_group("privacy (docs/privacy.md); unset flags keep the run-config defaults")
-    dp.add_argument("--dp", choices=("none", "dpsgd-gm", "dp-dm"), help="example-level DP method (replaces --method)")
+    dp.add_argument("--dp", choices=DP_MODES, help="example-level DP method (replaces --method)")
     dp.add_argument("--epsilon", type=float, help="target epsilon per round and client (with sigma 0)")
     dp.add_argument("--delta", type=float, help="delta every epsilon is reported at")
     dp.add_argument("--clip", type=float, help="per-example clipping bound")
