@@ -18,7 +18,7 @@ from distill.data import load_dataset
 
 from .central import CentralConfig, clean_floor, run_central
 from .membership import AttackResult
-from .metrics import clopper_pearson
+from .metrics import calibration_size
 from .report import (accuracy_epsilon_figure, bars_figure, has_epsilon_sweep, render_html, roc_figure,
                      thumbnails_figure)
 from .store_audit import audit_store
@@ -32,25 +32,59 @@ QUICK = dict(pool_size=100, shadows=4,
              canary={"kind": "mislabel", "count": 100, "client_size": 200, "score": "loss"})
 
 
-MIN_NON_MEMBERS_AT_1PCT = 500  # the 1% FPR threshold then rests on >= 5 false positives
+MIN_NON_MEMBERS_AT_1PCT = 500  # the 1% FPR threshold then rests on >= 2 calibration false positives
+VERDICT_ALPHA = 0.05  # family-wise false-alarm rate of "leaks at low FPR", over all attacks on a target
+MIA_NOTE = ("TPR at 1% and 0.1% FPR are held out: the threshold is set on a seeded random part of the "
+            "non-members (calibration_non_members) and the FPR is counted on the rest (fpr_at_1pct_heldout); "
+            "with no signal the TPR then averages the nominal FPR. The low-FPR verdict tests, per attack, members "
+            "against held-out non-members above that threshold (one-sided Fisher exact test, tpr_at_1pct_p_value) "
+            f"and corrects for trying several attacks on a target (Bonferroni: p <= {VERDICT_ALPHA:g} / attacks), so "
+            f"a target without leakage is called leaky with probability at most {VERDICT_ALPHA:g}. "
+            "TPR at 0% FPR is in-sample (members above every non-member).")
 
 
-def low_fpr_verdict(best: dict[str, Any], attacks_tried: int) -> str:
-    """Whether the strongest of ``attacks_tried`` attacks shows leakage at 1% FPR, honestly.
+def low_fpr_verdict(rows: list[dict[str, Any]], alpha: float = VERDICT_ALPHA) -> str:
+    """Whether any of the attacks on one target shows leakage at 1% FPR, at false-alarm rate ``alpha``.
 
-    Picking the best of several attacks is multiple testing: its TPR interval is widened
-    Bonferroni-style (alpha 0.05 / attacks). With few non-members the 1% FPR threshold rests on
-    a handful of false positives and no verdict is given.
+    Each row's ``tpr_at_1pct_p_value`` compares members with non-members that did not set the
+    threshold, so it is valid for one attack; "some attack leaks" is a multiple comparison, so
+    the smallest p-value must clear ``alpha / len(rows)`` (Bonferroni). With few non-members the
+    1% threshold rests on a handful of calibration points and no verdict is given.
     """
-    if best["non_members"] < MIN_NON_MEMBERS_AT_1PCT:
-        return (f"inconclusive at 1% FPR (the threshold rests on {best['non_members'] // 100} non-member(s); "
-                f"needs >= {MIN_NON_MEMBERS_AT_1PCT} non-members)")
-    k = int(round(best["tpr_at_1pct_fpr"] * best["members"]))
-    lo, _ = clopper_pearson(k, best["members"], 0.05 / max(attacks_tried, 1))
-    if lo > 0.01:
-        return (f"leaks at low FPR (the Bonferroni-corrected interval over {attacks_tried} attacks "
-                "excludes the 1% chance level)")
-    return "no evidence of leakage at 1% FPR (the corrected interval includes chance)"
+    if not rows:
+        raise ValueError("low_fpr_verdict needs at least one attack row")
+    fewest = min(r["non_members"] for r in rows)
+    if fewest < MIN_NON_MEMBERS_AT_1PCT:
+        return (f"inconclusive at 1% FPR (only {fewest} non-members; needs >= {MIN_NON_MEMBERS_AT_1PCT} so that the "
+                "held-out threshold rests on several calibration false positives)")
+    best = min(rows, key=lambda r: r["tpr_at_1pct_p_value"])
+    p, m = best["tpr_at_1pct_p_value"], len(rows)
+    how = f"one-sided Fisher test against held-out non-members, Bonferroni over {m} attack(s)"
+    if p <= alpha / m:
+        return f"leaks at low FPR ({best.get('attack', '?')}: p = {p:.2g} <= {alpha:g}/{m}; {how})"
+    return f"no evidence of leakage at 1% FPR (smallest p = {p:.2g} > {alpha:g}/{m}; {how})"
+
+
+def canary_line(r: dict[str, Any]) -> str:
+    """One canary row as "lower bound X (ceiling Y, confidence Z) vs accountant epsilon W" and what it shows.
+
+    A bound at or below the accountant is only informative when the ceiling (the most these
+    canaries and guesses could ever prove) exceeds the claim; otherwise 0 is all it could say.
+    """
+    claimed, lb, ceiling = r["claimed_epsilon"], r["empirical_epsilon_lb"], r["ceiling"]
+    if claimed == "none":
+        verdict = ""
+    elif lb > claimed:
+        verdict = " — EXCEEDS the accountant's epsilon: the DP claim or its implementation is wrong"
+    elif ceiling <= claimed:
+        verdict = (" — shows nothing about the accountant: even a perfect attack could not prove more than the "
+                   "ceiling with these canaries and guesses")
+    else:
+        verdict = " — consistent with the accountant"
+    return (f"{r['target']}: canary audit ({r['canaries']}, {r['included']} inserted, {r['runs']} run(s), "
+            f"{r['guesses']} guesses) lower bound {lb:.3f} (ceiling {ceiling:.3f}, confidence {r['confidence']:.0%}) "
+            f"vs accountant epsilon {claimed if claimed == 'none' else f'{claimed:.3f}'} (delta {r['delta']:g})"
+            f"{verdict}.")
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -62,13 +96,13 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for target, rows in by_target.items():
         best = max(rows, key=lambda a: (a["tpr_at_1pct_fpr"], a["auc"]))
         lo, hi = best["tpr_at_1pct_ci"]
-        verdict = low_fpr_verdict(best, len(rows))
         lines.append(f"{target}: strongest attack {best['attack']}, AUC {best['auc']:.3f}, TPR@1%FPR "
                      f"{best['tpr_at_1pct_fpr']:.3f} [{lo:.3f}, {hi:.3f}] over {best['members']} members / "
-                     f"{best['non_members']} non-members: {verdict}.")
-        if best["non_members"] < 1000:
+                     f"{best['non_members']} non-members (threshold set on {best['calibration_non_members']} of them, "
+                     f"FPR {best['fpr_at_1pct_heldout']:.3f} on the rest): {low_fpr_verdict(rows)}.")
+        if calibration_size(best["non_members"], 0.001) == 0:
             lines.append(f"{target}: with {best['non_members']} non-members TPR@0.1%FPR is not resolvable "
-                         f"(needs >= 1000, better 10^4).")
+                         f"(held out, it needs >= 2000: 999 to set the threshold; better 10^4).")
     rows = report["backdoor"].get("rows", [])
     if rows and "asr" in rows[0]:
         floor = clean_floor(rows)
@@ -76,15 +110,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             if r["name"] != "clean":
                 lines.append(f"backdoor {r['name']} (poison {r['fraction']:.0%}): ASR {r['asr']:.3f}, CTA {r['cta']:.3f}"
                              + (f" (clean run: ASR floor {floor:.3f})" if floor is not None else "") + ".")
-    for r in report["dp_audit"].get("canary_rows", []):
-        claimed = r["claimed_epsilon"]
-        verdict = ("" if claimed == "none" else
-                   " — consistent with the accountant" if r["empirical_epsilon_lb"] <= claimed else
-                   " — EXCEEDS the accountant's epsilon: the DP claim or its implementation is wrong")
-        lines.append(f"{r['target']}: canary audit ({r['canaries']}, {r['included']} inserted, {r['runs']} run(s)) "
-                     f"proves epsilon >= {r['empirical_epsilon_lb']:.3f} at {r['confidence']:.0%} confidence "
-                     f"(delta {r['delta']:g}); accountant epsilon {claimed if claimed == 'none' else f'{claimed:.3f}'}"
-                     f"{verdict}.")
+    lines += [canary_line(r) for r in report["dp_audit"].get("canary_rows", [])]
     for r in report["dp_audit"].get("rows", []):
         lb = r.get("empirical_epsilon_lb", r.get("indicative_epsilon_lb"))
         lines.append(f"{r['target']}: accountant epsilon {r['claimed_epsilon']}, empirical lower bound {lb:.3f} "
@@ -147,6 +173,8 @@ def run_audit(source: str | Path, out: str | Path, quick: bool = False, num_part
     else:
         raise ValueError(f"{source}: expected a run-store directory or an audit config .json")
     report = {"source": str(source), **raw}
+    mia = report.setdefault("membership_inference", {})
+    mia["notes"] = [*mia.get("notes", []), MIA_NOTE]
     dp = report.setdefault("dp_audit", {})
     if privacy_results is not None:
         dp["accuracy_vs_epsilon"] = dp.get("accuracy_vs_epsilon", []) + read_privacy_results(privacy_results)

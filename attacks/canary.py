@@ -16,9 +16,14 @@ on it, or minus its distance to the synthetic set), higher meaning "was included
   each run carries one canary (``runs == canaries``) or for independent simulated mechanisms;
   with many canaries per run it is reported but flagged ``cp_independent = False``.
 
-Either bound is a statement at confidence ``1 - alpha``; neither can exceed a correct
-accountant's epsilon except with probability ``alpha`` (tests check both on a real DP pipeline
-and on an exact Gaussian mechanism, and that a leaky pipeline gives a clearly positive bound).
+Each bound alone is a statement at confidence ``1 - alpha``. The quoted bound is the one-run
+bound alone, or, when the Clopper-Pearson trials are independent, the larger of the two with
+each computed at ``alpha / 2`` (Bonferroni), so that it too holds at ``1 - alpha`` (the maximum
+of two ``1 - alpha`` bounds would only hold at ``1 - 2 alpha``). Every bound comes with its
+*ceiling*, the largest value the audit could output with its canaries and guesses (every guess
+right, perfect separation): a bound of 0 says nothing about an accountant's epsilon above the
+ceiling. Tests check the bounds on a real DP pipeline and on an exact Gaussian mechanism, and
+that a leaky pipeline gives a clearly positive bound.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from scipy.stats import binom, norm
 from distill.data import LabeledImages
 
 from .membership import nearest_synthetic_distance
-from .metrics import epsilon_lower_bound_from_scores
+from .metrics import epsilon_lower_bound, epsilon_lower_bound_from_scores
 from .pipelines import Pipeline
 from .signals import cross_entropy, logits
 
@@ -119,6 +124,20 @@ def one_run_epsilon_lower_bound(m: int, r: int, v: int, delta: float, alpha: flo
     return lo
 
 
+def one_run_ceiling(m: int, r: int, delta: float, alpha: float = 0.05) -> float:
+    """The largest one-run bound ``r`` guesses over ``m`` canaries can give: all ``r`` right
+    (the bound grows with the number right). With m = 200 and r = 40: 2.55 at 95 %."""
+    return one_run_epsilon_lower_bound(m, r, r, delta, alpha)
+
+
+def clopper_pearson_ceiling(members: int, non_members: int, delta: float, alpha: float = 0.05) -> float:
+    """The largest :func:`attacks.metrics.epsilon_lower_bound_from_scores` can give: perfect
+    separation on the half it counts (``members // 2`` and ``non_members // 2`` trials)."""
+    if min(members, non_members) < 4:
+        return 0.0
+    return epsilon_lower_bound(members // 2, 0, 0, non_members // 2, delta, alpha)
+
+
 def one_run_guesses(scores: np.ndarray, included: np.ndarray, guess_fraction: float) -> tuple[int, int]:
     """``(r, v)``: IN for the top ``guess_fraction / 2`` of scores, OUT for the bottom as many."""
     k = int(len(scores) * guess_fraction / 2)
@@ -172,36 +191,71 @@ class CanaryAudit:
         return one_run_guesses(self.scores, self.included, self.guess_fraction)
 
     @property
-    def epsilon_lb_one_run(self) -> float:
-        r, v = self.guesses
-        return one_run_epsilon_lower_bound(len(self.scores), r, v, self.delta, self.alpha)
-
-    @property
-    def epsilon_lb_cp(self) -> float:
-        s, m = self.scores, self.included
-        if min(m.sum(), (~m).sum()) < 4:
-            return 0.0
-        return epsilon_lower_bound_from_scores(s[m], s[~m], delta=self.delta, alpha=self.alpha)
-
-    @property
-    def epsilon_lb(self) -> float:
-        """The bound to quote: one-run always; Clopper-Pearson too when its trials are independent."""
-        lb = self.epsilon_lb_one_run
-        return max(lb, self.epsilon_lb_cp) if self.cp_independent else lb
-
-    @property
     def cp_independent(self) -> bool:
         return self.runs >= len(self.scores) or bool(self.extra.get("independent_trials", False))
 
+    @property
+    def alpha_each(self) -> float:
+        """Level of each bound inside the quoted one: Bonferroni halves alpha when two are combined."""
+        return self.alpha / 2 if self.cp_independent else self.alpha
+
+    def _one_run(self, alpha: float) -> float:
+        r, v = self.guesses
+        return one_run_epsilon_lower_bound(len(self.scores), r, v, self.delta, alpha)
+
+    def _cp(self, alpha: float) -> float:
+        s, m = self.scores, self.included
+        if min(m.sum(), (~m).sum()) < 4:
+            return 0.0
+        return epsilon_lower_bound_from_scores(s[m], s[~m], delta=self.delta, alpha=alpha)
+
+    def _one_run_ceiling(self, alpha: float) -> float:
+        return one_run_ceiling(len(self.scores), self.guesses[0], self.delta, alpha)
+
+    def _cp_ceiling(self, alpha: float) -> float:
+        n_in = int(self.included.sum())
+        return clopper_pearson_ceiling(n_in, len(self.scores) - n_in, self.delta, alpha)
+
+    @property
+    def epsilon_lb_one_run(self) -> float:
+        """One-run bound alone, at confidence ``1 - alpha``."""
+        return self._one_run(self.alpha)
+
+    @property
+    def epsilon_lb_cp(self) -> float:
+        """Clopper-Pearson bound alone, at confidence ``1 - alpha`` (valid only if ``cp_independent``)."""
+        return self._cp(self.alpha)
+
+    @property
+    def epsilon_lb(self) -> float:
+        """The bound to quote, at confidence ``1 - alpha``: one-run alone, or the larger of both at
+        ``alpha / 2`` each when the Clopper-Pearson trials are independent."""
+        if not self.cp_independent:
+            return self.epsilon_lb_one_run
+        return max(self._one_run(self.alpha_each), self._cp(self.alpha_each))
+
+    @property
+    def ceiling(self) -> float:
+        """The largest value :attr:`epsilon_lb` could take with these canaries and guesses."""
+        if not self.cp_independent:
+            return self._one_run_ceiling(self.alpha)
+        return max(self._one_run_ceiling(self.alpha_each), self._cp_ceiling(self.alpha_each))
+
     def to_row(self) -> dict[str, Any]:
         r, v = self.guesses
+        quoted = ("max(one-run, Clopper-Pearson), each at alpha/2 (Bonferroni)" if self.cp_independent
+                  else "one-run alone (Clopper-Pearson trials not independent)")
         return {"target": self.target, "canaries": f"{self.kind} x {len(self.scores)}",
                 "included": int(self.included.sum()), "runs": self.runs, "score": self.score,
-                "guesses": r, "correct": v, "epsilon_lb_one_run": self.epsilon_lb_one_run,
-                "epsilon_lb_clopper_pearson": self.epsilon_lb_cp, "cp_independent": self.cp_independent,
-                "empirical_epsilon_lb": self.epsilon_lb,
-                "claimed_epsilon": "none" if self.claimed_epsilon is None else self.claimed_epsilon,
-                "delta": self.delta, "confidence": 1 - self.alpha, **self.extra}
+                "guesses": r, "correct": v,
+                "epsilon_lb_one_run": self.epsilon_lb_one_run, "ceiling_one_run": self._one_run_ceiling(self.alpha),
+                "confidence_one_run": 1 - self.alpha,
+                "epsilon_lb_clopper_pearson": self.epsilon_lb_cp,
+                "ceiling_clopper_pearson": self._cp_ceiling(self.alpha),
+                "confidence_clopper_pearson": 1 - self.alpha, "cp_independent": self.cp_independent,
+                "empirical_epsilon_lb": self.epsilon_lb, "ceiling": self.ceiling, "confidence": 1 - self.alpha,
+                "quoted": quoted, "claimed_epsilon": "none" if self.claimed_epsilon is None else self.claimed_epsilon,
+                "delta": self.delta, **self.extra}
 
 
 def score_canaries(out, canaries: LabeledImages, score: str) -> np.ndarray:

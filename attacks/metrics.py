@@ -1,5 +1,8 @@
 """Membership-test metrics: ROC, AUC, TPR at low FPR, balanced accuracy, and DP lower bounds.
 
+TPR at a low FPR is reported held-out: its threshold is set on some non-members and the FPR
+is counted on others (:func:`heldout_tpr_at_fpr`); the ROC curve itself is in-sample.
+
 Convention everywhere: a *higher* score means "more likely a member". Members are the
 positives. Written with numpy + scipy's Beta quantile only (scipy comes with Opacus), so
 scikit-learn is not a dependency; ``tests/test_attacks_metrics.py`` checks the ROC/AUC
@@ -12,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import beta, hypergeom
 
 
 def _as_scores(x: np.ndarray | list[float], name: str) -> np.ndarray:
@@ -49,7 +52,11 @@ def auc(fpr: np.ndarray, tpr: np.ndarray) -> float:
 
 
 def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
-    """The highest TPR among thresholds whose FPR is at most ``target`` (Carlini et al. 2022)."""
+    """The highest TPR among thresholds whose FPR is at most ``target`` (Carlini et al. 2022).
+
+    In-sample: the threshold is picked on the non-members it counts, which biases the TPR up
+    when there is little signal; use :func:`heldout_tpr_at_fpr` for a rate to quote or test.
+    """
     ok = fpr <= target + 1e-12
     return float(tpr[ok].max()) if ok.any() else 0.0
 
@@ -130,9 +137,96 @@ def _bounds_at(x_in: np.ndarray, x_out: np.ndarray, thresholds: np.ndarray, delt
     return np.nan_to_num(np.maximum(np.maximum(a, b), 0.0), nan=0.0, neginf=0.0, posinf=0.0)
 
 
+def calibration_size(n_out: int, target: float) -> int:
+    """How many non-members set the threshold for ``target`` FPR (the rest are kept to count FPR).
+
+    At most half of them, and ``n_cal + 1`` a multiple of ``1 / target``, so that the
+    ``k = target * (n_cal + 1)``-th largest calibration score is a threshold whose expected FPR
+    on fresh non-members is exactly ``target`` (continuous scores; conformal rank argument).
+    0 when half the non-members cannot allow even one false positive.
+    """
+    if not 0 < target < 1:
+        raise ValueError(f"target FPR must be in (0, 1), got {target}")
+    k = math.floor(target * (n_out // 2 + 1) + 1e-9)
+    return 0 if k < 1 else min(n_out // 2, round(k / target) - 1)
+
+
+def _calibrated_threshold(calibration: np.ndarray, k: int) -> float:
+    """The smallest calibration score ``t`` with at most ``k`` calibration scores ``>= t`` (ties
+    may push it above the k-th largest; above the maximum when the top tie alone exceeds k)."""
+    a = np.sort(calibration)
+    top = np.unique(a[a.size - k:])
+    ok = top[(a.size - np.searchsorted(a, top, side="left")) <= k]
+    return float(ok[0]) if ok.size else float(np.nextafter(a[-1], np.inf))
+
+
+def fisher_greater_p_value(tp: int, members: int, fp: int, non_members: int) -> float:
+    """One-sided Fisher exact test that members pass a fixed threshold more often than non-members.
+
+    Given a threshold chosen without these scores, both counts are binomial with the same rate
+    when there is no signal, whatever that rate is; so the p-value is valid although the
+    threshold's true FPR is unknown (a test of the TPR against 1% alone would ignore that).
+    """
+    if tp + fp == 0:
+        return 1.0
+    return float(hypergeom.sf(tp - 1, members + non_members, tp + fp, members))
+
+
+@dataclass(frozen=True)
+class HeldOutTPR:
+    """TPR at a threshold chosen on calibration non-members, FPR counted on the other non-members."""
+
+    target_fpr: float
+    threshold: float
+    tp: int
+    members: int
+    fp: int
+    evaluation_non_members: int
+    calibration_non_members: int
+    p_value: float
+
+    @property
+    def tpr(self) -> float:
+        return self.tp / self.members
+
+    @property
+    def fpr(self) -> float:
+        return self.fp / self.evaluation_non_members if self.evaluation_non_members else 0.0
+
+
+def heldout_tpr_at_fpr(scores_in: np.ndarray, scores_out: np.ndarray, target: float,
+                       seed: int = 0) -> HeldOutTPR:
+    """TPR at ``target`` FPR without choosing the threshold on the non-members that are counted.
+
+    The in-sample estimate (:func:`tpr_at_fpr`) sets the threshold on the same non-members
+    whose false positives it counts, so with no signal it sits above ``target`` and its
+    binomial interval is too narrow. Here a seeded random part of the non-members
+    (:func:`calibration_size`) sets the threshold, every member is counted (none chose it),
+    and the remaining non-members give the FPR and the Fisher p-value of "members pass more
+    often". With no signal the TPR's expectation is ``target``.
+    """
+    s_in, s_out = _as_scores(scores_in, "scores_in"), _as_scores(scores_out, "scores_out")
+    n_cal = calibration_size(s_out.size, target)
+    if n_cal == 0:  # not resolvable: the rule never says "member"
+        return HeldOutTPR(target, math.inf, 0, s_in.size, 0, s_out.size, 0, 1.0)
+    perm = np.random.default_rng(seed).permutation(s_out.size)
+    cal, ev = s_out[perm[:n_cal]], s_out[perm[n_cal:]]
+    t = _calibrated_threshold(cal, round(target * (n_cal + 1)))
+    tp, fp = int((s_in >= t).sum()), int((ev >= t).sum())
+    return HeldOutTPR(target, t, tp, s_in.size, fp, ev.size, n_cal,
+                      fisher_greater_p_value(tp, s_in.size, fp, ev.size))
+
+
 @dataclass(frozen=True)
 class MIAMetrics:
-    """The numbers a report table needs for one attack on one target."""
+    """The numbers a report table needs for one attack on one target.
+
+    ``tpr_at_1pct_fpr`` and ``tpr_at_01pct_fpr`` are held-out (:func:`heldout_tpr_at_fpr`):
+    0 when there are too few non-members to resolve that FPR. ``fpr_at_1pct_heldout`` is the
+    FPR the 1% threshold reached on the non-members it never saw, ``tpr_at_1pct_p_value`` the
+    Fisher p-value the low-FPR verdict tests. ``tpr_at_0_fpr`` stays in-sample (members above
+    every non-member): descriptive, not a rate to test.
+    """
 
     auc: float
     balanced_accuracy: float
@@ -140,6 +234,9 @@ class MIAMetrics:
     tpr_at_01pct_fpr: float
     tpr_at_0_fpr: float
     tpr_at_1pct_ci: tuple[float, float]
+    fpr_at_1pct_heldout: float
+    tpr_at_1pct_p_value: float
+    calibration_non_members: int
     members: int
     non_members: int
 
@@ -147,13 +244,16 @@ class MIAMetrics:
         return asdict(self)
 
 
-def summarize(scores_in: np.ndarray, scores_out: np.ndarray, alpha: float = 0.05) -> MIAMetrics:
-    """AUC, balanced accuracy, TPR at 1 / 0.1 / 0 % FPR (with a Clopper-Pearson interval at 1%)."""
+def summarize(scores_in: np.ndarray, scores_out: np.ndarray, alpha: float = 0.05, seed: int = 0) -> MIAMetrics:
+    """AUC, balanced accuracy, held-out TPR at 1 / 0.1 % FPR (Clopper-Pearson interval and Fisher
+    p-value at 1%), in-sample TPR at 0 % FPR. ``seed`` fixes the calibration split."""
     fpr, tpr, _ = roc_curve(scores_in, scores_out)
     n_in, n_out = np.asarray(scores_in).size, np.asarray(scores_out).size
-    t1 = tpr_at_fpr(fpr, tpr, 0.01)
+    one = heldout_tpr_at_fpr(scores_in, scores_out, 0.01, seed)
     return MIAMetrics(auc=auc(fpr, tpr), balanced_accuracy=balanced_accuracy(fpr, tpr),
-                      tpr_at_1pct_fpr=t1, tpr_at_01pct_fpr=tpr_at_fpr(fpr, tpr, 0.001),
+                      tpr_at_1pct_fpr=one.tpr,
+                      tpr_at_01pct_fpr=heldout_tpr_at_fpr(scores_in, scores_out, 0.001, seed).tpr,
                       tpr_at_0_fpr=tpr_at_fpr(fpr, tpr, 0.0),
-                      tpr_at_1pct_ci=clopper_pearson(int(round(t1 * n_in)), n_in, alpha),
-                      members=n_in, non_members=n_out)
+                      tpr_at_1pct_ci=clopper_pearson(one.tp, n_in, alpha),
+                      fpr_at_1pct_heldout=one.fpr, tpr_at_1pct_p_value=one.p_value,
+                      calibration_non_members=one.calibration_non_members, members=n_in, non_members=n_out)

@@ -127,12 +127,15 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 
 MIA_COLUMNS = ["target", "attack", "auc", "balanced_accuracy", "tpr_at_1pct_fpr", "tpr_at_1pct_ci",
-               "tpr_at_01pct_fpr", "tpr_at_0_fpr", "members", "non_members"]
+               "fpr_at_1pct_heldout", "tpr_at_1pct_p_value", "tpr_at_01pct_fpr", "tpr_at_0_fpr", "members",
+               "non_members", "calibration_non_members"]
 
 
-CANARY_COLUMNS = ["target", "canaries", "included", "runs", "score", "guesses", "correct", "epsilon_lb_one_run",
-                  "epsilon_lb_clopper_pearson", "cp_independent", "empirical_epsilon_lb", "claimed_epsilon",
-                  "delta", "confidence"]
+CANARY_COLUMNS = ["target", "canaries", "included", "runs", "score", "guesses", "correct",
+                  "epsilon_lb_one_run", "ceiling_one_run", "confidence_one_run",
+                  "epsilon_lb_clopper_pearson", "ceiling_clopper_pearson", "confidence_clopper_pearson",
+                  "cp_independent", "empirical_epsilon_lb", "ceiling", "confidence", "quoted", "claimed_epsilon",
+                  "delta"]
 
 
 def render_html(report: dict[str, Any], figures: dict[str, list[str]]) -> str:

@@ -10,7 +10,8 @@ import torch
 
 from attacks.audit import run_audit
 from attacks.report import SECTIONS
-from attacks.store_audit import client_members, read_store
+from attacks.metrics import auc, roc_curve
+from attacks.store_audit import cap_note, class_matched_indices, client_members, read_store
 from distill.networks import seeded_network
 from distill.synthetic import SetMetadata
 from server.store import RunStore
@@ -60,7 +61,46 @@ def test_report_builds_from_a_tiny_run_store(tiny_store, tmp_path):
     dist = [a for a in report["membership_inference"]["attacks"] if a["attack"] == "distance-pixel"]
     assert len(dist) == 2 and all(a["tpr_at_0_fpr"] > 0 for a in dist)  # the copied members are found
     assert any(a["target"] == "global model" for a in report["membership_inference"]["attacks"])
-    assert any("TPR@1%FPR" in line for line in report["summary"]["lines"])
+    assert any("TPR@1%FPR" in line and "Bonferroni" in line for line in report["summary"]["lines"])
+    notes = report["membership_inference"]["notes"]
+    assert any("class histogram" in n for n in notes) and any("Bonferroni" in n for n in notes)
+    # iid clients: every member matched; the pooled 3600 members outnumber the 2000 test images per class
+    by_target = {a["target"]: a for a in report["membership_inference"]["attacks"]}
+    assert by_target["set of client 0"]["members"] == by_target["set of client 0"]["non_members"] == 1800
+    assert any(n.startswith("global model: too few test images") for n in notes)
+    assert "fpr_at_1pct_heldout" in html and "tpr_at_1pct_p_value" in html
+
+
+def class_only_auc(labels_in, labels_out, seed):
+    """AUC of a score blind to the record: +1 for class 0, plus noise."""
+    rng = np.random.default_rng(seed)
+    score = [(np.asarray(y) == 0) + rng.standard_normal(len(y)) for y in (labels_in, labels_out)]
+    return auc(*roc_curve(*score)[:2])
+
+
+def test_class_matched_non_members_keep_a_class_only_score_at_chance():
+    test_labels = np.repeat(np.arange(10), 200)  # a class-balanced test split
+    skewed = np.r_[np.zeros(150, int), np.repeat(np.arange(1, 10), 10)]  # a non-IID client: 62 % class 0
+    matched, balanced = [], []
+    for seed in range(10):
+        mi, ni, capped = class_matched_indices(skewed, test_labels, seed)
+        assert capped == {} and mi.size == ni.size == skewed.size and np.unique(ni).size == ni.size
+        assert np.array_equal(np.bincount(skewed[mi], minlength=10), np.bincount(test_labels[ni], minlength=10))
+        matched.append(class_only_auc(skewed[mi], test_labels[ni], seed))
+        old = np.random.default_rng(seed).permutation(test_labels.size)[:skewed.size]  # the former draw
+        balanced.append(class_only_auc(skewed, test_labels[old], seed))
+    assert abs(np.mean(matched) - 0.5) < 0.03
+    assert np.mean(balanced) > 0.6  # class alone passed for membership before
+
+
+def test_members_of_a_class_the_pool_cannot_match_are_capped_and_named():
+    members = np.r_[np.zeros(300, int), np.ones(50, int)]
+    pool = np.r_[np.zeros(120, int), np.ones(500, int), np.full(500, 2)]
+    mi, ni, capped = class_matched_indices(members, pool, 0)
+    assert capped == {0: (300, 120)}
+    assert np.bincount(members[mi]).tolist() == np.bincount(pool[ni]).tolist() == [120, 50]
+    assert np.unique(mi).size == mi.size and np.unique(ni).size == ni.size  # without replacement
+    assert "class 0: 120 of 300" in cap_note("set of client 3", capped) and cap_note("x", {}) is None
 
 
 def test_report_builds_from_a_tiny_central_config(tmp_path, mnist):
@@ -82,6 +122,9 @@ def test_report_builds_from_a_tiny_central_config(tmp_path, mnist):
     assert all(f">{s}</h2>" in html for s in SECTIONS)
     (row,) = report["dp_audit"]["canary_rows"]
     assert row["target"] == "real" and row["claimed_epsilon"] == "none" and row["confidence"] == 0.95
+    assert 0 <= row["empirical_epsilon_lb"] <= row["ceiling"] and row["confidence_one_run"] == 0.95
+    assert "<th>ceiling</th>" in html and "<th>confidence_clopper_pearson</th>" in html
+    assert any("(ceiling " in line and "confidence 95%" in line for line in report["summary"]["lines"])
     assert "Canary audit" in html and any("canary audit" in line for line in report["summary"]["lines"])
     assert len(report["dp_audit"]["accuracy_vs_epsilon"]) == 6  # the real target + 5 bench rows
     dp_html = html.split(">DP audit</h2>")[1].split(">Summary</h2>")[0]
@@ -115,11 +158,26 @@ def test_targets_sharing_a_method_get_distinct_names():
 def test_low_fpr_verdict_corrects_for_picking_the_best_attack():
     from attacks.audit import low_fpr_verdict
 
-    few = {"non_members": 200, "members": 200, "tpr_at_1pct_fpr": 0.3}
-    assert low_fpr_verdict(few, 4).startswith("inconclusive")
-    strong = {"non_members": 1000, "members": 1000, "tpr_at_1pct_fpr": 0.10}
-    assert low_fpr_verdict(strong, 5).startswith("leaks")
-    # 2.0% TPR clears the 1% level at alpha 0.05 for one attack but not after correcting for 20
-    borderline = {"non_members": 1000, "members": 1000, "tpr_at_1pct_fpr": 0.020}
-    assert low_fpr_verdict(borderline, 1).startswith("leaks")
-    assert low_fpr_verdict(borderline, 20).startswith("no evidence")
+    def row(p, n=1000, name="a"):
+        return {"attack": name, "non_members": n, "tpr_at_1pct_p_value": p}
+
+    assert low_fpr_verdict([row(1e-6, n=200)]).startswith("inconclusive")
+    assert low_fpr_verdict([row(1e-6, name="lira")] + [row(0.5)] * 4).startswith("leaks at low FPR (lira")
+    # p = 0.02 clears 0.05 for one attack but not 0.05 / 6 once the best of six is picked
+    assert low_fpr_verdict([row(0.02)]).startswith("leaks")
+    verdict = low_fpr_verdict([row(0.02)] + [row(0.5)] * 5)
+    assert verdict.startswith("no evidence") and "Bonferroni over 6" in verdict
+    with pytest.raises(ValueError):
+        low_fpr_verdict([])
+
+
+def test_canary_line_says_when_the_audit_could_not_have_shown_anything():
+    from attacks.audit import canary_line
+
+    row = {"target": "dp-dm", "canaries": "mislabel x 200", "included": 97, "runs": 1, "guesses": 40,
+           "empirical_epsilon_lb": 0.0, "ceiling": 2.548, "confidence": 0.95, "claimed_epsilon": 4.0, "delta": 1e-5}
+    line = canary_line(row)
+    assert "lower bound 0.000 (ceiling 2.548, confidence 95%) vs accountant epsilon 4.000" in line
+    assert "shows nothing" in line
+    assert "consistent with the accountant" in canary_line(row | {"claimed_epsilon": 2.0})
+    assert "EXCEEDS" in canary_line(row | {"empirical_epsilon_lb": 2.5, "claimed_epsilon": 2.0})

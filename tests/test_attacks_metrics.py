@@ -1,4 +1,5 @@
-"""ROC/AUC against a brute-force pairwise count, TPR@FPR on a built example, epsilon lower bounds."""
+"""ROC/AUC against a brute-force pairwise count, TPR@FPR on a built example, held-out TPR@1%FPR and
+its verdict under no signal, epsilon lower bounds."""
 
 import math
 
@@ -7,8 +8,10 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from attacks.metrics import (auc, balanced_accuracy, clopper_pearson, epsilon_lower_bound,
-                             epsilon_lower_bound_from_scores, roc_curve, summarize, tpr_at_fpr)
+from attacks.audit import VERDICT_ALPHA, low_fpr_verdict
+from attacks.metrics import (auc, balanced_accuracy, calibration_size, clopper_pearson, epsilon_lower_bound,
+                             epsilon_lower_bound_from_scores, heldout_tpr_at_fpr, roc_curve, summarize,
+                             tpr_at_fpr)
 
 
 def pairwise_auc(s_in, s_out):
@@ -45,10 +48,72 @@ def test_tpr_at_fpr_on_a_constructed_example():
     assert tpr_at_fpr(fpr, tpr, 0.0) == 0.30
     assert tpr_at_fpr(fpr, tpr, 0.01) == 0.50   # threshold 98.5..99 lets exactly 1 FP through
     assert tpr_at_fpr(fpr, tpr, 0.001) == 0.30  # 0.1% of 100 is below one false positive
+    # Held out, half of 100 non-members cannot set a 1% threshold: reported as unresolvable (0).
     m = summarize(s_in, s_out)
-    assert m.tpr_at_1pct_fpr == 0.5 and m.members == 100 and m.non_members == 100
-    lo, hi = m.tpr_at_1pct_ci
-    assert lo < 0.5 < hi
+    assert m.tpr_at_1pct_fpr == 0.0 and m.calibration_non_members == 0 and m.tpr_at_1pct_p_value == 1.0
+    assert m.tpr_at_0_fpr == 0.30 and m.members == 100 and m.non_members == 100
+
+
+def test_calibration_size_makes_the_expected_fpr_exact():
+    assert calibration_size(500, 0.01) == 199 and calibration_size(1000, 0.01) == 499  # k = 2 and 5
+    assert calibration_size(700, 0.01) == 299
+    assert calibration_size(197, 0.01) == 0 and calibration_size(198, 0.01) == 99
+    assert calibration_size(1998, 0.001) == 999 and calibration_size(1996, 0.001) == 0
+    with pytest.raises(ValueError):
+        calibration_size(500, 0.0)
+
+
+def test_heldout_threshold_ignores_the_non_members_it_counts():
+    rng = np.random.default_rng(3)
+    s_in, s_out = rng.standard_normal(400), rng.standard_normal(600)
+    h = heldout_tpr_at_fpr(s_in, s_out, 0.01, seed=5)
+    assert h.calibration_non_members == 299 and h.evaluation_non_members == 301 and h.members == 400
+    evaluation = np.random.default_rng(5).permutation(600)[299:]  # the split the function draws
+    raised = s_out.copy()
+    raised[evaluation] += 100.0  # every held-out non-member now passes any threshold
+    h2 = heldout_tpr_at_fpr(s_in, raised, 0.01, seed=5)
+    assert h2.threshold == h.threshold and h2.tp == h.tp
+    assert h2.fp == 301 and h2.fpr == 1.0 and h2.p_value == pytest.approx(1.0)
+
+
+def test_heldout_threshold_with_tied_calibration_scores_keeps_at_most_k_above():
+    s_out = np.r_[np.zeros(490), np.full(10, 5.0)]  # calibration 199 of them; k = 2 but ties at 5
+    h = heldout_tpr_at_fpr(np.full(50, 5.0), s_out, 0.01, seed=0)
+    assert h.threshold > 5.0 and h.tp == 0  # the top tie alone holds more than k, so none pass
+
+
+def test_no_signal_heldout_tpr_averages_the_nominal_fpr_and_the_verdict_keeps_its_level():
+    """Members and non-members i.i.d.: the in-sample estimate and its binomial verdict called 8.6 %
+    of single attacks and 19.7 % of best-of-six "leaks" (mean TPR 0.0105); the held-out ones must not."""
+    rng = np.random.default_rng(2024)
+    trials, attacks = 1000, 6
+    tprs, alarms_one, alarms_six = [], 0, 0
+    for t in range(trials):
+        n = int(rng.integers(500, 1001))
+        rows = []
+        for a in range(attacks):
+            s = rng.standard_normal(2 * n)
+            h = heldout_tpr_at_fpr(s[:n], s[n:], 0.01, seed=t)
+            tprs.append(h.tpr)
+            rows.append({"attack": f"a{a}", "non_members": n, "tpr_at_1pct_p_value": h.p_value})
+        alarms_one += low_fpr_verdict(rows[:1]).startswith("leaks")
+        alarms_six += low_fpr_verdict(rows).startswith("leaks")
+    # (a) unbiased: E[TPR] = k / (n_cal + 1) = 0.01 exactly; 6000 draws give a standard error ~1e-4.
+    assert np.mean(tprs) == pytest.approx(0.01, abs=4e-4)
+    # (b) the nominal family-wise level is 5 %; the binomial error of 1000 trials is ~0.7 points.
+    assert VERDICT_ALPHA == 0.05
+    assert alarms_one / trials <= VERDICT_ALPHA and alarms_six / trials <= VERDICT_ALPHA
+
+
+def test_a_real_signal_is_still_detected_after_the_correction():
+    rng = np.random.default_rng(7)
+    for seed in range(3):
+        s_in, s_out = 1.5 + rng.standard_normal(800), rng.standard_normal(800)  # true TPR@1%FPR 0.20
+        m = summarize(s_in, s_out, seed=seed)
+        assert 0.05 < m.tpr_at_1pct_fpr < 0.4 and m.tpr_at_1pct_ci[0] > 0.03  # 399 points set the threshold
+        rows = [m.to_dict() | {"attack": "strong"}] + [{"attack": f"null{i}", "non_members": 800,
+                                                        "tpr_at_1pct_p_value": 0.5} for i in range(5)]
+        assert low_fpr_verdict(rows).startswith("leaks at low FPR (strong")
 
 
 def test_clopper_pearson_edges_and_golden_value():
