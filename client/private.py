@@ -129,15 +129,25 @@ def data_identity(task: DistillTask, node_config: Mapping[str, Any]) -> str:
     return "partition:" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
+def run_name(task: DistillTask, run_id: int) -> str:
+    """The run a ledger entry belongs to: the server's run key (stable across a resume), else
+    Flower's run id."""
+    return task.run_key or str(run_id)
+
+
 def open_ledger(task: DistillTask, node_config: Mapping[str, Any], policy: NodePolicy | None,
                 run_id: int, node_id: int) -> NodeLedger:
-    """The node's lifetime ledger under a policy, else this run's own ledger file for this node."""
+    """The node's lifetime ledger under a policy, else this run's own ledger file for this node.
+
+    The per-run file's name hashes the run's name: the server chooses it, so it never becomes a path.
+    """
     data_id = (policy.data_id if policy is not None else "") or data_identity(task, node_config)
     if policy is not None:
         return NodeLedger(policy.ledger, data_id, policy.accountant, policy.max_delta, policy.epsilon_cap)
     root = Path(str(node_config.get("ledger-dir") or os.environ.get(LEDGER_DIR_ENV)
                     or Path(tempfile.gettempdir()) / "fedistill-ledgers"))
-    return NodeLedger(root / f"run-{run_id}" / f"node-{node_id}.json", data_id, task.accountant, task.delta)
+    run = hashlib.sha256(run_name(task, run_id).encode()).hexdigest()[:16]
+    return NodeLedger(root / f"run-{run}" / f"node-{node_id}.json", data_id, task.accountant, task.delta)
 
 
 def privacy_metrics(plan: PrivacyPlan, run_total: float, budget: float | None) -> dict[str, float | int]:
@@ -169,9 +179,10 @@ def private_round(task: DistillTask, node_config: Mapping[str, Any], *, run_id: 
     plan = privacy_plan(config)
     run = PrivacyLedger(config.accountant, task.delta, effective_budget(task, node_config))
     try:
-        charge = ledger.charge(plan.spends, run=str(run_id), round=task.round, method=task.dp, run_budget=run)
+        charge = ledger.charge(plan.spends, run=run_name(task, run_id), round=task.round, method=task.dp,
+                               run_budget=run)
     except BudgetExceeded as err:
-        run.spends = spends_of(ledger.read(), str(run_id))
+        run.spends = spends_of(ledger.read(), run_name(task, run_id))
         return Declined("budget", str(err), decline_metrics(plan, run))
     real = load()  # charged: from here on the round has spent, whatever happens
     if counts is None:

@@ -45,6 +45,9 @@ class DistillTask:
     shards_per_client: int = 2
     seed: int = 0
     round: int = 1
+    # Set by the server, not the run-config: the run store's name, stable across a resume, so a
+    # node's per-run budget (``privacy-budget``) keeps counting when a crashed run resumes.
+    run_key: str = ""
     method: str = "dm"
     ipc: int = 10
     iterations: int = 100
@@ -88,6 +91,8 @@ class DistillTask:
             raise ValueError(f"ipc, min_class_samples and samples_per_image must be >= 1: {self}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        if not isinstance(self.run_key, str) or len(self.run_key) > 200:
+            raise ValueError(f"run-key must be a string of at most 200 characters, got {self.run_key!r:.80}")
         if self.client_threads < 1 or self.local_epochs < 1:
             raise ValueError(f"client_threads and local_epochs must be >= 1: {self}")
         self._check_param()

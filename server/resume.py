@@ -13,6 +13,10 @@ The contract (docs/reliability.md):
 - The global model is the checkpoint of the last complete round that trained
   (``models/roundRRR.pt``, ``torch.load(weights_only=True)``).
 - Settings come from the run's ``config.json``, not from the restarting command.
+- DP runs resume too: a node's privacy ledger is a file on its own disk, not Flower run state,
+  so a resumed run (a new Flower run) does not reset what the node has spent. Its stored sets'
+  privacy figures are validated again like every other check (``check_stored_set``), and the
+  summary's privacy part is rebuilt from recorded figures that pass validation again.
 
 Server-side randomness derives from (run seed, round) only and client seeds from (run seed,
 partition, round), so a seeded run resumed after round k ends as an uninterrupted one.
@@ -52,9 +56,6 @@ def resume_settings(run_dir: str | Path) -> RunSettings:
         raise ResumeError(f"{root}: no readable config.json to resume from ({err})") from err
     if settings.task.algorithm != "fedistill":
         raise ResumeError("resume continues fedistill runs; a FedAvg run restarts from scratch")
-    if settings.task.dp != "none":
-        raise ResumeError("resume is refused under DP: clients keep their privacy ledger in the Flower run's "
-                          "state, and a resumed server is a new Flower run, so they would start from zero")
     return settings
 
 

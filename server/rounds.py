@@ -30,11 +30,13 @@ from .defenses import defense_summary, screen_round, split_holdout
 from .pool import SyntheticPool
 from .settings import RunSettings
 from .store import RunStore, privacy_summary
-from .validate import Expectation, Rejected, check_reply, factor_spec_json
+from .validate import (FORGED, Declined, Expectation, Rejected, RunPrivacy, check_figures, check_reply,
+                       factor_spec_json, recorded_figures)
 
 log = logging.getLogger("fedistill.server")
 OnRound = Callable[[dict[str, Any]], None]
 OnReply = Callable[[int, int], None]  # (replies so far, messages sent)
+Candidate = tuple[int, SyntheticSet, Message, dict[str, Any]]  # node, set, reply, validated privacy figures
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -94,7 +96,8 @@ class RoundResult:
     client_seconds: list[float] = field(default_factory=list)
     classes_capped: int = 0
     classes_skipped: int = 0
-    privacy: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> its privacy figures
+    privacy: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> its validated privacy figures
+    figures_refused: list[str] = field(default_factory=list)  # declines whose figures were not recorded, and why
 
     def reject(self, node: int, err: Rejected) -> None:
         """Count, keep and log one refused reply."""
@@ -102,28 +105,29 @@ class RoundResult:
         self.reasons.append(f"node {node}: {err}")
         log.warning("round %d: rejected node %s: %s", self.round, node, err)
 
+    def decline(self, node: int, err: Declined) -> None:
+        """Count a decline; record its figures only if they passed validation, else log why not."""
+        self.reject(node, err)
+        if err.refused:
+            self.figures_refused.append(f"node {node}: {FORGED}: {err.refused}")
+            log.warning("round %d: node %s declined with %s, not recorded: %s", self.round, node, FORGED,
+                        err.refused)
+        elif err.figures:
+            self.privacy[node] = {**err.figures, "status": "declined"}
 
-# Privacy figures copied from a reply's metrics into metrics.jsonl (only finite numbers).
-PRIVACY_METRICS = ("epsilon-round", "epsilon-total", "epsilon-planned", "delta", "sigma", "sample-rate",
-                   "steps", "clip", "rho", "privacy-budget")
 
+def privacy_figures(reply: Message, syn: SyntheticSet, exp: Expectation) -> dict[str, Any]:
+    """What an accepted reply says about its client's privacy, from validated figures only.
 
-def privacy_figures(reply: Message, syn: SyntheticSet | None) -> dict[str, Any]:
-    """What a reply says about its client's privacy: figures, accountant, accepted or declined.
-
-    Empty for a reply without privacy figures (no DP, rho 0). Declines are not validated
-    beyond this: only finite numbers are kept.
+    Empty for a reply without privacy figures (no DP, rho 0). Raises :class:`Rejected` for
+    figures :func:`server.validate.check_figures` refuses (``check_reply`` already did).
     """
-    metrics = reply.content.get("metrics") if reply.has_content() else None
-    if not isinstance(metrics, MetricRecord):
-        return {}
-    figures: dict[str, Any] = {k: metrics[k] for k in PRIVACY_METRICS
-                               if isinstance(metrics.get(k), (int, float)) and np.isfinite(metrics[k])}
+    figures: dict[str, Any] = recorded_figures(check_figures(reply.content["metrics"], exp.privacy), exp.privacy)
     if not figures:
         return {}
-    if syn is not None and "accountant" in syn.meta.privacy:
+    if exp.dp != "none":  # check_meta_privacy made sure it names a known accountant
         figures["accountant"] = str(syn.meta.privacy["accountant"])
-    figures["status"] = "accepted" if syn is not None else "declined"
+    figures["status"] = "accepted"
     return figures
 
 
@@ -158,7 +162,7 @@ def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: floa
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     result = RoundResult(exp.round, len(messages))
     answered: set[int] = set()
-    candidates: list[tuple[int, SyntheticSet, Message]] = []
+    candidates: list[Candidate] = []
     for node, reply in _in_node_order(replies, sent_to):
         if node is None:
             result.reject(reply.metadata.src_node_id, Rejected(
@@ -169,10 +173,10 @@ def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: floa
             result.reject(node, Rejected("duplicate", "a second reply to this round's message"))
             continue
         answered.add(node)
-        if (syn := _validated(reply, node, exp, result)) is not None:
-            candidates.append((node, syn, reply))
-    for node, syn, reply in _drop_duplicate_claims(candidates, result):
-        _keep(result, node, syn, reply)
+        if (valid := _validated(reply, node, exp, result)) is not None:
+            candidates.append((node, *valid))
+    for node, syn, reply, figures in _drop_duplicate_claims(candidates, result):
+        _keep(result, node, syn, reply, figures)
     missing = len(set(sent_to.values()) - answered)
     if missing > 0:
         result.rejected["timeout"] += missing
@@ -190,44 +194,47 @@ def _in_node_order(replies: list[Message], sent_to: dict[str, int]) -> list[tupl
     return sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0))
 
 
-def _validated(reply: Message, node: int, exp: Expectation, result: RoundResult) -> SyntheticSet | None:
-    """The reply's set, or ``None`` after counting why it was refused; never raises."""
+def _validated(reply: Message, node: int, exp: Expectation,
+               result: RoundResult) -> tuple[SyntheticSet, Message, dict[str, Any]] | None:
+    """The reply's set and its validated privacy figures, or ``None`` after counting why it was
+    refused (a decline's figures recorded only if valid); never raises."""
     try:
-        return check_reply(reply, exp)
+        syn = check_reply(reply, exp)
+        return syn, reply, privacy_figures(reply, syn, exp)
+    except Declined as err:
+        result.decline(node, err)
     except Rejected as err:
         result.reject(node, err)
-        if err.kind.startswith("declined-") and (figures := privacy_figures(reply, None)):
-            result.privacy[node] = figures
     except Exception as err:  # noqa: BLE001 - a hostile payload must never stop the round
         result.reject(node, Rejected("malformed", f"{type(err).__name__}: {str(err)[:300]}"))
     return None
 
 
-def _drop_duplicate_claims(candidates: list[tuple[int, SyntheticSet, Message]],
-                           result: RoundResult) -> list[tuple[int, SyntheticSet, Message]]:
+def _drop_duplicate_claims(candidates: list[Candidate], result: RoundResult) -> list[Candidate]:
     """Refuse every set whose metadata names a client another node's set also names.
 
     The server cannot tell which claimant is genuine, so neither is kept.
     """
-    claims = Counter(syn.meta.client for _, syn, _ in candidates if syn.meta.client)
+    claims = Counter(c[1].meta.client for c in candidates if c[1].meta.client)
     kept = []
-    for node, syn, reply in candidates:
-        if claims[syn.meta.client] > 1:
-            result.reject(node, Rejected("duplicate", f"client id {syn.meta.client[:60]!r} is claimed by "
-                                                      f"{claims[syn.meta.client]} nodes this round"))
+    for candidate in candidates:
+        node, client = candidate[0], candidate[1].meta.client
+        if claims[client] > 1:
+            result.reject(node, Rejected("duplicate", f"client id {client[:60]!r} is claimed by "
+                                                      f"{claims[client]} nodes this round"))
         else:
-            kept.append((node, syn, reply))
+            kept.append(candidate)
     return kept
 
 
-def _keep(result: RoundResult, node: int, syn: SyntheticSet, reply: Message) -> None:
-    """Record an accepted set and its (validated) metrics."""
+def _keep(result: RoundResult, node: int, syn: SyntheticSet, reply: Message, figures: dict[str, Any]) -> None:
+    """Record an accepted set, its (validated) metrics and privacy figures."""
     metrics = reply.content["metrics"]
     result.client_seconds.append(float(metrics.get("seconds", 0.0)))
     result.classes_capped += int(metrics.get("classes-capped", 0))
     result.classes_skipped += int(metrics.get("classes-skipped", 0))
     result.accepted.append((node, syn))
-    if figures := privacy_figures(reply, syn):
+    if figures:
         result.privacy[node] = figures
 
 
@@ -282,6 +289,11 @@ class RunState:
     uploaded: Counter = field(default_factory=Counter)
     last_round: int = 0
     resumed_after: int | None = None  # the last complete round, when this process resumed the run
+
+
+def run_privacy(settings: RunSettings) -> RunPrivacy:
+    """The run's privacy settings, against which every recorded figure is checked."""
+    return RunPrivacy(settings.task.dp, settings.task.delta, settings.task.rho)
 
 
 def expectation(settings: RunSettings, info: DatasetInfo, round_: int) -> Expectation:
@@ -341,7 +353,8 @@ def play_round(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
     nodes = select_nodes(grid.get_node_ids(), settings.fraction_train, settings.min_train_nodes,
                          round_rng(task.seed, rnd, "train"))
     global_state = state.net.state_dict() if (state.net is not None and settings.mode == "iterative") else None
-    result = collect(grid, make_messages(nodes, task.to_config(), rnd, MessageType.TRAIN, global_state),
+    config = {**task.to_config(), "run-key": store.root.name}  # stable across a resume: per-run budgets
+    result = collect(grid, make_messages(nodes, config, rnd, MessageType.TRAIN, global_state),
                      expectation(settings, test.info, rnd), settings.round_timeout, on_reply)
     state.uploaded.update(result.bytes_by_node)
     holdout, test = split_holdout(test, settings.defense_config())  # the holdout never scores the global model
@@ -387,6 +400,8 @@ def round_record(result: RoundResult, state: RunState) -> dict[str, Any]:
               "mb-uploaded-per-client": _mb_per_client(state.uploaded)}
     if result.privacy:
         record["privacy"] = {str(node): figs for node, figs in sorted(result.privacy.items())}
+    if result.figures_refused:
+        record["privacy-figures-refused"] = result.figures_refused
     return record
 
 
@@ -417,7 +432,7 @@ def finish_run(store: RunStore, settings: RunSettings, last: dict[str, Any], upl
         "mb-uploaded-max-client": max(uploaded.values(), default=0) / 1e6,
         "wall-seconds": time.perf_counter() - start,
         "status": "stopped" if stop_reason else ("ok" if trained else "no-model"),
-        "dp": settings.task.dp, **privacy_summary(metrics), **defense_summary(metrics),
+        "dp": settings.task.dp, **privacy_summary(metrics, run_privacy(settings)), **defense_summary(metrics),
     }
     if stop_reason:
         summary["stop-reason"] = stop_reason

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 
 from client.task import DistillTask
 
+SERVER_SET = {"round", "run_key"}  # task fields the server fills in for each message, never run-config keys
+
 from .defenses import DefenseConfig
 
 MODES = ("one-shot", "iterative")
@@ -89,7 +91,7 @@ class RunSettings:
         """
         merged = {k.replace("-", "_"): v for k, v in {**dict(run_config), **overrides}.items()}
         server_keys = {f.name for f in fields(cls)} - {"task"}
-        task_keys = {f.name for f in fields(DistillTask)} - {"round"}  # the server sets the round
+        task_keys = {f.name for f in fields(DistillTask)} - SERVER_SET  # the server sets these
         unknown = sorted(set(merged) - server_keys - task_keys)
         if unknown:
             raise ValueError(f"unknown run-config keys {[k.replace('_', '-') for k in unknown]}")
@@ -99,7 +101,7 @@ class RunSettings:
     def to_dict(self) -> dict[str, Any]:
         """Flat kebab-case view (what config.json records)."""
         out = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "task"}
-        task = {k: v for k, v in self.task.to_config().items() if k != "round"}
+        task = {k: v for k, v in self.task.to_config().items() if k.replace("-", "_") not in SERVER_SET}
         return {**out, **task}
 
 

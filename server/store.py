@@ -10,6 +10,7 @@ Models are plain ``state_dict`` files read back with ``torch.load(weights_only=T
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -21,6 +22,9 @@ import torch
 
 from distill.synthetic import SyntheticSet
 
+from .validate import Rejected, RunPrivacy, check_recorded
+
+log = logging.getLogger("fedistill.server")
 TEMP_GLOBS = (".*.tmp", "*.tmp.npz")  # what an interrupted atomic write leaves behind
 
 
@@ -123,27 +127,55 @@ def read_metrics(root: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def client_privacy(metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def client_privacy(metrics: list[dict[str, Any]], run: RunPrivacy) -> dict[str, dict[str, Any]]:
     """Per client (node id): total epsilon, delta, accountant, rho, rounds participated and declined.
 
-    Built from the ``privacy`` entries of the round records. A client's total is the largest it
-    reported: composition never lowers it, so a smaller later figure would be wrong.
+    Built from the ``privacy`` entries of the round records that pass validation again against
+    the run's privacy settings (the records may have been read back from disk, see
+    :func:`valid_entries`).
     """
+    return _per_client(valid_entries(metrics, run)[0])
+
+
+def _per_client(entries: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Fold validated entries per client. A client's total is the largest it reported:
+    composition never lowers it, so a smaller later figure would be wrong."""
     clients: dict[str, dict[str, Any]] = {}
-    for record in metrics:
-        for node, figures in record.get("privacy", {}).items():
-            c = clients.setdefault(node, {"rounds-participated": 0, "rounds-declined": 0})
-            c["rounds-declined" if figures.get("status") == "declined" else "rounds-participated"] += 1
-            for key in ("delta", "accountant", "rho", "privacy-budget"):
-                if key in figures:
-                    c[key] = figures[key]
-            if "epsilon-total" in figures:
-                c["epsilon-total"] = max(c.get("epsilon-total", 0.0), float(figures["epsilon-total"]))
+    for node, figures in entries:
+        c = clients.setdefault(node, {"rounds-participated": 0, "rounds-declined": 0})
+        c["rounds-declined" if figures["status"] == "declined" else "rounds-participated"] += 1
+        for key in ("delta", "accountant", "rho", "privacy-budget"):
+            if key in figures:
+                c[key] = figures[key]
+        if "epsilon-total" in figures:
+            c["epsilon-total"] = max(c.get("epsilon-total", 0.0), float(figures["epsilon-total"]))
     return clients
 
 
-def privacy_summary(metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """``summary.json``'s privacy part: per-client figures and the largest total epsilon."""
-    clients = client_privacy(metrics)
+def valid_entries(metrics: list[dict[str, Any]], run: RunPrivacy) -> tuple[list[tuple[str, dict[str, Any]]], int]:
+    """(node, entry) for every recorded privacy entry that passes :func:`check_recorded`, and how
+    many did not (each logged): a forged or tampered entry never reaches summary.json."""
+    valid, refused = [], 0
+    for record in metrics:
+        privacy = record.get("privacy", {})
+        for node, entry in (privacy.items() if isinstance(privacy, dict) else [("?", privacy)]):
+            try:
+                valid.append((str(node), check_recorded(entry, run)))
+            except Rejected as err:
+                refused += 1
+                log.warning("round %s: node %s: privacy entry left out of the summary: %s",
+                            record.get("round"), node, err.detail)
+    return valid, refused
+
+
+def privacy_summary(metrics: list[dict[str, Any]], run: RunPrivacy) -> dict[str, Any]:
+    """``summary.json``'s privacy part, from validated figures only: per-client figures, the
+    largest total epsilon, and how many privacy reports were refused (declines' forged figures
+    at their round, and recorded entries that fail validation now)."""
+    entries, refused = valid_entries(metrics, run)
+    clients = _per_client(entries)
     totals = [c["epsilon-total"] for c in clients.values() if "epsilon-total" in c]
-    return {"privacy": clients, "epsilon-max": max(totals) if totals else None}
+    at_rounds = sum(len(r["privacy-figures-refused"]) for r in metrics
+                    if isinstance(r.get("privacy-figures-refused"), list))
+    return {"privacy": clients, "epsilon-max": max(totals) if totals else None,
+            "privacy-figures-refused": at_rounds + refused}

@@ -9,6 +9,10 @@ A run with a factorised parameterisation (``param`` idc / haba / latent, docs/di
 optional ``lr``, ``factors_json`` (the spec, UTF-8 JSON as uint8) and float32 ``factor_<name>``
 arrays. The spec must be exactly the run's; sizes, shapes and values are bounded before the
 factors are decoded, and the decoded images then pass the same checks as a plain upload.
+
+Privacy figures are recorded only once :func:`check_figures` has passed them, for accepted sets
+and declines alike: a decline whose figures fail is still a decline (:class:`Declined`, nothing
+was uploaded), but its figures are refused and counted, never recorded.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, NoReturn
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from client.task import DP_ACCOUNTANTS as ACCOUNTANTS  # the wire schema: no Opacus on the server
 from distill.data import DatasetInfo
 from distill.factors import BASE_KEY, MAX_SPEC_CHARS, check_factors, expected_shapes, images_per_base
 from distill.parameterize import make_parameterization, real_per_base
@@ -40,11 +45,22 @@ MAX_FACTOR_ARRAYS = 8  # the largest kind (haba) stores 7
 # ``duplicate`` and ``unsolicited`` are decided by the round loop (server/rounds.py), not here.
 KINDS = ("error-reply", "malformed", "keys", "oversized", "dtype", "shape", "non-finite", "magnitude",
          "label-range", "soft-labels", "too-many", "factors", "metadata", "privacy", "declined-budget",
-         "duplicate", "unsolicited", "timeout", "defense-dropped")
-DECLINE_KINDS = {"budget": "declined-budget"}  # a client's ``declined`` record kind -> rejection kind
+         "declined-policy", "duplicate", "unsolicited", "timeout", "defense-dropped")
+# A client's ``declined`` record kind -> rejection kind. ``budget``: the node's privacy budget would be
+# exceeded; ``policy``: the node's own privacy policy refuses the task.
+DECLINE_KINDS = {"budget": "declined-budget", "policy": "declined-policy"}
 # Privacy figures of a DP reply: metric key -> the set-meta ``privacy`` key that must agree with it.
 DP_FIGURES = {"epsilon-round": "epsilon", "delta": "delta", "sigma": "sigma", "sample-rate": "sample_rate",
               "steps": "steps", "rho": "rho"}
+# Every privacy figure a reply's metrics may carry; only validated ones reach metrics.jsonl and summary.json.
+PRIVACY_METRICS = ("epsilon-round", "epsilon-total", "epsilon-planned", "delta", "sigma", "sample-rate",
+                   "steps", "clip", "rho", "privacy-budget")
+EPSILON_FIGURES = ("epsilon-round", "epsilon-total", "epsilon-planned")
+# Figures that only a DP mechanism has: a reply of a run without DP that carries one is lying.
+DP_ONLY_FIGURES = (*EPSILON_FIGURES, "delta", "sigma")
+# The figures each decline kind carries in a DP run, exactly (none in a run without DP).
+DECLINE_FIGURES = {"budget": ("epsilon-total", "epsilon-planned", "delta", "privacy-budget"), "policy": ("delta",)}
+FORGED = "forged privacy figures"  # how a decline's refused figures are logged and counted
 
 
 class Rejected(ValueError):
@@ -53,6 +69,26 @@ class Rejected(ValueError):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind, self.detail = kind, detail
+
+
+class Declined(Rejected):
+    """A client's decline (kind ``declined-<kind>``): it uploaded nothing, whatever its figures say.
+
+    ``figures`` are the privacy figures it reported, validated (empty when there were none or
+    they were refused); ``refused`` says why they were refused ("" when they were not).
+    """
+
+    def __init__(self, kind: str, detail: str, figures: dict[str, float | int], refused: str = "") -> None:
+        super().__init__(kind, detail)
+        self.figures, self.refused = figures, refused
+
+
+class RunPrivacy(NamedTuple):
+    """The run's privacy settings every figure is checked against (the server's, never a client's)."""
+
+    dp: str = "none"
+    delta: float = 1e-5
+    rho: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +109,10 @@ class Expectation:
     # The factor spec every upload must carry (JSON, sorted keys; see :func:`factor_spec_json`);
     # "" for a plain (``param`` pixels) run, whose uploads carry ``images``.
     factor_spec: str = ""
+
+    @property
+    def privacy(self) -> RunPrivacy:
+        return RunPrivacy(self.dp, self.delta, self.rho)
 
     @property
     def spec(self) -> dict | None:
@@ -318,47 +358,158 @@ def _finite_non_negative(value: object) -> bool:
 
 
 def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real, finite number; not a bool, and not an int too large for a float (from JSON)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
-def check_privacy(meta: SetMetadata, metrics: MetricRecord, exp: Expectation) -> None:
-    """A DP upload's privacy figures must be well-formed, match its metrics, and fit the run.
+def _whole(value: object) -> bool:
+    return _finite(value) and float(value).is_integer()
 
-    The server cannot verify a client's noise; it refuses figures that cannot be true
-    (non-finite epsilon, delta outside (0, 1), a total below the round's spend) or that
-    contradict the run (delta, rho) or each other (metadata vs metrics).
+
+# One rule per figure: (holds, what it must be). ``run`` is the run's privacy settings.
+FIGURE_RULES: dict[str, tuple[Callable[[Any, RunPrivacy], bool], str]] = {
+    **{k: (lambda v, run: v >= 0, ">= 0") for k in EPSILON_FIGURES},
+    "delta": (lambda v, run: 0.0 < v < 1.0 and (run.dp == "none" or v == run.delta), "in (0, 1), the run's delta"),
+    "sigma": (lambda v, run: v >= 0, ">= 0"),
+    "sample-rate": (lambda v, run: 0.0 < v <= 1.0, "in (0, 1]"),
+    "steps": (lambda v, run: _whole(v) and v >= 0, "an integer >= 0"),
+    "clip": (lambda v, run: v >= 0, ">= 0"),
+    "rho": (lambda v, run: 0.0 <= v < 1.0 and abs(v - run.rho) <= 1e-12, "in [0, 1), the run's rho"),
+    "privacy-budget": (lambda v, run: v >= 0, ">= 0"),
+}
+
+
+def check_figures(metrics: Mapping[str, object], run: RunPrivacy) -> dict[str, float | int]:
+    """The privacy figures among ``metrics``, each possible on its own, together and in this run.
+
+    Raises :class:`Rejected` (``privacy``) otherwise: a figure that is not a finite real number
+    (a bool is not one), out of its range, a delta or rho other than the run's, a planned total
+    below the spent one, or any epsilon / delta / sigma in a run without DP, where no such
+    guarantee exists. Nothing a client reports is recorded unless it passed here.
+    """
+    figures = {k: metrics[k] for k in PRIVACY_METRICS if k in metrics}
+    if bad := [k for k, v in figures.items() if not _finite(v)]:
+        raise Rejected("privacy", f"privacy figures {bad} are not finite real numbers")
+    if run.dp == "none" and (dp_only := [k for k in DP_ONLY_FIGURES if k in figures]):
+        raise Rejected("privacy", f"privacy figures {dp_only} in a run without DP (dp='none')")
+    wrong = [f"{k}={v!r} (must be {FIGURE_RULES[k][1]})" for k, v in figures.items()
+             if not FIGURE_RULES[k][0](v, run)]
+    if wrong:
+        raise Rejected("privacy", "impossible privacy figures: " + "; ".join(wrong))
+    if "epsilon-planned" in figures and "epsilon-total" in figures \
+            and figures["epsilon-planned"] < figures["epsilon-total"] * (1 - 1e-9):
+        raise Rejected("privacy", f"epsilon-planned {figures['epsilon-planned']} below epsilon-total "
+                                  f"{figures['epsilon-total']}")
+    return figures
+
+
+def recorded_figures(figures: Mapping[str, float | int], run: RunPrivacy) -> dict[str, float | int]:
+    """The validated figures worth recording: all under DP; without DP only rho (KIP-rho's figure)."""
+    return dict(figures) if run.dp != "none" else {k: v for k, v in figures.items() if k == "rho"}
+
+
+def check_meta_privacy(meta: SetMetadata, exp: Expectation) -> dict[str, Any]:
+    """The set metadata's privacy claims (metric key -> value), possible and the run's.
+
+    Without DP only rho is claimed and it must be the run's. Under DP every figure of
+    :data:`DP_FIGURES` must be there and pass :func:`check_figures`, and the accountant must be
+    one the project offers: a stored set (resume) is checked with this alone.
     """
     if exp.dp == "none":
+        if dp_only := sorted({DP_FIGURES.get(k, k) for k in DP_ONLY_FIGURES} & set(meta.privacy)):
+            raise Rejected("privacy", f"privacy figures {dp_only} in the metadata of a run without DP (dp='none')")
         rho = meta.privacy.get("rho", 0.0)
         if not _finite(rho) or abs(float(rho) - exp.rho) > 1e-12:
             raise Rejected("privacy", f"rho {rho!r} in the metadata, run has {exp.rho}")
-        return
+        return {"rho": rho} if "rho" in meta.privacy else {}
     claims = {m: meta.privacy.get(k) for m, k in DP_FIGURES.items()}
-    bad = [k for k, v in claims.items() if not _finite(v) or not _finite(metrics.get(k))]
-    if bad or not _finite(metrics.get("epsilon-total")):
-        raise Rejected("privacy", f"missing or non-finite privacy figures {bad or ['epsilon-total']}")
-    eps, total = float(claims["epsilon-round"]), float(metrics["epsilon-total"])
-    if eps < 0 or not 0.0 < claims["delta"] < 1.0 or claims["sigma"] < 0 \
-            or not 0.0 < claims["sample-rate"] <= 1.0 or claims["steps"] < 0:
-        raise Rejected("privacy", f"impossible privacy figures {claims}")
-    differ = [k for k, v in claims.items() if float(metrics[k]) != float(v)]
-    if differ:
+    if missing := [k for k, v in claims.items() if v is None]:
+        raise Rejected("privacy", f"missing privacy figures {missing} in the set's metadata")
+    check_figures(claims, exp.privacy)
+    if meta.privacy.get("accountant") not in ACCOUNTANTS:
+        raise Rejected("privacy", f"accountant {str(meta.privacy.get('accountant'))[:40]!r} is not one of "
+                                  f"{list(ACCOUNTANTS)}")
+    return claims
+
+
+def check_privacy(meta: SetMetadata, metrics: MetricRecord, exp: Expectation) -> None:
+    """An accepted set's privacy figures: possible, the run's, and the same in metrics and metadata.
+
+    The server cannot verify a client's noise; it refuses figures that cannot be true
+    (non-finite epsilon, delta outside (0, 1), a total below the round's spend, any epsilon in
+    a run without DP) or that contradict the run (delta, rho) or each other (metadata vs metrics).
+    """
+    figures = check_figures(metrics, exp.privacy)
+    claims = check_meta_privacy(meta, exp)
+    if exp.dp == "none":
+        return
+    if missing := [k for k in (*DP_FIGURES, "epsilon-total") if k not in figures]:
+        raise Rejected("privacy", f"missing privacy figures {missing} in the metrics")
+    if differ := [k for k, v in claims.items() if float(figures[k]) != float(v)]:
         raise Rejected("privacy", f"metrics {differ} differ from the set's metadata")
+    eps, total = float(claims["epsilon-round"]), float(figures["epsilon-total"])
     if total < eps * (1 - 1e-9):
         raise Rejected("privacy", f"epsilon-total {total} below this round's epsilon {eps}")
-    if claims["delta"] != exp.delta or abs(claims["rho"] - exp.rho) > 1e-12:
-        raise Rejected("privacy", f"delta {claims['delta']} / rho {claims['rho']} contradict the run "
-                                  f"({exp.delta} / {exp.rho})")
 
 
-def check_declined(content: RecordDict) -> None:
-    """A client that declined the round: raise :class:`Rejected` with its kind and (bounded) reason."""
+def check_recorded(entry: object, run: RunPrivacy) -> dict[str, Any]:
+    """A node's ``privacy`` entry of a metrics.jsonl line, as the round loop records it, or
+    :class:`Rejected` (``privacy``). Run stores are read back (resume), so their figures are
+    checked again before they reach summary.json.
+    """
+    if not isinstance(entry, dict) or entry.get("status") not in ("accepted", "declined"):
+        raise Rejected("privacy", "a privacy entry must be a mapping with status accepted or declined")
+    figures = check_figures(entry, run)
+    if entry["status"] == "accepted":
+        allowed = set(PRIVACY_METRICS)
+    else:  # a decline records its figures only under DP
+        allowed = {k for names in DECLINE_FIGURES.values() for k in names} if run.dp != "none" else set()
+    if unknown := sorted(set(entry) - {"status", "accountant"} - (set(figures) & allowed)):
+        raise Rejected("privacy", f"privacy entry keys {unknown[:10]} are not recorded figures")
+    if recorded_figures(figures, run) != figures:
+        raise Rejected("privacy", f"privacy figures {sorted(figures)} in a run without DP (dp='none')")
+    if "accountant" in entry and (run.dp == "none" or entry["status"] != "accepted"
+                                  or entry["accountant"] not in ACCOUNTANTS):
+        raise Rejected("privacy", f"accountant {str(entry['accountant'])[:40]!r} where none can be")
+    return dict(entry)
+
+
+def decline_figures(kind: str, metrics: object, run: RunPrivacy) -> dict[str, float | int]:
+    """The validated figures of a ``kind`` decline: exactly :data:`DECLINE_FIGURES` under DP, none without.
+
+    Raises :class:`Rejected` (``privacy``) for figures that fail :func:`check_figures`, are
+    missing, or are not ones this kind of decline reports.
+    """
+    metrics = metrics if isinstance(metrics, Mapping) else {}  # a ConfigRecord may smuggle bools: checked
+    figures = check_figures(metrics, run)
+    want = set(DECLINE_FIGURES[kind]) if run.dp != "none" else set()
+    extra, missing = sorted(set(figures) - want), sorted(want - set(figures))
+    if extra or missing:
+        raise Rejected("privacy", f"a {kind} decline reports {sorted(want)}; got {extra} more, {missing} missing")
+    return figures
+
+
+def check_declined(content: RecordDict, run: RunPrivacy) -> NoReturn:
+    """A client that declined the round: raise :class:`Declined` with its kind, (bounded) reason
+    and validated figures; a decline with refused figures is still a decline (nothing was uploaded).
+
+    A ``declined`` record of unknown kind is ``malformed``.
+    """
     record = content["declined"]
-    kind = DECLINE_KINDS.get(str(record.get("kind")) if isinstance(record, ConfigRecord) else "")
-    if kind is None:
+    raw = str(record.get("kind")) if isinstance(record, ConfigRecord) else ""
+    if raw not in DECLINE_KINDS:
         raise Rejected("malformed", f"declined record of unknown kind; known: {sorted(DECLINE_KINDS)}")
-    reason = str(record.get("reason", ""))
-    raise Rejected(kind, _tail(reason) or "no reason given")
+    reason = _tail(str(record.get("reason", ""))) or "no reason given"
+    try:
+        figures, refused = decline_figures(raw, content.get("metrics"), run), ""
+    except Rejected as err:
+        figures, refused = {}, err.detail
+    raise Declined(DECLINE_KINDS[raw], reason, figures, refused)
 
 
 def _tail(reason: str) -> str:
@@ -390,7 +541,7 @@ def check_stored_set(path: str | Path, exp: Expectation) -> SyntheticSet:
     syn = SyntheticSet.load(path)  # allow_pickle=False; decodes a factorised set after checking it
     check_arrays(syn.to_arrays(), exp)
     meta = check_meta(json.dumps(syn.meta.to_dict()), exp)
-    check_privacy(meta, MetricRecord({}), exp)
+    check_meta_privacy(meta, exp)  # a stored set has no reply metrics: its metadata's figures alone
     return syn
 
 
@@ -400,7 +551,7 @@ def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
         raise Rejected("error-reply", f"code {reply.error.code}: {_tail(reply.error.reason)}")
     content = reply.content
     if "declined" in content:
-        check_declined(content)
+        check_declined(content, exp.privacy)
     types = {"synthetic": ArrayRecord, "meta": ConfigRecord, "metrics": MetricRecord}
     bad = [k for k, t in types.items() if not isinstance(content.get(k), t)]
     if bad:

@@ -1,5 +1,6 @@
 """Resume (issue 6): a run interrupted between any two writes, resumed from its run store,
-loses no accepted set and ends with the same metrics and model as an uninterrupted run."""
+loses no accepted set and ends with the same metrics and model as an uninterrupted run; a DP
+run resumes with the data holders' ledgers intact and its stored sets' figures validated again."""
 
 from __future__ import annotations
 
@@ -11,13 +12,17 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 
 from client.app import app as client_app
+from client.private import dp_config
+from client.task import DistillTask
 from distill.synthetic import SyntheticSet
+from privacy import privacy_plan
 from server.app import run
 from server.resume import ResumeError
 from server.store import RunStore, read_metrics
@@ -150,15 +155,78 @@ def test_metrics_lines_with_wrongly_typed_fields_stop_the_resume_with_a_reason(t
             run(InProcessGrid(client_app, 3), {}, resume=str(root))
 
 
-def test_resume_uses_the_runs_own_config_and_refuses_fedavg_and_dp(tmp_path, tmp_path_factory,
-                                                                 task_identity):  # noqa: F811
+def test_resume_uses_the_runs_own_config_refuses_fedavg_and_allows_dp(tmp_path, tmp_path_factory,
+                                                                       task_identity):  # noqa: F811
+    """DP resumes: a node's ledger is a file on its disk, not the Flower run's state."""
     from server.resume import resume_settings
     ref = reference_config = json.loads((reference(tmp_path_factory) / "config.json").read_text())
     assert resume_settings(reference(tmp_path_factory)).task.ipc == ref["ipc"] == CONFIG["ipc"]
-    for change in ({"algorithm": "fedavg"}, {"dp": "dp-dm"}):
-        (tmp_path / "config.json").write_text(json.dumps({**reference_config, **change}))
-        with pytest.raises(ResumeError):
-            resume_settings(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**reference_config, "algorithm": "fedavg"}))
+    with pytest.raises(ResumeError, match="FedAvg"):
+        resume_settings(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**reference_config, "dp": "dp-dm", "sigma": 1.0}))
+    assert resume_settings(tmp_path).task.dp == "dp-dm"
+
+
+DP_TASK = {"iterations": 2, "ipc": 2, "net-width": 8, "net-depth": 2, "dp": "dp-dm", "sigma": 1.0}
+DP_CONFIG = {**DP_TASK, "mode": "iterative", "num-server-rounds": 2, "server-epochs": 1, "server-dsa": False}
+
+
+def _killed_after_round_1(record: dict) -> None:
+    raise Crash(f"killed after round {record['round']}'s metrics line")
+
+
+def _dp_run_killed_after_round_1(tmp_path: Path, cap: str = "policy") -> tuple[Path, Callable[[int], dict], float]:
+    """A 2-round DP run of 3 nodes whose cap pays for one round, killed after round 1: each data
+    holder's lifetime ``policy`` cap, or (``cap="run"``) the run's ``privacy-budget`` on nodes
+    without a policy."""
+    one_round = privacy_plan(dp_config(DistillTask.from_config(DP_TASK), seed=0)).epsilon
+    holders = tmp_path / "holders"
+
+    def policy(i: int) -> dict:  # each data holder's own policy and ledger file
+        if cap == "run":
+            return {}
+        return {"policy-ledger": str(holders / f"ledger-{i}.json"), "policy-epsilon-cap": one_round * 1.01}
+
+    budget = {"privacy-budget": one_round * 1.01} if cap == "run" else {}
+    with pytest.raises(Crash):
+        run(InProcessGrid(client_app, 3, node_config=policy), {}, _killed_after_round_1,
+            runs_dir=str(tmp_path / "runs"), **DP_CONFIG, **budget)
+    (root,) = (tmp_path / "runs").iterdir()
+    assert len(read_metrics(root)) == 1 and len(list((root / "sets").glob("*.npz"))) == 3
+    return root, policy, one_round
+
+
+@pytest.mark.parametrize("cap", ["policy", "run"])
+def test_a_dp_run_resumes_and_the_data_holders_ledgers_still_hold(cap, tmp_path, task_identity):  # noqa: F811
+    """The resumed server is a new Flower run (another run id, empty node state): the nodes'
+    ledgers on their disks still hold round 1's spending (the lifetime cap's ledger, or the
+    run's own ledger found again through the run key), so round 2 is declined, and the stored
+    DP sets pass validation again."""
+    root, policy, one_round = _dp_run_killed_after_round_1(tmp_path, cap)
+    summary = run(InProcessGrid(client_app, 3, node_config=policy, run_id=2), {}, resume=str(root))
+    first, second = read_metrics(root)
+    assert first["accepted"] == 3 and summary["resumed-after-rounds"] == [1] and summary["dp"] == "dp-dm"
+    assert second["accepted"] == 0 and second["rejected-declined-budget"] == 3
+    assert {f["status"] for f in second["privacy"].values()} == {"declined"}
+    assert summary["privacy-figures-refused"] == 0 and len(summary["privacy"]) == 3
+    for c in summary["privacy"].values():
+        assert (c["rounds-participated"], c["rounds-declined"]) == (1, 1)
+        assert c["epsilon-total"] == pytest.approx(one_round)
+
+
+@pytest.mark.parametrize("forge", [{"delta": 0.9}, {"epsilon": float("nan")}, {"epsilon": -1.0},
+                                   {"accountant": "none"}, {"sigma": None}])
+def test_a_stored_dp_set_with_forged_privacy_figures_stops_the_resume(forge, tmp_path, task_identity):  # noqa: F811
+    root, policy, _ = _dp_run_killed_after_round_1(tmp_path)
+    path = sorted((root / "sets").glob("round001-*.npz"))[0]
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta_json"]))
+    meta["privacy"] = {k: v for k, v in {**meta["privacy"], **forge}.items() if v is not None}
+    np.savez(path, **{**arrays, "meta_json": np.asarray(json.dumps(meta))})
+    with pytest.raises(ResumeError, match=r"\(Rejected: privacy: "):
+        run(InProcessGrid(client_app, 3, node_config=policy, run_id=2), {}, resume=str(root))
 
 
 @pytest.mark.slow
@@ -171,6 +239,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tmp_
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         from client.app import app as client_app
+from client.private import dp_config
+from client.task import DistillTask
         from server.app import run
         from tests.flower_fixtures import InProcessGrid
         config = {CONFIG!r}
