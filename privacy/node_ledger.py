@@ -26,12 +26,12 @@ import fcntl
 import hashlib
 import json
 import math
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from distill.atomic import atomic_write
 
 from .accounting import BudgetExceeded, PrivacyLedger, Spend, epsilon_of
 
@@ -84,27 +84,9 @@ def parse(text: str, path: str = "ledger") -> dict[str, Any]:
     return state
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_json(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` so that a crash leaves either the old file or the new one, never half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda f: json.dump(state, f, indent=1))
 
 
 class NodeLedger:

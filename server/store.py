@@ -1,7 +1,7 @@
 """The run store ``runs/<time>-<name>/``: config, per-round metrics, accepted sets, models, summary.
 
-Every write goes through :meth:`RunStore.write` (temp file in the same directory, fsync,
-``os.replace``), so a crash leaves either the previous version of a file or the new one,
+Every write goes through :meth:`RunStore.write` (:func:`distill.atomic.atomic_write`: temp file, fsync,
+``os.replace``, fsync of the folder), so a crash leaves either the previous version of a file or the new one,
 never half of one. A round's metrics line is written after its sets and model: a round
 is complete exactly when its line is in ``metrics.jsonl`` (server/resume.py relies on it).
 Models are plain ``state_dict`` files read back with ``torch.load(weights_only=True)``.
@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,28 +18,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from distill.atomic import atomic_write
 from distill.synthetic import SyntheticSet
 
 from .validate import Rejected, RunPrivacy, check_recorded
 
 log = logging.getLogger("fedistill.server")
 TEMP_GLOBS = (".*.tmp", "*.tmp.npz")  # what an interrupted atomic write leaves behind
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Write via ``write(file)`` to a temp file next to ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class RunStore:
