@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                              "per side, so ~2.5x that in all, the coin splitting them)")
     parser.add_argument("--dm-seconds", type=float, default=100.0, help="time for the non-DP DM row's trials")
     parser.add_argument("--seed", type=int, default=0, help="coins and the run seed of the public knowledge")
+    parser.add_argument("--table", action="store_true", help="only print the table of an existing --out")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(args.out.read_text())))
+        return 0
     start = time.perf_counter()
     rows = run_rows(args.calibration, args.counted, args.dm_seconds, args.seed)
     argv_used = argv if argv is not None else sys.argv[1:]
