@@ -114,6 +114,27 @@ def federated(out: Path, quick: bool, attacks: tuple[str, ...] = ("naive", "door
     return rows
 
 
+def membership_table(report: dict) -> str:
+    """Markdown: per target, each attack's held-out TPR at 1 % FPR (95 % interval) and AUC, from the JSON."""
+    rows = report["membership_inference"]["attacks"]
+    attacks = list(dict.fromkeys(r["attack"] for r in rows))
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    cell = {(r["target"], r["attack"]): r for r in rows}
+    lines = ["| target (test acc) | " + " | ".join(attacks) + " |", "| --- |" + " --- |" * len(attacks)]
+    for t in targets:
+        acc = next(r["test_accuracy"] for r in rows if r["target"] == t)
+        cells = []
+        for a in attacks:
+            r = cell.get((t, a))
+            if r is None:
+                cells.append("-")
+                continue
+            lo, hi = r["tpr_at_1pct_ci"]
+            cells.append(f"{r['tpr_at_1pct_fpr']:.3f} [{lo:.3f}, {hi:.3f}] (AUC {r['auc']:.3f})")
+        lines.append(f"| {t} ({100 * acc:.1f} %) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     size = p.add_mutually_exclusive_group()
@@ -125,7 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--federated", action="store_true", help="only the federated backdoor / defenses part")
     p.add_argument("--attacks", nargs="+", choices=("naive", "doorping"), default=["naive", "doorping"],
                    help="with --federated: the malicious rows to (re)run; other attacks' rows are kept")
+    p.add_argument("--table", type=Path, default=None, help="only print the membership table of a bench_attacks.json")
     args = p.parse_args(argv)
+    if args.table is not None:
+        print(membership_table(json.loads(args.table.read_text())))
+        return
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
