@@ -93,10 +93,10 @@ def test_the_cap_holds_across_a_restart(tmp_path, task_identity):  # noqa: F811
 
 
 @pytest.mark.parametrize("change, reason", [({"delta": 0.5}, "delta"), ({"dp": "none"}, "requires DP"),
-                                            ({"iterations": 50}, "iterations 50 > 10"),
+                                            ({"iterations": 50}, "iterations 50 > 10"), ({"ipc": 6}, "ipc 6 > 5"),
                                             ({"dp": "dpsgd-gm"}, "not allowed")])
 def test_the_run_cannot_loosen_the_policy(change, reason, tmp_path, task_identity):  # noqa: F811
-    node = _policy_node(tmp_path, **{"max-iterations": 10, "methods": "dp-dm"})
+    node = _policy_node(tmp_path, **{"max-iterations": 10, "max-ipc": 5, "methods": "dp-dm"})
     config = {k: v for k, v in {**DP, **change}.items() if not (change.get("dp") == "none" and k == "sigma")}
     reply = app(_message(config), make_context(7, node))
     assert "synthetic" not in reply.content and reply.content["declined"]["kind"] == "policy"
@@ -105,6 +105,16 @@ def test_the_run_cannot_loosen_the_policy(change, reason, tmp_path, task_identit
     assert m["declined"] == 1 and not any(k.startswith("epsilon") for k in m)
     assert ("delta" in m) == (config.get("dp", "none") != "none")
     assert not (tmp_path / "ledger.json").exists()  # nothing charged, nothing read
+
+
+def test_the_node_caps_the_threads_a_run_asks_for(tmp_path, task_identity):  # noqa: F811
+    before = torch.get_num_threads()
+    try:
+        node = _policy_node(tmp_path, **{"max-threads": 1})
+        app(_message({**DP, "client-threads": 2}), make_context(7, node))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_a_policy_file_and_node_config_keys_take_the_stricter_value(tmp_path):
