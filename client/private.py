@@ -15,9 +15,10 @@ Order of a round, each step before the next:
    counts released once (kept in the ledger for later rounds and runs), and the set distilled
    with noise from the node's secret generator.
 
-A node without a policy (a simulated node) gets a ledger file of its own per run under
-``$FEDISTILL_LEDGER_DIR`` (or ``ledger-dir`` in its node-config; default the system's temp
-folder), so benchmark runs never share a cap; the run's ``privacy-budget`` caps it.
+A node without a policy (a simulated node) gets a ledger file of its own (per node and data)
+under ``$FEDISTILL_LEDGER_DIR`` (or ``ledger-dir`` in its node-config; default the system's temp
+folder); it has no lifetime cap, and the run's ``privacy-budget`` caps each run's entries, so
+benchmark runs never share a cap.
 """
 
 from __future__ import annotations
@@ -137,17 +138,19 @@ def run_name(task: DistillTask, run_id: int) -> str:
 
 def open_ledger(task: DistillTask, node_config: Mapping[str, Any], policy: NodePolicy | None,
                 run_id: int, node_id: int) -> NodeLedger:
-    """The node's lifetime ledger under a policy, else this run's own ledger file for this node.
+    """The node's lifetime ledger under a policy, else a ledger file of this node and its data.
 
-    The per-run file's name hashes the run's name: the server chooses it, so it never becomes a path.
+    Without a policy there is no lifetime cap: the file only holds each run's entries for the
+    run's ``privacy-budget``. Its name comes from the node id and a hash of the data identity,
+    never from anything the server sends.
     """
     data_id = (policy.data_id if policy is not None else "") or data_identity(task, node_config)
     if policy is not None:
         return NodeLedger(policy.ledger, data_id, policy.accountant, policy.max_delta, policy.epsilon_cap)
     root = Path(str(node_config.get("ledger-dir") or os.environ.get(LEDGER_DIR_ENV)
                     or Path(tempfile.gettempdir()) / "fedistill-ledgers"))
-    run = hashlib.sha256(run_name(task, run_id).encode()).hexdigest()[:16]
-    return NodeLedger(root / f"run-{run}" / f"node-{node_id}.json", data_id, task.accountant, task.delta)
+    data = hashlib.sha256(data_id.encode()).hexdigest()[:16]
+    return NodeLedger(root / f"node-{node_id}-{data}.json", data_id, task.accountant, task.delta)
 
 
 def privacy_metrics(plan: PrivacyPlan, run_total: float, budget: float | None) -> dict[str, float | int]:
@@ -180,9 +183,9 @@ def private_round(task: DistillTask, node_config: Mapping[str, Any], *, run_id: 
     run = PrivacyLedger(config.accountant, task.delta, effective_budget(task, node_config))
     try:
         charge = ledger.charge(plan.spends, run=run_name(task, run_id), round=task.round, method=task.dp,
-                               run_budget=run)
+                               run_budget=run, flower_run=str(run_id))
     except BudgetExceeded as err:
-        run.spends = spends_of(ledger.read(), run_name(task, run_id))
+        run.spends = spends_of(ledger.read(), run_name(task, run_id), str(run_id))
         return Declined("budget", str(err), decline_metrics(plan, run))
     real = load()  # charged: from here on the round has spent, whatever happens
     if counts is None:

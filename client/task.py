@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, fields, replace
 from functools import lru_cache
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from distill.data import Dataset, LabeledImages, load_dataset, load_npz, public_stats
+from distill.data import KNOWN_NUM_CLASSES, Dataset, LabeledImages, load_dataset, load_npz, public_stats
 from distill.factors import BASE_KEY, Factors
 from distill.methods import distill, make_config
 from distill.parameterize import RHO_COMPOSES, check_options
@@ -25,6 +26,8 @@ from distill.partition import PARTITIONERS, class_budget, partition, split_held_
 from distill.synthetic import SetMetadata, SyntheticSet, concat_sets
 
 ALGORITHMS = ("fedistill", "fedavg")
+RUN_KEY = re.compile(r"[A-Za-z0-9._:-]{0,200}")  # printed in a node's ledger: no control characters
+INTEGER_FIELDS = ("round", "ipc", "iterations", "client_threads", "net_width", "net_depth", "seed")
 # ``dp`` values: no DP, or the name of a DP method that ``import privacy`` registers. Kept as
 # strings here so the server (which imports this module) never needs Opacus.
 DP_MODES = ("none", "dpsgd-gm", "dp-dm", "dp-mtt")
@@ -91,8 +94,11 @@ class DistillTask:
             raise ValueError(f"ipc, min_class_samples and samples_per_image must be >= 1: {self}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        if not isinstance(self.run_key, str) or len(self.run_key) > 200:
-            raise ValueError(f"run-key must be a string of at most 200 characters, got {self.run_key!r:.80}")
+        if not isinstance(self.run_key, str) or not RUN_KEY.fullmatch(self.run_key):
+            raise ValueError(f"run-key must match {RUN_KEY.pattern}, got {str(self.run_key)[:80]!r}")
+        wrong = [k for k in INTEGER_FIELDS if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)]
+        if wrong:
+            raise ValueError(f"{[k.replace('_', '-') for k in wrong]} must be integers: {self}")
         if self.client_threads < 1 or self.local_epochs < 1:
             raise ValueError(f"client_threads and local_epochs must be >= 1: {self}")
         self._check_param()
@@ -216,9 +222,6 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any],
     train_idx, held_idx = split_held_out(part, task.seed, pid, task.holdout_fraction)
     data = cached_dataset(task.dataset).train
     return data.subset(train_idx), data.subset(held_idx)
-
-
-KNOWN_NUM_CLASSES = 10  # every dataset with published statistics here (MNIST, Fashion-MNIST, CIFAR-10, SVHN)
 
 
 def declared_statistics(name: str, node_config: Mapping[str, Any], public_only: bool

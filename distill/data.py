@@ -153,6 +153,9 @@ def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
     return Dataset(split(x_train, y_train), split(x_test, y_test))
 
 
+KNOWN_NUM_CLASSES = 10  # every dataset with published statistics here (MNIST, Fashion-MNIST, CIFAR-10, SVHN)
+
+
 def public_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """A known dataset's published normalisation (what a DP node may use), or None."""
     return NORMALISATION.get(name.lower().replace("-", "").replace("_", ""))
@@ -164,7 +167,8 @@ def load_npz(path: str | Path, name: str | None = None, *,
     """A local ``.npz`` with ``x_train, y_train, x_test, y_test`` (uint8 HxW or HxWxC).
 
     Normalisation: ``stats`` if given, else the known dataset ``name`` (default: the file's stem)
-    names, else the file's own train split. ``num_classes`` defaults to the largest label + 1.
+    names, else the file's own train split. ``num_classes`` defaults to the known dataset's (10),
+    else the largest label + 1.
     """
     path = Path(path)
     if not path.is_file():
@@ -175,7 +179,10 @@ def load_npz(path: str | Path, name: str | None = None, *,
             raise ValueError(f"{path} lacks keys {sorted(missing)}")
         arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
     key = name or path.stem
-    return from_arrays(key, **arrays, num_classes=num_classes, stats=stats or public_stats(key))
+    known = public_stats(key)
+    if num_classes is None and stats is None and known is not None:
+        num_classes = KNOWN_NUM_CLASSES  # a known dataset's class count is public, not its file's largest label
+    return from_arrays(key, **arrays, num_classes=num_classes, stats=stats or known)
 
 
 BUNDLED_ENV = "FEDISTILL_MNIST10K"

@@ -167,7 +167,7 @@ class PrivacyLedger:
     def check(self, spends: Sequence[Spend]) -> float:
         """Return the total after ``spends``, or raise :class:`BudgetExceeded` saying why."""
         after = self.epsilon_after(spends)
-        if self.budget is not None and after > self.budget:
+        if self.budget is not None and not after <= self.budget:  # a NaN total is refused too
             raise BudgetExceeded(
                 f"privacy budget exceeded: this release {[s.to_list() for s in spends]} "
                 f"(sigma, sample_rate, steps) would take epsilon from {self.epsilon():.4f} to "

@@ -99,7 +99,7 @@ class NodeLedger:
 
     def __init__(self, path: str | Path, data_id: str, accountant: str, delta: float,
                  cap: float | None = None, create: bool = True) -> None:
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # one lock and one file, whatever link or relative path led here
         self.data_id = data_id
         self.base = PrivacyLedger(accountant, delta, cap)  # validates accountant, delta, cap
         self.create = create
@@ -151,12 +151,13 @@ class NodeLedger:
         return epsilon_of(spends_of(self.read(), run), self.base.delta, self.base.accountant)
 
     def charge(self, spends: Sequence[Spend], *, run: str, round: int, method: str,
-               run_budget: PrivacyLedger | None = None) -> Charge:
+               run_budget: PrivacyLedger | None = None, flower_run: str = "") -> Charge:
         """Record ``spends`` if the lifetime cap (and ``run_budget``, this run's cap) allow them.
 
         ``run_budget`` is a :class:`PrivacyLedger` holding the run's accountant, delta and budget;
-        this run's earlier spends are taken from the file. Raises :class:`BudgetExceeded`
-        (nothing written) or :class:`LedgerError`.
+        this run's earlier spends are taken from the file: every entry named ``run`` or made in the
+        same Flower run ``flower_run``, so renaming the run between rounds does not reset its
+        budget. Raises :class:`BudgetExceeded` (nothing written) or :class:`LedgerError`.
         """
         with self._locked():
             state = self._read()
@@ -166,10 +167,11 @@ class NodeLedger:
             run_total = 0.0
             if run_budget is not None:
                 this_run = PrivacyLedger(run_budget.accountant, run_budget.delta, run_budget.budget,
-                                         spends_of(state, run))
+                                         spends_of(state, run, flower_run))
                 run_total = this_run.check(spends)
-            state["entries"].append({"run": run, "round": int(round), "method": method, "time": _now(),
-                                     "spends": [s.to_list() for s in spends]})
+            state["entries"].append({"run": run, "flower_run": flower_run, "round": int(round), "method": method,
+                                     "time": _now(), "spends": [s.to_list() for s in spends]})
+            state["accountant"], state["delta"] = self.base.accountant, self.base.delta  # what the cap is held at
             atomic_write_json(self.path, state)
         return Charge(lifetime=total, run=run_total)
 
@@ -194,9 +196,12 @@ def file_identity(path: str | Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def spends_of(state: dict[str, Any], run: str | None = None) -> list[Spend]:
-    """Every spend in a ledger state, or only those of ``run``."""
-    return [_spend(s) for e in state["entries"] if run is None or e["run"] == run for s in e["spends"]]
+def spends_of(state: dict[str, Any], run: str | None = None, flower_run: str = "") -> list[Spend]:
+    """Every spend in a ledger state, or only those of ``run`` (or of Flower run ``flower_run``)."""
+    def mine(e: dict[str, Any]) -> bool:
+        return run is None or e["run"] == run or bool(flower_run and e.get("flower_run") == flower_run)
+
+    return [_spend(s) for e in state["entries"] if mine(e) for s in e["spends"]]
 
 
 def summary(state: dict[str, Any], accountant: str, delta: float) -> dict[str, Any]:

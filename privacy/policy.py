@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,7 +51,7 @@ class Admission:
 class NodePolicy:
     """What a node releases. ``None`` limits are unbounded; ``ledger`` is required."""
 
-    ledger: str
+    ledger: str = ""
     dp_required: bool = True
     epsilon_cap: float | None = None
     max_delta: float = 1e-5
@@ -82,66 +82,41 @@ class NodePolicy:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], where: str) -> "NodePolicy":
         """From kebab-case keys (a policy file, or node-config keys without their prefix)."""
-        known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{where}: unknown policy keys {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            name = known[key]
-            if name == "methods":
-                value = tuple(m.strip() for m in value.split(",") if m.strip()) if isinstance(value, str) \
-                    else tuple(value)
-            elif name == "dp_required":
-                value = _boolean(value, f"{where}: dp-required")
-            elif name in ("epsilon_cap", "max_delta"):
-                value = float(value)
-            elif name.startswith("max_"):
-                value = _integer(value, f"{where}: {key}")
-            kwargs[name] = value
-        return cls(**kwargs)
+        return cls(**_parse(values, where))
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodePolicy | None":
         """The node's policy, or None when its node-config sets none (a simulated node).
 
-        A policy file and ``policy-*`` keys may both be given: each value takes the stricter of
-        the two (and the file and keys must agree on the ledger and data identity).
+        A policy file and ``policy-*`` keys may both be given: a key the node-config sets takes
+        the stricter of its value and the file's; the file and the keys must agree on the
+        ledger, the data identity and the accountant. A key that looks like a policy key but is
+        not one, or an empty ``privacy-policy``, is an error: a misspelt policy must never leave
+        a node unprotected.
         """
         keys = {k[len(PREFIX):]: v for k, v in node_config.items() if k.startswith(PREFIX)}
+        suspicious = sorted(k for k in node_config if "polic" in str(k).lower()
+                            and k != FILE_KEY and not str(k).startswith(PREFIX))
+        if suspicious:
+            raise ValueError(f"node-config keys {suspicious} look like privacy-policy keys but are not "
+                             f"({FILE_KEY}=FILE or {PREFIX}<key>=VALUE); refusing to run without the policy")
+        if FILE_KEY in node_config and not str(node_config[FILE_KEY]).strip():
+            raise ValueError(f"node-config {FILE_KEY} is empty: name the policy file or drop the key")
         path = node_config.get(FILE_KEY)
         if not keys and not path:
             return None
-        policies = []
+        values: dict[str, Any] = {}
         if path:
             try:
-                values = json.loads(Path(str(path)).read_text())
+                loaded = json.loads(Path(str(path)).read_text())
             except (OSError, ValueError) as err:
                 raise ValueError(f"privacy policy {path}: unreadable ({err}); the node releases nothing") from err
-            if not isinstance(values, dict):
+            if not isinstance(loaded, dict):
                 raise ValueError(f"privacy policy {path}: must be a JSON object")
-            policies.append(cls.from_mapping(values, str(path)))
-        if keys:
-            ledger = keys.get("ledger") or (policies[0].ledger if policies else "")
-            policies.append(cls.from_mapping({**keys, "ledger": ledger}, "node-config"))
-        return policies[0] if len(policies) == 1 else policies[0].stricter(policies[1])
-
-    def stricter(self, other: "NodePolicy") -> "NodePolicy":
-        """Each value the stricter of ``self`` and ``other``."""
-        if self.ledger != other.ledger or (self.data_id and other.data_id and self.data_id != other.data_id):
-            raise ValueError(f"policy file and node-config disagree on the ledger or data identity: "
-                             f"{self.ledger!r} / {other.ledger!r}, {self.data_id!r} / {other.data_id!r}")
-        if self.accountant != other.accountant:
-            raise ValueError(f"policy file and node-config name different accountants: {self.accountant!r} / "
-                             f"{other.accountant!r}")
-        return replace(self, dp_required=self.dp_required or other.dp_required,
-                       epsilon_cap=_least(self.epsilon_cap, other.epsilon_cap),
-                       max_delta=min(self.max_delta, other.max_delta),
-                       methods=tuple(m for m in self.methods if m in other.methods),
-                       max_iterations=_least(self.max_iterations, other.max_iterations),
-                       max_ipc=_least(self.max_ipc, other.max_ipc),
-                       max_threads=_least(self.max_threads, other.max_threads),
-                       data_id=self.data_id or other.data_id)
+            values = _parse(loaded, str(path))
+        for name, value in _parse(keys, "node-config").items():
+            values[name] = _stricter(name, values[name], value) if name in values else value
+        return cls(**values)
 
     def admit(self, *, dp: str, delta: float, iterations: int, ipc: int, threads: int) -> Admission:
         """What the node will run for this request, or :class:`PolicyDeclined` saying why not."""
@@ -158,6 +133,47 @@ class NodePolicy:
         if over:
             raise PolicyDeclined(f"the run asks {', '.join(over)} (this node's policy limits)")
         return Admission(accountant=self.accountant, threads=_least(threads, self.max_threads) or threads)
+
+
+def _parse(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Field name -> typed value for the kebab-case keys given (and only those)."""
+    known = {f.name.replace("_", "-"): f.name for f in fields(NodePolicy)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown policy keys {unknown}; known: {sorted(known)}")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = known[key]
+        if name == "methods":
+            value = tuple(m.strip() for m in value.split(",") if m.strip()) if isinstance(value, str) else tuple(value)
+        elif name == "dp_required":
+            value = _boolean(value, f"{where}: dp-required")
+        elif name in ("epsilon_cap", "max_delta"):
+            value = float(value)
+        elif name.startswith("max_"):
+            value = _integer(value, f"{where}: {key}")
+        elif name == "ledger":
+            value = str(value)
+            if value and not Path(value).is_absolute():
+                raise ValueError(f"{where}: ledger {value!r} must be an absolute path (a ClientApp process may run "
+                                 "in another working directory, and a relative path would start a fresh ledger)")
+        out[name] = value
+    return out
+
+
+def _stricter(name: str, a: Any, b: Any) -> Any:
+    """The stricter of two values of one policy field (identity fields must agree)."""
+    if name in ("ledger", "data_id", "accountant"):
+        if a != b:
+            raise ValueError(f"policy file and node-config disagree on {name.replace('_', '-')}: {a!r} / {b!r}")
+        return a
+    if name == "dp_required":
+        return a or b
+    if name == "methods":
+        return tuple(m for m in a if m in b)
+    if name == "max_delta":
+        return min(a, b)
+    return _least(a, b)
 
 
 def _least(a, b):

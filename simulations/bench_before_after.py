@@ -68,7 +68,7 @@ def run_pair(before: Path, eps: float, seed: int, method: str = "dp-dm") -> dict
 
 
 def table(rows: list[dict]) -> str:
-    """Per epsilon: each tree's accuracy per repeat (seed = repeat), their means and the difference."""
+    """Per epsilon: each tree's accuracy per repeat (seed = first seed + repeat), their means and the difference."""
     lines = ["| method | target eps | before: accuracy % per repeat | after: accuracy % per repeat | mean before | mean after | after - before |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for method, eps in sorted({(r.get("method", "dp-dm"), r["epsilon_target"]) for r in rows}):
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, help="checkout of the earlier commit (required unless --table)")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=0, help="repeat r runs with seed first-seed + r")
     parser.add_argument("--method", choices=("dp-dm", "dpsgd-gm"), default="dp-dm")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "before_after.json")
     parser.add_argument("--table", action="store_true", help="only print the table of an existing --out")
@@ -101,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for rep in range(args.repeats):
         for eps in args.epsilons:
-            pair = run_pair(args.before, eps, seed=rep, method=args.method)
-            result["rows"].append({"method": args.method, "epsilon_target": eps, "repeat": rep, **pair})
+            seed = args.first_seed + rep
+            pair = run_pair(args.before, eps, seed=seed, method=args.method)
+            result["rows"].append({"method": args.method, "epsilon_target": eps, "repeat": rep, "seed": seed,
+                                   **pair})
             args.out.write_text(json.dumps(result, indent=1))
             print(f"eps {eps:g} repeat {rep}: before {100 * pair['before']['accuracy']:.2f} % "
                   f"after {100 * pair['after']['accuracy']:.2f} %", flush=True)

@@ -129,6 +129,21 @@ def test_a_policy_file_and_node_config_keys_take_the_stricter_value(tmp_path):
     with pytest.raises(ValueError, match="ledger path"):
         NodePolicy.from_node_config({"policy-epsilon-cap": 1.0})
     assert NodePolicy.from_node_config(NODE) is None  # a simulated node with no policy
+    # a key the node-config does not set keeps the file's value (here: DP not required, prv)
+    path.write_text(json.dumps({"ledger": str(tmp_path / "l.json"), "dp-required": False, "accountant": "prv"}))
+    merged = NodePolicy.from_node_config({"privacy-policy": str(path), "policy-max-ipc": 5})
+    assert (merged.dp_required, merged.accountant, merged.max_ipc) == (False, "prv", 5)
+
+
+@pytest.mark.parametrize("node, error", [
+    ({"policy_epsilon_cap": 1.0}, "look like privacy-policy keys"),   # misspelt: never fail open
+    ({"privacy_policy": "/etc/p.json"}, "look like privacy-policy keys"),
+    ({"privacy-policy": ""}, "is empty"),
+    ({"policy-ledger": "relative/ledger.json"}, "absolute path"),
+])
+def test_a_misconfigured_policy_is_an_error_not_a_node_without_one(node, error):
+    with pytest.raises(ValueError, match=error):
+        NodePolicy.from_node_config({**NODE, **node})
 
 
 @pytest.mark.parametrize("content", ["{not json", json.dumps({"format": "something else"}),
@@ -158,6 +173,14 @@ def _charge_many(path: str, cap: float, attempts: int, out: "mp.Queue") -> None:
         except BudgetExceeded:
             pass
     out.put(paid)
+
+
+def test_renaming_the_run_does_not_reset_its_budget(tmp_path, task_identity):  # noqa: F811
+    """A server that sends a new run-key every round still meets the run's privacy-budget."""
+    budget = _round_epsilon() * 1.01  # one round fits
+    replies = [app(_message({**DP, "privacy-budget": budget, "run-key": f"fresh-{i}"}, round_=i + 1),
+                   make_context(7, NODE, run_id=5)) for i in range(2)]
+    assert "synthetic" in replies[0].content and replies[1].content["declined"]["kind"] == "budget"
 
 
 def test_two_processes_charging_at_once_never_overspend(tmp_path):
