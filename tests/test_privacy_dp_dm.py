@@ -29,7 +29,9 @@ def test_secret_noise_by_default_reproducible_only_with_the_insecure_switch(smal
 
 
 def test_meta_matches_opacus(small_train):
-    cfg = _cfg(epsilon=4.0, count_sigma=20.0, sample_rate=0.05, iterations=10)
+    # count_sigma 20 against 60 images a class: which classes pass the threshold is a draw, so this
+    # test fixes the draw (insecure noise) instead of depending on the secret one.
+    cfg = _cfg(epsilon=4.0, count_sigma=20.0, sample_rate=0.05, iterations=10, insecure_reproducible_noise=True)
     a = distill(small_train, cfg)
     assert a.labels.tolist() == sorted(list(range(10)) * 2)
     p = a.meta.privacy
