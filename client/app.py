@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 
 from distill.partition import client_seed
 from distill.synthetic import SyntheticSet
+from privacy.policy import NodePolicy
 
 from . import private
 from .local import build_network, evaluate_model, train_local
@@ -42,7 +43,8 @@ from .task import DistillTask, distill_partition, load_partition
 app = ClientApp()
 
 
-def _task(msg: Message, context: Context) -> DistillTask:
+def _task(msg: Message, context: Context) -> tuple[DistillTask, NodePolicy | None]:
+    """The task, and the node's own privacy policy (read once per message), threads set."""
     config: dict[str, Any] = dict(msg.content["config"]) if "config" in msg.content else {}
     if "server-round" in config:  # injected by Flower's FedAvg strategy
         config["round"] = int(config.pop("server-round"))
@@ -52,7 +54,7 @@ def _task(msg: Message, context: Context) -> DistillTask:
     if policy is not None and policy.max_threads is not None:
         threads = min(threads, policy.max_threads)  # the node's limit wins
     torch.set_num_threads(threads)  # one thread per virtual client: no oversubscription
-    return task
+    return task, policy
 
 
 def _partition_id(context: Context) -> int:
@@ -62,12 +64,12 @@ def _partition_id(context: Context) -> int:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Distill the local partition (fedistill) or run local SGD on the global model (FedAvg)."""
-    task = _task(msg, context)
+    task, policy = _task(msg, context)
     seed = client_seed(task.seed, _partition_id(context), task.round)
     global_state = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
     if task.dp != "none":
         return _train_private(msg, context, task, seed, global_state)
-    if (declined := private.admit(task, private.node_policy(context.node_config))) is not None:
+    if (declined := private.admit(task, policy)) is not None:
         return _decline(msg, declined)
     real, _ = load_partition(task, context.node_config)
     if task.algorithm == "fedavg":
@@ -121,8 +123,7 @@ def _train_private(msg: Message, context: Context, task: DistillTask, seed: int,
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model's accuracy on this node's held-out data."""
-    task = _task(msg, context)
-    policy = private.node_policy(context.node_config)
+    task, policy = _task(msg, context)
     if task.dp != "none" or (policy is not None and policy.dp_required):
         # held-out accuracy is a release the DP accountant does not cover
         return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "accuracy": 0.0, "loss": 0.0,

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from distill.data import KNOWN_NUM_CLASSES, Dataset, LabeledImages, load_dataset, load_npz, public_stats
+from distill.data import Dataset, LabeledImages, load_dataset, load_npz, public_stats
 from distill.factors import BASE_KEY, Factors
 from distill.methods import distill, make_config
 from distill.parameterize import RHO_COMPOSES, check_options
@@ -27,6 +27,11 @@ from distill.synthetic import SetMetadata, SyntheticSet, concat_sets
 
 ALGORITHMS = ("fedistill", "fedavg")
 RUN_KEY = re.compile(r"[A-Za-z0-9._:-]{0,200}")  # printed in a node's ledger: no control characters
+
+
+def safe_run_key(name: str) -> str:
+    """``name`` (the server's run store name) in the characters :data:`RUN_KEY` allows."""
+    return re.sub(r"[^A-Za-z0-9._:-]", "_", name)[:200]
 INTEGER_FIELDS = ("round", "ipc", "iterations", "client_threads", "net_width", "net_depth", "seed")
 # ``dp`` values: no DP, or the name of a DP method that ``import privacy`` registers. Kept as
 # strings here so the server (which imports this module) never needs Opacus.
@@ -226,9 +231,9 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any],
 
 def declared_statistics(name: str, node_config: Mapping[str, Any], public_only: bool
                         ) -> tuple[tuple[tuple[float, ...], tuple[float, ...]] | None, int | None]:
-    """``(stats, num_classes)`` a node may use: declared ones first, then a known dataset's.
-
-    ``(None, None)`` (computed from the data) is allowed only when ``public_only`` is off.
+    """``(stats, num_classes)`` declared in the node-config, or ``(None, None)``: then
+    :func:`distill.data.load_npz` uses a known dataset's published ones, or (only when
+    ``public_only`` is off) computes them from the data.
     """
     declared = [k for k in ("data-mean", "data-std", "num-classes") if k in node_config]
     if declared:
@@ -245,9 +250,7 @@ def declared_statistics(name: str, node_config: Mapping[str, Any], public_only: 
             raise ValueError(f"declared statistics must be finite, std > 0 and num-classes >= 2: {mean}, {std}, "
                              f"{classes}")
         return (mean, std), classes
-    if (stats := public_stats(name)) is not None:
-        return stats, KNOWN_NUM_CLASSES
-    if public_only:
+    if public_only and public_stats(name) is None:
         raise ValueError(f"data {name!r}: under DP the normalisation statistics and the class count must be public; "
                          "set data-name to a known dataset (mnist, fashionmnist, cifar10, svhn) or declare data-mean, "
                          "data-std and num-classes in the node-config (the node never computes them from private "

@@ -156,9 +156,14 @@ def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
 KNOWN_NUM_CLASSES = 10  # every dataset with published statistics here (MNIST, Fashion-MNIST, CIFAR-10, SVHN)
 
 
+def dataset_key(name: str) -> str:
+    """How a dataset name is matched: case, dashes and underscores ignored (``Fashion-MNIST``)."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
 def public_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """A known dataset's published normalisation (what a DP node may use), or None."""
-    return NORMALISATION.get(name.lower().replace("-", "").replace("_", ""))
+    return NORMALISATION.get(dataset_key(name))
 
 
 def load_npz(path: str | Path, name: str | None = None, *,
@@ -236,7 +241,7 @@ def load_dataset(name: str = BUNDLED, root: str | Path | None = None, download: 
     """
     if str(name).endswith(".npz"):
         return load_npz(name)
-    key = name.lower().replace("-", "").replace("_", "")
+    key = dataset_key(name)
     if key == BUNDLED:
         return load_npz(bundled_path(), BUNDLED)
     if key not in TORCHVISION_NAMES:

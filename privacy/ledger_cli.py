@@ -17,11 +17,8 @@ def _show(args: argparse.Namespace) -> int:
     try:
         with open(args.ledger) as f:
             state = parse(f.read(), args.ledger)
-    except OSError as err:
+    except (OSError, LedgerError) as err:
         print(f"error: {args.ledger}: {err}", file=sys.stderr)
-        return 2
-    except LedgerError as err:
-        print(f"error: {err}", file=sys.stderr)
         return 2
     accountant = args.accountant or state.get("accountant", "rdp")
     delta = args.delta or float(state.get("delta", 1e-5))

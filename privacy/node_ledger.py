@@ -201,7 +201,7 @@ def spends_of(state: dict[str, Any], run: str | None = None, flower_run: str = "
     def mine(e: dict[str, Any]) -> bool:
         return run is None or e["run"] == run or bool(flower_run and e.get("flower_run") == flower_run)
 
-    return [_spend(s) for e in state["entries"] if mine(e) for s in e["spends"]]
+    return [Spend(*s) for e in state["entries"] if mine(e) for s in e["spends"]]  # parse() checked them
 
 
 def summary(state: dict[str, Any], accountant: str, delta: float) -> dict[str, Any]:
@@ -209,7 +209,7 @@ def summary(state: dict[str, Any], accountant: str, delta: float) -> dict[str, A
     runs: dict[str, list[Spend]] = {}
     rounds: dict[str, int] = {}
     for e in state["entries"]:
-        runs.setdefault(e["run"], []).extend(_spend(s) for s in e["spends"])
+        runs.setdefault(e["run"], []).extend(Spend(*s) for s in e["spends"])
         rounds[e["run"]] = rounds.get(e["run"], 0) + 1
     per_run = {r: {"rounds": rounds[r], "epsilon": epsilon_of(s, delta, accountant)} for r, s in runs.items()}
     total = epsilon_of(spends_of(state), delta, accountant)

@@ -80,11 +80,6 @@ class NodePolicy:
                 raise ValueError(f"policy {name.replace('_', '-')} must be an integer >= 1, got {value!r}")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], where: str) -> "NodePolicy":
-        """From kebab-case keys (a policy file, or node-config keys without their prefix)."""
-        return cls(**_parse(values, where))
-
-    @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodePolicy | None":
         """The node's policy, or None when its node-config sets none (a simulated node).
 

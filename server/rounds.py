@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from torch import nn
 
+from client.task import safe_run_key
 from distill.data import DatasetInfo, LabeledImages
 from distill.networks import network_for
 from distill.synthetic import SyntheticSet
@@ -63,11 +63,6 @@ def select_nodes(node_ids: Iterable[int], fraction: float, min_nodes: int, rng: 
     ids = sorted(node_ids)
     n = min(len(ids), max(min_nodes, int(fraction * len(ids))))
     return sorted(rng.sample(ids, n))
-
-
-def run_key(store_name: str) -> str:
-    """The run store's name in the characters a ``run-key`` allows (it is printed in nodes' ledgers)."""
-    return re.sub(r"[^A-Za-z0-9._:-]", "_", store_name)[:200]
 
 
 def make_messages(node_ids: list[int], config: dict[str, Any], round_: int, message_type: str,
@@ -359,7 +354,7 @@ def play_round(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
     nodes = select_nodes(grid.get_node_ids(), settings.fraction_train, settings.min_train_nodes,
                          round_rng(task.seed, rnd, "train"))
     global_state = state.net.state_dict() if (state.net is not None and settings.mode == "iterative") else None
-    config = {**task.to_config(), "run-key": run_key(store.root.name)}  # stable across a resume: per-run budgets
+    config = {**task.to_config(), "run-key": safe_run_key(store.root.name)}  # stable across a resume: per-run budgets
     result = collect(grid, make_messages(nodes, config, rnd, MessageType.TRAIN, global_state),
                      expectation(settings, test.info, rnd), settings.round_timeout, on_reply)
     state.uploaded.update(result.bytes_by_node)
