@@ -3,6 +3,7 @@
 import copy
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
@@ -46,3 +47,21 @@ def test_reproducible_accounted_and_far_from_private_images(small_train):
     assert torch.cdist(a.images.flatten(1), small_train.images.flatten(1)).min() > 1.0
     start = distill(small_train, make_config("dpsgd-gm", **{**FAST, "iterations": 0}))
     assert (a.images - start.images).abs().mean() > 1e-3  # the images moved
+
+
+def test_the_divisor_is_the_noisy_total_never_the_exact_size(small_train, monkeypatch):
+    """A server that knew the divisor would learn len(real): it must be q x the released noisy total."""
+    import privacy.dp_gm as dp_gm
+
+    seen = []
+    real_noisy_gradient = dp_gm.noisy_gradient
+
+    def spy(*args, **kwargs):
+        seen.append(args[-1] if len(args) >= 7 else kwargs["expected"])
+        return real_noisy_gradient(*args, **kwargs)
+
+    monkeypatch.setattr(dp_gm, "noisy_gradient", spy)
+    counts = tuple(70.0 for _ in range(10))  # released before; the data holds 60 a class
+    distill(small_train, make_config("dpsgd-gm", **{**FAST, "iterations": 1}, released_counts=counts))
+    assert seen and all(e == pytest.approx(FAST["sample_rate"] * 700) for e in seen)
+    assert len(small_train) == 600
