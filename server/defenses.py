@@ -47,6 +47,7 @@ from .validate import Rejected
 log = logging.getLogger("fedistill.server")
 
 DEFENSES = ("none", "holdout", "outlier", "both")
+FAIL_MODES = ("closed", "open")
 MIN_CLIENTS = 3  # median and MAD say nothing about fewer
 OUTLIER_SCALE_FLOOR = 0.5  # outlier z-scale >= this x the class's median distance (MAD of 3 points can be ~0)
 MAD_TO_SD = 1.4826
@@ -61,10 +62,13 @@ class DefenseConfig:
     holdout: int = 500
     seed: int = 0
     arch_kwargs: tuple[tuple[str, int], ...] = ()
+    fail: str = "closed"  # a defense that raises drops the round's new sets ("closed") or keeps them ("open")
 
     def __post_init__(self) -> None:
         if self.mode not in DEFENSES:
             raise ValueError(f"defense must be one of {DEFENSES}, got {self.mode!r}")
+        if self.fail not in FAIL_MODES:
+            raise ValueError(f"defense-fail must be one of {FAIL_MODES}, got {self.fail!r}")
         if not self.z > 0 or not 0 <= self.min_gap <= 1 or self.epochs < 1 or self.holdout < 1:
             raise ValueError(f"defense-z > 0, defense-min-gap in [0, 1], defense-epochs and defense-holdout >= 1: "
                              f"{self}")
@@ -218,10 +222,14 @@ def screen_round(result: Any, pool: Any, settings: Any, holdout: LabeledImages |
     references = [(node, syn) for node, syn in pool.items() if node not in judged]
     try:
         report = screen(result.accepted, holdout, config, references)
-    except Exception as err:  # noqa: BLE001 - a failing defense must not stop the round (sets stay accepted)
-        log.exception("fedistill: defense %s failed; the round keeps its accepted sets", config.mode)
-        return {"mode": config.mode, "error": f"{type(err).__name__}: {err}", "dropped": {},
-                "seconds": time.perf_counter() - start}
+    except Exception as err:  # noqa: BLE001 - a failing defense must not stop the round: it fails as configured
+        error = f"{type(err).__name__}: {str(err)[:300]}"
+        kept = "keeps its accepted sets" if config.fail == "open" else "drops its new sets"
+        log.exception("fedistill: defense %s failed (defense-fail=%s): the round %s", config.mode, config.fail, kept)
+        dropped = {} if config.fail == "open" else {str(n): f"defense failed closed ({error})"
+                                                    for n, _ in result.accepted}
+        report = {"mode": config.mode, "error": error, "dropped": dropped}
+    report["fail"] = config.fail
     report["clients"] = {str(node): syn.meta.client for node, syn in result.accepted}  # the set's own claim
     for node, reason in report["dropped"].items():
         result.reject(int(node), Rejected("defense-dropped", reason))

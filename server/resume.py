@@ -6,8 +6,10 @@ The contract (docs/reliability.md):
   write (after its sets and model), and every write is atomic, so a half-written file is
   never read. Rounds after the last complete one are played again.
 - The pool is rebuilt from the sets the complete rounds list as accepted
-  (``accepted-nodes``), each validated again on load (``allow_pickle=False``); a listed set
-  that is missing or fails validation stops the resume (the store is not what it claims).
+  (``accepted-nodes``), each validated again on load (``allow_pickle=False``). A listed set that
+  is missing or fails validation is quarantined (moved to ``sets/quarantined/`` beside a
+  ``.reason.txt``) and the run goes on without it; the next round's line and summary.json list it
+  (``resume-quarantined``). One bad file cannot make a crashed run restart from scratch.
 - Sets written by an interrupted round are moved to ``sets/interrupted/`` (kept, never
   loaded); temp files of interrupted writes are deleted.
 - The global model is the checkpoint of the last complete round that trained
@@ -71,8 +73,9 @@ def open_run(settings: RunSettings, info: DatasetInfo) -> tuple[RunStore, RunSta
     check_round_fields(store, metrics)
     removed = store.remove_temp_files()
     moved = quarantine_interrupted_sets(store, metrics)
-    state = RunState(pool=load_pool(store, settings, info, metrics), last_round=len(metrics),
-                     resumed_after=len(metrics))
+    quarantined: list[str] = []
+    state = RunState(pool=load_pool(store, settings, info, metrics, quarantined), last_round=len(metrics),
+                     resumed_after=len(metrics), quarantined=quarantined)
     for m in metrics:
         state.uploaded.update({int(n): int(b) for n, b in m.get("uploaded-bytes", {}).items()})
     state.net = load_net(store, settings, info, metrics)
@@ -108,8 +111,10 @@ def quarantine_interrupted_sets(store: RunStore, metrics: list[dict]) -> list[Pa
     return moved
 
 
-def load_pool(store: RunStore, settings: RunSettings, info: DatasetInfo, metrics: list[dict]) -> SyntheticPool:
-    """Latest accepted set per node over the complete rounds, each validated again."""
+def load_pool(store: RunStore, settings: RunSettings, info: DatasetInfo, metrics: list[dict],
+              quarantined: list[str] | None = None) -> SyntheticPool:
+    """Latest accepted set per node over the complete rounds, each validated again; a set that
+    fails is quarantined with its reason (appended to ``quarantined``) and left out."""
     pool = SyntheticPool()
     for record in metrics:
         exp = expectation(settings, info, record["round"])
@@ -118,9 +123,21 @@ def load_pool(store: RunStore, settings: RunSettings, info: DatasetInfo, metrics
             try:
                 pool.update(int(node), check_stored_set(path, exp))
             except Exception as err:  # noqa: BLE001 - a damaged file raises anything (BadZipFile, EOFError, ...)
-                raise ResumeError(f"{path}: an accepted set is missing or invalid "
-                                  f"({type(err).__name__}: {err})") from err
+                reason = f"{type(err).__name__}: {str(err)[:300]}"
+                quarantine_set(store, path, reason)
+                if quarantined is not None:
+                    quarantined.append(f"{set_path(record['round'], int(node))}: {reason}")
     return pool
+
+
+def quarantine_set(store: RunStore, path: Path, reason: str) -> None:
+    """Move a stored set that failed validation to ``sets/quarantined/`` with a ``.reason.txt``."""
+    target = store.root / "sets" / "quarantined"
+    target.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.replace(target / path.name)
+    store.write(f"sets/quarantined/{path.name}.reason.txt", lambda f: f.write(reason + "\n"))
+    log.error("fedistill: resume: %s quarantined: %s", path.name, reason)
 
 
 def load_net(store: RunStore, settings: RunSettings, info: DatasetInfo, metrics: list[dict]):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -31,13 +31,14 @@ from .defenses import defense_summary, screen_round, split_holdout
 from .pool import SyntheticPool
 from .settings import RunSettings
 from .store import RunStore, privacy_summary
+from .updates import check_evaluation, federated_mean
 from .validate import (FORGED, Declined, Expectation, Rejected, RunPrivacy, check_figures, check_reply,
                        factor_spec_json, recorded_figures)
 
 log = logging.getLogger("fedistill.server")
 OnRound = Callable[[dict[str, Any]], None]
 OnReply = Callable[[int, int], None]  # (replies so far, messages sent)
-Candidate = tuple[int, SyntheticSet, Message, dict[str, Any]]  # node, set, reply, validated privacy figures
+KEPT_METRICS = ("seconds", "classes-capped", "classes-skipped")  # all a round keeps of an accepted reply's metrics
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:
@@ -99,12 +100,20 @@ class RoundResult:
     classes_skipped: int = 0
     privacy: dict[int, dict[str, Any]] = field(default_factory=dict)  # node -> its validated privacy figures
     figures_refused: list[str] = field(default_factory=list)  # declines whose figures were not recorded, and why
+    _reason_nodes: list[int] = field(default_factory=list, repr=False)
 
     def reject(self, node: int, err: Rejected) -> None:
         """Count, keep and log one refused reply."""
         self.rejected[err.kind] += 1
         self.reasons.append(f"node {node}: {err}")
+        self._reason_nodes.append(node)
         log.warning("round %d: rejected node %s: %s", self.round, node, err)
+
+    def in_node_order(self) -> None:
+        """Sets and reasons sorted by node (stable: a node's own replies keep their order)."""
+        self.accepted.sort(key=lambda pair: pair[0])
+        order = sorted(range(len(self.reasons)), key=lambda i: self._reason_nodes[i])
+        self.reasons, self._reason_nodes = [self.reasons[i] for i in order], [self._reason_nodes[i] for i in order]
 
     def decline(self, node: int, err: Declined) -> None:
         """Count a decline; record its figures only if they passed validation, else log why not."""
@@ -132,53 +141,63 @@ def privacy_figures(reply: Message, syn: SyntheticSet, exp: Expectation) -> dict
     return figures
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float, on_reply: OnReply | None = None,
-             poll: float = 0.5) -> list[Message]:
-    """``grid.send_and_receive`` that also reports each arrival (the CLI's progress display)."""
-    pending = set(grid.push_messages(messages))
-    total, replies = len(pending), []
+def exchange(grid: Grid, messages: list[Message], timeout: float,
+             arrive: Callable[[Message, int | None], None], poll: float = 0.5) -> set[int]:
+    """Push ``messages`` and hand each reply to ``arrive`` as it is pulled, with the node it was
+    sent to (``None``: not a reply to one of ``messages``), until all are answered or ``timeout``
+    passes; returns the nodes asked. This is the one place replies enter the server: ``arrive``
+    validates a reply and keeps only what survives, so a round never holds more than one raw reply.
+
+    A dead node's error reply comes from the SuperLink: the message it answers says whom we asked.
+    """
+    ids = list(grid.push_messages(messages))
+    sent_to = {msg_id: msg.metadata.dst_node_id for msg_id, msg in zip(ids, messages)}
+    pending = set(ids)
     deadline = time.monotonic() + timeout
     while pending:
         for reply in grid.pull_messages(list(pending)):
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
-            if on_reply is not None:
-                on_reply(len(replies), total)
+            arrive(reply, sent_to.get(reply.metadata.reply_to_message_id))
         if pending and time.monotonic() >= deadline:
             break
         if pending:
             time.sleep(poll)
-    return replies
+    return set(sent_to.values())
 
 
 def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: float,
             on_reply: OnReply | None = None) -> RoundResult:
-    """Send, wait up to ``timeout``, and validate every reply; missing replies count as ``timeout``.
+    """Send, wait up to ``timeout``, and validate every reply as it arrives; missing replies count as
+    ``timeout``.
 
-    Replies are handled in node order (arrival order is not reproducible). A reply to a
-    message this round did not send is ``unsolicited``; a node's second reply, and every
-    set whose metadata claims a client id another node also claims, is ``duplicate``.
+    A reply to a message this round did not send is ``unsolicited``; a node's second reply is
+    ``duplicate``. A set is keyed by the node the SuperLink says sent it (the message we asked);
+    its ``client`` claim is only logged. The result lists sets and reasons in node order, since
+    arrival order is not reproducible.
     """
-    replies = exchange(grid, messages, timeout, on_reply)
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     result = RoundResult(exp.round, len(messages))
     answered: set[int] = set()
-    candidates: list[Candidate] = []
-    for node, reply in _in_node_order(replies, sent_to):
+    claims: dict[str, int] = {}
+
+    def arrive(reply: Message, node: int | None) -> None:
         if node is None:
             result.reject(reply.metadata.src_node_id, Rejected(
-                "unsolicited", f"reply to message {reply.metadata.reply_to_message_id!r}, not sent this round"))
-            continue
-        result.bytes_by_node[node] = result.bytes_by_node.get(node, 0) + payload_bytes(reply)
-        if node in answered:
+                "unsolicited", f"reply to message {str(reply.metadata.reply_to_message_id)[:80]!r}, not sent "
+                               "this round"))
+        elif node in answered:
             result.reject(node, Rejected("duplicate", "a second reply to this round's message"))
-            continue
-        answered.add(node)
-        if (valid := _validated(reply, node, exp, result)) is not None:
-            candidates.append((node, *valid))
-    for node, syn, reply, figures in _drop_duplicate_claims(candidates, result):
-        _keep(result, node, syn, reply, figures)
-    missing = len(set(sent_to.values()) - answered)
+        else:
+            answered.add(node)
+            result.bytes_by_node[node] = payload_bytes(reply)
+            if (valid := _validated(reply, node, exp, result)) is not None:
+                _note_claim(claims, node, valid[0], exp.round)
+                _keep(result, node, *valid)
+        if on_reply is not None:
+            on_reply(len(answered), len(messages))
+
+    asked = exchange(grid, messages, timeout, arrive)
+    result.in_node_order()
+    missing = len(asked - answered)
     if missing > 0:
         result.rejected["timeout"] += missing
         log.warning("round %d: %d of %d nodes sent no reply within %.0f s", exp.round, missing,
@@ -186,22 +205,15 @@ def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: floa
     return result
 
 
-def _in_node_order(replies: list[Message], sent_to: dict[str, int]) -> list[tuple[int | None, Message]]:
-    """(node asked, reply) sorted by node; ``None`` for a reply to a message not sent.
-
-    A dead node's error reply comes from the SuperLink: the message it answers says whom we asked.
-    """
-    pairs = [(sent_to.get(r.metadata.reply_to_message_id), r) for r in replies]
-    return sorted(pairs, key=lambda p: (p[0] is None, p[0] or 0))
-
-
 def _validated(reply: Message, node: int, exp: Expectation,
-               result: RoundResult) -> tuple[SyntheticSet, Message, dict[str, Any]] | None:
-    """The reply's set and its validated privacy figures, or ``None`` after counting why it was
-    refused (a decline's figures recorded only if valid); never raises."""
+               result: RoundResult) -> tuple[SyntheticSet, dict[str, Any], dict[str, Any]] | None:
+    """The reply's set, the metrics the round keeps, and its validated privacy figures; or ``None``
+    after counting why it was refused (a decline's figures recorded only if valid). Never raises."""
     try:
         syn = check_reply(reply, exp)
-        return syn, reply, privacy_figures(reply, syn, exp)
+        metrics = reply.content["metrics"]
+        kept = {k: metrics[k] for k in KEPT_METRICS if k in metrics}
+        return syn, kept, privacy_figures(reply, syn, exp)
     except Declined as err:
         result.decline(node, err)
     except Rejected as err:
@@ -211,26 +223,17 @@ def _validated(reply: Message, node: int, exp: Expectation,
     return None
 
 
-def _drop_duplicate_claims(candidates: list[Candidate], result: RoundResult) -> list[Candidate]:
-    """Refuse every set whose metadata names a client another node's set also names.
-
-    The server cannot tell which claimant is genuine, so neither is kept.
-    """
-    claims = Counter(c[1].meta.client for c in candidates if c[1].meta.client)
-    kept = []
-    for candidate in candidates:
-        node, client = candidate[0], candidate[1].meta.client
-        if claims[client] > 1:
-            result.reject(node, Rejected("duplicate", f"client id {client[:60]!r} is claimed by "
-                                                      f"{claims[client]} nodes this round"))
-        else:
-            kept.append(candidate)
-    return kept
+def _note_claim(claims: dict[str, int], node: int, syn: SyntheticSet, round_: int) -> None:
+    """Log a ``client`` claim another node already made: a claim is a label, never an identity,
+    so nobody is refused for it (one node could otherwise have another's set thrown out)."""
+    client = syn.meta.client
+    if client and claims.setdefault(client, node) != node:
+        log.warning("round %d: node %s claims client id %r, as node %s did; both kept (sets are keyed by node)",
+                    round_, node, client[:60], claims[client])
 
 
-def _keep(result: RoundResult, node: int, syn: SyntheticSet, reply: Message, figures: dict[str, Any]) -> None:
+def _keep(result: RoundResult, node: int, syn: SyntheticSet, metrics: dict[str, Any], figures: dict[str, Any]) -> None:
     """Record an accepted set, its (validated) metrics and privacy figures."""
-    metrics = reply.content["metrics"]
     result.client_seconds.append(float(metrics.get("seconds", 0.0)))
     result.classes_capped += int(metrics.get("classes-capped", 0))
     result.classes_skipped += int(metrics.get("classes-skipped", 0))
@@ -250,35 +253,35 @@ def train_global(pool: SyntheticPool, settings: RunSettings, info_seed: int) -> 
 
 
 def federated_evaluate(grid: Grid, node_ids: list[int], net: nn.Module, settings: RunSettings,
-                       round_: int) -> dict[str, float]:
-    """Clients' accuracy of the global model on their held-out data, weighted by examples.
+                       round_: int) -> dict[str, Any]:
+    """Clients' accuracy of the global model on their held-out data.
 
-    A reply without a finite accuracy in [0, 1] and a positive finite example count is
-    ignored and counted (``federated-rejected``): garbage never reaches the average.
+    Averaged as ``evaluate-weighting`` says: by examples (each node's count at most the server's
+    ``max-examples``) or unweighted. A reply that is not a plausible report (an accuracy outside
+    [0, 1], a count outside [1, max-examples], other records or metrics, a second reply) is left out
+    and counted (``federated-rejected``): one node can move the mean by its bounded weight, never more.
     """
     msgs = make_messages(node_ids, settings.task.to_config(), round_, MessageType.EVALUATE, net.state_dict())
-    accs, weights, refused = [], [], 0
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    results: dict[int, tuple[float, int]] = {}
+    refused = 0
     for reply in grid.send_and_receive(msgs, timeout=settings.round_timeout):
-        if (pair := _evaluation(reply)) is None:
+        node = sent_to.get(reply.metadata.reply_to_message_id)
+        try:
+            if node is None or node in results:
+                raise Rejected("unsolicited", "not a first reply to this round's evaluate message")
+            if (result := check_evaluation(reply, settings.max_examples)) is not None:
+                results[node] = result
+        except Rejected as err:
             refused += 1
-            continue
-        accs.append(pair[0])
-        weights.append(pair[1])
-    out = {"federated-accuracy": float(np.average(accs, weights=weights)) if weights else float("nan"),
-           "federated-replies": len(weights)}
+            log.warning("round %d: evaluate reply of node %s left out: %s", round_, node, err)
+        except Exception as err:  # noqa: BLE001 - a hostile reply must never stop the run
+            refused += 1
+            log.warning("round %d: evaluate reply of node %s left out: %s", round_, node, type(err).__name__)
+    out = {"federated-accuracy": federated_mean([results[n] for n in sorted(results)], settings.evaluate_weighting),
+           "federated-replies": len(results), "federated-weighting": settings.evaluate_weighting,
+           "federated-max-examples": settings.max_examples}
     return {**out, "federated-rejected": refused} if refused else out
-
-
-def _evaluation(reply: Message) -> tuple[float, float] | None:
-    """(accuracy, examples) of a plausible evaluate reply, else ``None``; never raises."""
-    if reply.has_error() or not isinstance(reply.content.get("metrics"), MetricRecord):
-        return None
-    metrics = reply.content["metrics"]
-    acc, n = metrics.get("accuracy"), metrics.get("num-examples")
-    if metrics.get("declined") == 1:
-        return None
-    ok = all(isinstance(v, (int, float)) and np.isfinite(v) for v in (acc, n))
-    return (float(acc), float(n)) if ok and 0.0 <= acc <= 1.0 and 0 < n < 2**53 else None
 
 
 @dataclass
@@ -290,6 +293,7 @@ class RunState:
     uploaded: Counter = field(default_factory=Counter)
     last_round: int = 0
     resumed_after: int | None = None  # the last complete round, when this process resumed the run
+    quarantined: list[str] = field(default_factory=list)  # stored sets resume set aside, with why
 
 
 def run_privacy(settings: RunSettings) -> RunPrivacy:
@@ -344,7 +348,8 @@ def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: Labe
                            f"min-replies={settings.min_replies} (on-too-few-replies=stop)")
             log.error("fedistill: run stopped: %s", stop_reason)
             break
-    return finish_run(store, settings, record, state.uploaded, start, stop_reason, state.resumed_after)
+    unrecorded = state.quarantined if state.last_round <= (state.resumed_after or 0) else []  # no round played
+    return finish_run(store, settings, record, state.uploaded, start, stop_reason, state.resumed_after, unrecorded)
 
 
 def play_round(grid: Grid, settings: RunSettings, store: RunStore, test: LabeledImages, state: RunState,
@@ -368,6 +373,8 @@ def play_round(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
         record["defense"] = defense
     if state.resumed_after is not None and rnd == state.resumed_after + 1:
         record["resumed-after-round"] = state.resumed_after
+        if state.quarantined:
+            record["resume-quarantined"] = state.quarantined
     if len(result.accepted) < settings.min_replies:
         record["too-few-replies"] = True
         log.error("round %d: %d accepted replies, fewer than min-replies=%d: the round ends without training "
@@ -411,9 +418,12 @@ def _mb_per_client(uploaded: Counter) -> float:
 
 
 def finish_run(store: RunStore, settings: RunSettings, last: dict[str, Any], uploaded: Counter,
-               start: float, stop_reason: str | None = None, resumed_after: int | None = None) -> dict[str, Any]:
-    """Write ``summary.json``: results, and every fault of the run (rejections by kind, short rounds, resumes)."""
+               start: float, stop_reason: str | None = None, resumed_after: int | None = None,
+               quarantined: list[str] | None = None) -> dict[str, Any]:
+    """Write ``summary.json``: results, and every fault of the run (rejections by kind, short rounds, resumes,
+    stored sets quarantined on resume: those of played rounds' lines plus ``quarantined``)."""
     metrics = store.metrics
+    quarantined = quarantined or []
     trained = [m for m in metrics if m.get("accuracy") is not None]
     rejected_by_kind: Counter = Counter()
     for m in metrics:
@@ -428,6 +438,7 @@ def finish_run(store: RunStore, settings: RunSettings, last: dict[str, Any], upl
         "rejected": sum(m.get("rejected", 0) for m in metrics),
         "rejected-by-kind": dict(sorted(rejected_by_kind.items())),
         "rounds-too-few-replies": [m["round"] for m in metrics if m.get("too-few-replies")],
+        "resume-quarantined": [q for m in metrics for q in m.get("resume-quarantined", [])] + quarantined,
         "resumed-after-rounds": sorted(resumes | ({resumed_after} if resumed_after is not None else set())),
         "clients": len(uploaded), "mb-uploaded-per-client": _mb_per_client(uploaded),
         "mb-uploaded-max-client": max(uploaded.values(), default=0) / 1e6,

@@ -16,6 +16,8 @@ from client.task import DistillTask
 SERVER_SET = {"round", "run_key"}  # task fields the server fills in for each message, never run-config keys
 
 from .defenses import DefenseConfig
+from .store import safe_run_name
+from .updates import WEIGHTINGS
 
 MODES = ("one-shot", "iterative")
 TOO_FEW_REPLIES = ("continue", "stop")
@@ -49,6 +51,10 @@ class RunSettings:
     defense_min_gap: float = 0.25
     defense_epochs: int = 30
     defense_holdout: int = 500
+    defense_fail: str = "closed"
+    # Bounds on what nodes report about the global model (server/updates.py)
+    max_examples: int = 100_000
+    evaluate_weighting: str = "examples"
     task: DistillTask = field(default_factory=DistillTask)
 
     def __post_init__(self) -> None:
@@ -62,12 +68,20 @@ class RunSettings:
         if min(self.num_server_rounds, self.min_train_nodes, self.min_available_nodes, self.min_replies,
                self.server_epochs, self.server_batch_size) < 1:
             raise ValueError(f"rounds, node minimums, min-replies, epochs and batch size must be >= 1: {self}")
+        if self.evaluate_weighting not in WEIGHTINGS:
+            raise ValueError(f"evaluate-weighting must be one of {WEIGHTINGS}, got {self.evaluate_weighting!r}")
+        if self.max_examples < 1:
+            raise ValueError(f"max-examples must be >= 1, got {self.max_examples}")
+        if self.run_name and not safe_run_name(self.run_name):
+            raise ValueError(f"run-name {self.run_name[:80]!r} must be 1-64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit, without '..' (it names a folder under runs-dir)")
         if not self.max_abs_pixel > 0 or not self.round_timeout > 0:
             raise ValueError(f"max-abs-pixel and round-timeout must be > 0: {self}")
 
     def defense_config(self) -> DefenseConfig:
         return DefenseConfig(self.defense, self.defense_z, self.defense_min_gap, self.defense_epochs,
-                             self.defense_holdout, self.task.seed, tuple(sorted(self.task.arch_kwargs.items())))
+                             self.defense_holdout, self.task.seed, tuple(sorted(self.task.arch_kwargs.items())),
+                             self.defense_fail)
 
     @property
     def rounds(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,9 +23,16 @@ from distill.atomic import atomic_write
 from distill.synthetic import SyntheticSet
 
 from .validate import Rejected, RunPrivacy, check_recorded
+from .wire import canonical_meta
 
 log = logging.getLogger("fedistill.server")
 TEMP_GLOBS = (".*.tmp", "*.tmp.npz")  # what an interrupted atomic write leaves behind
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def safe_run_name(name: str) -> bool:
+    """A run name that can only name one folder: letters, digits, ``.``, ``_``, ``-``, no ``..``."""
+    return bool(RUN_NAME.fullmatch(name)) and ".." not in name
 
 
 class RunStore:
@@ -37,12 +45,21 @@ class RunStore:
 
     @classmethod
     def create(cls, runs_dir: str | Path, name: str, now: float | None = None) -> "RunStore":
-        """A fresh ``<runs_dir>/<YYYYmmdd-HHMMSS>-<name>``; a suffix avoids collisions."""
+        """A fresh ``<runs_dir>/<YYYYmmdd-HHMMSS>-<name>``; a suffix avoids collisions.
+
+        ``name`` must pass :func:`safe_run_name`, and the folder must resolve inside ``runs_dir``
+        (a symlink could still point elsewhere): a run-config never writes outside it.
+        """
+        if not safe_run_name(name):
+            raise ValueError(f"unsafe run name {name[:80]!r}: letters, digits, '.', '_' or '-' only, no '..'")
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
         base = Path(runs_dir) / f"{stamp}-{name}"
         root, i = base, 1
         while root.exists():
             root, i = Path(f"{base}-{i}"), i + 1
+        parent = Path(runs_dir).resolve()
+        if root.resolve().parent != parent:
+            raise ValueError(f"run folder {root} resolves outside runs-dir {parent}")
         return cls(root)
 
     @classmethod
@@ -69,7 +86,7 @@ class RunStore:
 
     def save_set(self, syn: SyntheticSet, round_: int, node_id: int) -> Path:
         """``sets/roundRRR-nodeN.npz`` in :meth:`SyntheticSet.load`'s format (no pickles)."""
-        payload = dict(syn.to_arrays(), meta_json=np.asarray(json.dumps(syn.meta.to_dict())))
+        payload = dict(syn.to_arrays(), meta_json=np.asarray(canonical_meta(syn.meta)))
         return self.write(set_path(round_, node_id), lambda f: np.savez(f, **payload), mode="wb")
 
     def save_model(self, state: dict[str, torch.Tensor], round_: int | None = None) -> Path:

@@ -33,7 +33,10 @@ from distill.factors import BASE_KEY, MAX_SPEC_CHARS, check_factors, expected_sh
 from distill.parameterize import make_parameterization, real_per_base
 from distill.synthetic import FACTOR_PREFIX, FACTOR_SPEC_KEY, SetMetadata, SyntheticSet, factors_from_arrays
 
-MAX_META_CHARS = 65_536
+from .errors import Declined, Rejected
+from .wire import (DECLINE_RECORDS, MAX_META_CHARS, UPLOAD_RECORDS, canonical_meta, check_records, check_reply_size,
+                   parse_meta)
+
 MAX_REASON_CHARS = 300
 MAX_LR = 100.0  # a learned learning rate (MTT) above this is not a plausible step size
 SOFT_LABEL_TOLERANCE = 1e-3
@@ -45,7 +48,7 @@ MAX_FACTOR_ARRAYS = 8  # the largest kind (haba) stores 7
 # ``duplicate`` and ``unsolicited`` are decided by the round loop (server/rounds.py), not here.
 KINDS = ("error-reply", "malformed", "keys", "oversized", "dtype", "shape", "non-finite", "magnitude",
          "label-range", "soft-labels", "too-many", "factors", "metadata", "privacy", "declined-budget",
-         "declined-policy", "duplicate", "unsolicited", "timeout", "defense-dropped")
+         "declined-policy", "duplicate", "unsolicited", "timeout", "defense-dropped", "records")
 # A client's ``declined`` record kind -> rejection kind. ``budget``: the node's privacy budget would be
 # exceeded; ``policy``: the node's own privacy policy refuses the task.
 DECLINE_KINDS = {"budget": "declined-budget", "policy": "declined-policy"}
@@ -55,32 +58,15 @@ DP_FIGURES = {"epsilon-round": "epsilon", "delta": "delta", "sigma": "sigma", "s
 # Every privacy figure a reply's metrics may carry; only validated ones reach metrics.jsonl and summary.json.
 PRIVACY_METRICS = ("epsilon-round", "epsilon-total", "epsilon-planned", "delta", "sigma", "sample-rate",
                    "steps", "clip", "rho", "privacy-budget")
+# Every metric an upload may report (client/app.py, client/private.py); any other is refused.
+UPLOAD_METRICS = ("num-examples", "class-histogram", "seconds", "bytes-uploaded", "classes-capped",
+                  "classes-skipped", *PRIVACY_METRICS)
 EPSILON_FIGURES = ("epsilon-round", "epsilon-total", "epsilon-planned")
 # Figures that only a DP mechanism has: a reply of a run without DP that carries one is lying.
 DP_ONLY_FIGURES = (*EPSILON_FIGURES, "delta", "sigma")
 # The figures each decline kind carries in a DP run, exactly (none in a run without DP).
 DECLINE_FIGURES = {"budget": ("epsilon-total", "epsilon-planned", "delta", "privacy-budget"), "policy": ("delta",)}
 FORGED = "forged privacy figures"  # how a decline's refused figures are logged and counted
-
-
-class Rejected(ValueError):
-    """A reply the server refuses; ``kind`` is one of :data:`KINDS`."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind, self.detail = kind, detail
-
-
-class Declined(Rejected):
-    """A client's decline (kind ``declined-<kind>``): it uploaded nothing, whatever its figures say.
-
-    ``figures`` are the privacy figures it reported, validated (empty when there were none or
-    they were refused); ``refused`` says why they were refused ("" when they were not).
-    """
-
-    def __init__(self, kind: str, detail: str, figures: dict[str, float | int], refused: str = "") -> None:
-        super().__init__(kind, detail)
-        self.figures, self.refused = figures, refused
 
 
 class RunPrivacy(NamedTuple):
@@ -140,6 +126,12 @@ class Expectation:
         shared = sum(4 * math.prod(s) for name, s in shapes.items() if name != base_key)
         return (self.ipc * k * (per_base_bytes + self.per_base * label) + shared + MAX_SPEC_CHARS
                 + (len(shapes) + len(FACTORED_KEYS)) * NPY_HEADER_BYTES + 4)
+
+    def max_reply_bytes(self) -> int:
+        """The largest honest reply: its arrays, the metadata, and metrics (a class histogram and
+        a dozen figures), with slack; counted as :func:`server.wire.reply_bytes` counts."""
+        metrics = 8 * (self.info.num_classes + 64) + 2048
+        return self.max_upload_bytes() + 64 * (MAX_FACTOR_ARRAYS + len(ARRAY_KEYS)) + MAX_META_CHARS + metrics
 
 
 def factor_spec_json(param: str, options: dict | None, info: DatasetInfo) -> str:
@@ -286,13 +278,9 @@ def decode_factors(arrays: dict[str, np.ndarray], exp: Expectation) -> np.ndarra
 
 
 def check_meta(meta_json: object, exp: Expectation) -> SetMetadata:
-    """Parse the metadata and raise :class:`Rejected` where it contradicts the run."""
-    if not isinstance(meta_json, str) or len(meta_json) > MAX_META_CHARS:
-        raise Rejected("metadata", "set-meta must be a JSON string under 64 KiB")
-    try:
-        meta = SetMetadata.from_dict(json.loads(meta_json))
-    except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as err:
-        raise Rejected("metadata", f"unreadable set-meta ({type(err).__name__}: {_tail(str(err))})") from err
+    """Parse the metadata strictly (:func:`server.wire.parse_meta`) and raise :class:`Rejected`
+    where it contradicts the run."""
+    meta = parse_meta(meta_json)
     # The dataset's name may differ between sites (a local .npz); geometry and normalisation may not.
     claims = {"dataset": (replace(meta.dataset, name=exp.info.name), exp.info), "method": (meta.method, exp.method),
               "ipc": (meta.ipc, exp.ipc), "round": (meta.round, exp.round)}
@@ -310,6 +298,9 @@ def check_metrics(metrics: MetricRecord, arrays: dict[str, np.ndarray], exp: Exp
     that histogram allows, nor may the reported capped / skipped classes differ from it.
     A DP client reports no exact counts of its data, so under DP the histogram is optional.
     """
+    if unknown := sorted(set(metrics) - set(UPLOAD_METRICS)):
+        raise Rejected("metadata", f"unknown metrics {[str(u)[:40] for u in unknown[:5]]}; an upload reports "
+                                   f"only {list(UPLOAD_METRICS)}")
     k = exp.info.num_classes
     hist = metrics.get("class-histogram", None if exp.dp != "none" else [])
     if hist is not None and not (isinstance(hist, list) and len(hist) == k and all(_count(v) for v in hist)):
@@ -540,7 +531,7 @@ def check_stored_set(path: str | Path, exp: Expectation) -> SyntheticSet:
     """A set read back from the run store (resume): an upload's checks, less the reply's metrics."""
     syn = SyntheticSet.load(path)  # allow_pickle=False; decodes a factorised set after checking it
     check_arrays(syn.to_arrays(), exp)
-    meta = check_meta(json.dumps(syn.meta.to_dict()), exp)
+    meta = check_meta(canonical_meta(syn.meta), exp)
     check_meta_privacy(meta, exp)  # a stored set has no reply metrics: its metadata's figures alone
     return syn
 
@@ -550,16 +541,17 @@ def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
     if reply.has_error():
         raise Rejected("error-reply", f"code {reply.error.code}: {_tail(reply.error.reason)}")
     content = reply.content
+    check_reply_size(content, exp.max_reply_bytes())
     if "declined" in content:
+        check_records(content, DECLINE_RECORDS)
         check_declined(content, exp.privacy)
-    types = {"synthetic": ArrayRecord, "meta": ConfigRecord, "metrics": MetricRecord}
-    bad = [k for k, t in types.items() if not isinstance(content.get(k), t)]
-    if bad:
-        raise Rejected("malformed", f"missing or mistyped records {bad}; got {sorted(content)}")
+    check_records(content, UPLOAD_RECORDS)
     check_keys(content["synthetic"].keys(), exp)
     check_record_size(content["synthetic"], exp)
     arrays = decode(content["synthetic"])
     check_arrays(arrays, exp)
+    if list(content["meta"].keys()) != ["set-meta"]:
+        raise Rejected("records", f"the meta record holds set-meta only; got {_shown(set(content['meta']))}")
     meta = check_meta(content["meta"].get("set-meta"), exp)
     check_metrics(content["metrics"], arrays, exp)
     check_privacy(meta, content["metrics"], exp)

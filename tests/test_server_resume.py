@@ -121,21 +121,37 @@ def test_a_run_killed_before_its_config_is_written_cannot_be_resumed(tmp_path, m
         run(InProcessGrid(client_app, 3), {}, resume=str(root))
 
 
-def test_a_tampered_accepted_set_or_checkpoint_stops_the_resume(tmp_path, tmp_path_factory,
-                                                                 task_identity):  # noqa: F811
+def _copy_killed_after_round_1(ref, root):
     import shutil
-    ref = reference(tmp_path_factory)
-    for victim, damage in [("sets", lambda p: p.write_bytes(p.read_bytes()[:100])),
-                           ("sets", lambda p: np.savez(p, images=np.array([{"x": 1}], dtype=object))),
-                           ("models", lambda p: torch.save({"w": object()}, p))]:
-        root = tmp_path / f"{victim}-{len(list(tmp_path.iterdir()))}"
-        shutil.copytree(ref, root)
-        (root / "summary.json").unlink()
-        metrics = read_metrics(root)[:1]  # as if killed after round 1
-        (root / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        damage(sorted((root / victim).glob("round001*"))[0])
-        with pytest.raises(ResumeError):
-            run(InProcessGrid(client_app, 3), {}, resume=str(root))
+    shutil.copytree(ref, root)
+    (root / "summary.json").unlink()
+    metrics = read_metrics(root)[:1]  # as if killed after round 1
+    (root / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    return root
+
+
+@pytest.mark.parametrize("damage", [lambda p: p.write_bytes(p.read_bytes()[:100]),
+                                    lambda p: np.savez(p, images=np.array([{"x": 1}], dtype=object))],
+                         ids=["truncated", "pickled"])
+def test_a_tampered_accepted_set_is_quarantined_with_its_reason_and_the_run_goes_on(
+        damage, tmp_path, tmp_path_factory, task_identity):  # noqa: F811
+    root = _copy_killed_after_round_1(reference(tmp_path_factory), tmp_path / "run")
+    victim = sorted((root / "sets").glob("round001*"))[0]
+    damage(victim)
+    summary = run(InProcessGrid(client_app, 3), {}, resume=str(root))
+    assert summary["status"] == "ok" and summary["rounds"] == 2
+    assert (root / "sets" / "quarantined" / victim.name).exists() and not victim.exists()
+    reason = (root / "sets" / "quarantined" / f"{victim.name}.reason.txt").read_text()
+    assert reason.strip() and [q.split(":")[0] for q in summary["resume-quarantined"]] == [f"sets/{victim.name}"]
+    assert read_metrics(root)[1]["resume-quarantined"] == summary["resume-quarantined"]
+
+
+def test_a_tampered_checkpoint_stops_the_resume(tmp_path, tmp_path_factory, task_identity):  # noqa: F811
+    """Without the last model the resumed run cannot equal an uninterrupted one: it refuses."""
+    root = _copy_killed_after_round_1(reference(tmp_path_factory), tmp_path / "run")
+    torch.save({"w": object()}, sorted((root / "models").glob("round001*"))[0])
+    with pytest.raises(ResumeError):
+        run(InProcessGrid(client_app, 3), {}, resume=str(root))
 
 
 def test_metrics_lines_with_wrongly_typed_fields_stop_the_resume_with_a_reason(tmp_path, tmp_path_factory,
@@ -217,7 +233,7 @@ def test_a_dp_run_resumes_and_the_data_holders_ledgers_still_hold(cap, tmp_path,
 
 @pytest.mark.parametrize("forge", [{"delta": 0.9}, {"epsilon": float("nan")}, {"epsilon": -1.0},
                                    {"accountant": "none"}, {"sigma": None}])
-def test_a_stored_dp_set_with_forged_privacy_figures_stops_the_resume(forge, tmp_path, task_identity):  # noqa: F811
+def test_a_stored_dp_set_with_forged_privacy_figures_is_quarantined(forge, tmp_path, task_identity):  # noqa: F811
     root, policy, _ = _dp_run_killed_after_round_1(tmp_path)
     path = sorted((root / "sets").glob("round001-*.npz"))[0]
     with np.load(path, allow_pickle=False) as f:
@@ -225,8 +241,10 @@ def test_a_stored_dp_set_with_forged_privacy_figures_stops_the_resume(forge, tmp
     meta = json.loads(str(arrays["meta_json"]))
     meta["privacy"] = {k: v for k, v in {**meta["privacy"], **forge}.items() if v is not None}
     np.savez(path, **{**arrays, "meta_json": np.asarray(json.dumps(meta))})
-    with pytest.raises(ResumeError, match=r"\(Rejected: privacy: "):
-        run(InProcessGrid(client_app, 3, node_config=policy, run_id=2), {}, resume=str(root))
+    summary = run(InProcessGrid(client_app, 3, node_config=policy, run_id=2), {}, resume=str(root))
+    (entry,) = summary["resume-quarantined"]
+    assert entry.startswith(f"sets/{path.name}: Rejected: privacy: ")
+    assert (root / "sets" / "quarantined" / path.name).exists() and not path.exists()
 
 
 @pytest.mark.slow

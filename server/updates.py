@@ -1,0 +1,107 @@
+"""Checks of what nodes send about the global model: FedAvg updates and evaluation reports.
+
+Both are weighted by a count the node reports, so both are bounded by the server's
+``max-examples``: one node claiming 2^53 - 1 examples would otherwise decide the average alone.
+An update must be the global model's own shape (same keys, shapes, dtypes), finite, and come with
+nothing else; a refused one is left out of the average and counted like a refused upload.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Message, MetricRecord
+
+from .errors import Rejected
+from .wire import EVALUATE_RECORDS, FEDAVG_RECORDS, check_records, check_reply_size, is_int, is_number
+
+EVALUATE_METRICS = ("num-examples", "accuracy", "loss", "declined")
+UPDATE_METRICS = ("num-examples", "bytes-uploaded")
+WEIGHTINGS = ("examples", "unweighted")  # how federated evaluation averages the nodes' accuracies
+
+
+def check_examples(value: object, max_examples: int) -> int:
+    """``num-examples`` as the weight of a reply: an integer in [1, max_examples], else ``metadata``."""
+    if not is_int(value) or not 1 <= value <= max_examples:
+        raise Rejected("metadata", f"num-examples {str(value)[:40]} is not an integer in [1, {max_examples}] "
+                                   "(the server's max-examples)")
+    return int(value)
+
+
+def _metric_keys(metrics: MetricRecord, allowed: tuple[str, ...]) -> None:
+    if unknown := sorted(set(metrics) - set(allowed)):
+        raise Rejected("metadata", f"unknown metrics {[str(u)[:40] for u in unknown[:5]]}; expected {list(allowed)}")
+
+
+def check_update(reply: Message, reference: Mapping[str, torch.Tensor], max_examples: int) -> int:
+    """A FedAvg reply fit to average into ``reference`` (the global model's state): its weight.
+
+    Raises :class:`Rejected` for an error reply, other records, a size over the model's, keys,
+    declared or decoded dtypes and shapes other than the model's, non-finite values, or a
+    ``num-examples`` outside [1, max_examples].
+    """
+    if reply.has_error():
+        raise Rejected("error-reply", f"code {reply.error.code}: {str(reply.error.reason)[-300:]}")
+    content = reply.content
+    model_bytes = sum(t.numel() * t.element_size() for t in reference.values())
+    check_reply_size(content, model_bytes + 256 * (len(reference) + 8) + 4096)
+    check_records(content, FEDAVG_RECORDS)
+    record, metrics = content["arrays"], content["metrics"]
+    _metric_keys(metrics, UPDATE_METRICS)
+    weight = check_examples(metrics.get("num-examples"), max_examples)
+    if set(record.keys()) != set(reference):
+        missing, extra = sorted(set(reference) - set(record.keys())), sorted(set(record.keys()) - set(reference))
+        raise Rejected("keys", f"update keys differ from the model's: missing {missing[:5]}, extra "
+                               f"{[str(e)[:40] for e in extra[:5]]}")
+    for key, tensor in reference.items():
+        want_dtype, want_shape = str(tensor.numpy().dtype), tuple(tensor.shape)
+        arr = record[key]
+        if str(arr.dtype) != want_dtype:
+            raise Rejected("dtype", f"{key}: {str(arr.dtype)[:20]}, the model has {want_dtype}")
+        if tuple(arr.shape) != want_shape:
+            raise Rejected("shape", f"{key}: {tuple(arr.shape)[:8]}, the model has {want_shape}")
+        value = _decoded(arr, key)
+        if value.dtype != np.dtype(want_dtype) or value.shape != want_shape:
+            raise Rejected("shape", f"{key} decodes to {value.shape} {value.dtype}, not as declared")
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise Rejected("non-finite", f"NaN or Inf in {key}")
+    return weight
+
+
+def _decoded(arr, key: str) -> np.ndarray:
+    try:
+        value = arr.numpy()
+    except Exception as err:  # noqa: BLE001 - any decoding failure is the sender's fault
+        raise Rejected("malformed", f"undecodable array {key!r} ({type(err).__name__})") from err
+    if not isinstance(value, np.ndarray):
+        raise Rejected("malformed", f"array {key!r} decodes to {type(value).__name__}, not an ndarray")
+    return value
+
+
+def check_evaluation(reply: Message, max_examples: int) -> tuple[float, int] | None:
+    """(accuracy, examples) of a plausible evaluate reply; ``None`` for a decline (under DP a node
+    reports nothing). Raises :class:`Rejected` for anything else that is not one."""
+    if reply.has_error():
+        raise Rejected("error-reply", f"code {reply.error.code}")
+    check_reply_size(reply.content, 4096)
+    check_records(reply.content, EVALUATE_RECORDS)
+    metrics = reply.content["metrics"]
+    _metric_keys(metrics, EVALUATE_METRICS)
+    if metrics.get("declined") == 1:
+        return None
+    acc = metrics.get("accuracy")
+    if not (is_number(acc) and math.isfinite(acc) and 0.0 <= acc <= 1.0):
+        raise Rejected("metadata", f"accuracy {str(acc)[:40]} is not a number in [0, 1]")
+    return float(acc), check_examples(metrics.get("num-examples"), max_examples)
+
+
+def federated_mean(results: list[tuple[float, int]], weighting: str) -> float:
+    """The nodes' mean accuracy, weighted by examples (each bounded already) or unweighted."""
+    if not results:
+        return float("nan")
+    accs = [acc for acc, _ in results]
+    weights = [n for _, n in results] if weighting == "examples" else [1] * len(results)
+    return float(np.average(accs, weights=weights))
