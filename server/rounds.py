@@ -262,14 +262,16 @@ def federated_evaluate(grid: Grid, node_ids: list[int], net: nn.Module, settings
     and counted (``federated-rejected``): one node can move the mean by its bounded weight, never more.
     """
     msgs = make_messages(node_ids, settings.task.to_config(), round_, MessageType.EVALUATE, net.state_dict())
-    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
     results: dict[int, tuple[float, int]] = {}
+    answered: set[int] = set()
     refused = 0
-    for reply in grid.send_and_receive(msgs, timeout=settings.round_timeout):
-        node = sent_to.get(reply.metadata.reply_to_message_id)
+
+    def arrive(reply: Message, node: int | None) -> None:
+        nonlocal refused
         try:
-            if node is None or node in results:
+            if node is None or node in answered:
                 raise Rejected("unsolicited", "not a first reply to this round's evaluate message")
+            answered.add(node)
             if (result := check_evaluation(reply, settings.max_examples)) is not None:
                 results[node] = result
         except Rejected as err:
@@ -278,6 +280,8 @@ def federated_evaluate(grid: Grid, node_ids: list[int], net: nn.Module, settings
         except Exception as err:  # noqa: BLE001 - a hostile reply must never stop the run
             refused += 1
             log.warning("round %d: evaluate reply of node %s left out: %s", round_, node, type(err).__name__)
+
+    exchange(grid, msgs, settings.round_timeout, arrive)
     out = {"federated-accuracy": federated_mean([results[n] for n in sorted(results)], settings.evaluate_weighting),
            "federated-replies": len(results), "federated-weighting": settings.evaluate_weighting,
            "federated-max-examples": settings.max_examples}

@@ -6,25 +6,39 @@ Kept out of conftest.py so other suites are unaffected; test modules import what
 
 from __future__ import annotations
 
+import time
 import uuid
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import DEFAULT_TTL, Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 Tamper = Callable[[int, Message], Message]
+# An attacker node: the replies it sends for one message (none, one, several, or replies to
+# messages it was never sent), in the order the grid hands them to the server.
+Behaviour = Callable[[Message], Iterable[Message]]
+
+
+@contextmanager
+def flower_task_identity() -> Iterator[type[TaskIdentity]]:
+    """Let code build instruction Messages outside a Flower runtime (also for module-scoped fixtures)."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        yield TaskIdentity
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture
 def task_identity():
     """Let tests build instruction Messages outside a Flower runtime."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield TaskIdentity
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with flower_task_identity() as identity:
+        yield identity
 
 
 def make_context(node_id: int, node_config: dict, run_id: int = 1) -> Context:
@@ -89,3 +103,62 @@ class InProcessGrid(LocalGrid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         return self.pull_messages(self.push_messages(messages))
+
+
+def unsolicited_reply(msg: Message, content: RecordDict) -> Message:
+    """A reply from ``msg``'s node to a message nobody sent (a made-up id), built with Flower's
+    public ``Metadata``: what a node would push to answer a stale or foreign instruction."""
+    meta = msg.metadata
+    forged = Metadata(run_id=meta.run_id, message_id="", src_node_id=meta.dst_node_id, dst_node_id=meta.src_node_id,
+                      reply_to_message_id=uuid.uuid4().hex, group_id=meta.group_id, created_at=time.time(),
+                      ttl=DEFAULT_TTL, message_type=meta.message_type)
+    return Message(content=content, metadata=forged)
+
+
+class HostileGrid(InProcessGrid):
+    """An :class:`InProcessGrid` whose federation also holds attacker nodes with their own behaviour.
+
+    Honest nodes are exactly InProcessGrid's (ids 101..., partition ids 0..n-1, ``num-partitions``
+    n), so a run with attackers is comparable bit for bit with one without. ``attackers[node](msg)``
+    returns the replies that node sends for ``msg``: none (silence), several (a second reply to the
+    same message) or replies to other messages (unsolicited); the grid hands all of them to the
+    server with the replies to ``msg``, as a SuperLink that let them through would.
+    ``order_by_node`` returns each pull's replies sorted by sender: Flower's FedAvg sums replies in
+    the order they arrive, so only then is its average reproducible with or without attackers.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, attackers: dict[int, Behaviour] | None = None, *,
+                 order_by_node: bool = False, **kwargs) -> None:
+        super().__init__(client_app, num_nodes, **kwargs)
+        self.attackers = dict(attackers or {})
+        if clash := sorted(set(self.attackers) & set(self.contexts)):
+            raise ValueError(f"attacker node ids {clash} are honest nodes' ids")
+        self.order_by_node = order_by_node
+        self.mailbox: dict[str, list[Message]] = {}
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted([*self.contexts, *self.attackers])
+
+    def _honest(self, msg: Message, node: int) -> list[Message]:
+        try:
+            reply = self.client_app(msg, self.contexts[node])
+        except Exception:  # noqa: BLE001 - a crashed client just sends nothing here
+            return []
+        if reply is not None and self.tamper is not None:
+            reply = self.tamper(node, reply)
+        return [reply] if reply is not None else []
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            replies = list(self.attackers[node](msg)) if node in self.attackers else self._honest(msg, node)
+            self.mailbox[msg.metadata.message_id] = [r for r in replies if r is not None]
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = [r for i in list(message_ids) for r in self.mailbox.pop(i, [])]
+        return sorted(replies, key=lambda r: r.metadata.src_node_id) if self.order_by_node else replies
