@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.data import DatasetInfo, LabeledImages
-from distill.networks import network_for
+from distill.networks import get_network, network_for
 from distill.train import accuracy_and_loss
 
 from .task import DistillTask
@@ -21,6 +21,18 @@ from .task import DistillTask
 def build_network(task: DistillTask, info: DatasetInfo, seed: int = 0) -> nn.Module:
     """The run's ConvNet (width/depth from the task) for ``info``'s image geometry."""
     return network_for(info, seed=seed, width=task.net_width, depth=task.net_depth)
+
+
+def expected_state(task: DistillTask, info: DatasetInfo) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of :func:`build_network`'s state, computed without allocating it.
+
+    Built on PyTorch's ``meta`` device, so a task asking for a huge network costs nothing to size
+    (the node checks sizes and a received global model against this before building anything).
+    """
+    with torch.device("meta"):
+        net = get_network("convnet", info.channels, info.num_classes, (info.height, info.width),
+                          width=task.net_width, depth=task.net_depth)
+    return {k: (tuple(v.shape), v.dtype) for k, v in net.state_dict().items()}
 
 
 def train_local(net: nn.Module, data: LabeledImages, task: DistillTask, seed: int) -> nn.Module:

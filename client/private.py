@@ -7,8 +7,9 @@ The DP methods choose classes from noisy counts (``privacy.layout``).
 
 Order of a round, each step before the next:
 
-1. the node's policy (:class:`privacy.policy.NodePolicy`, from its node-config) admits the task
-   or declines it with a reason: the run cannot raise a cap, a delta or a limit of the node;
+1. the node's limits (:mod:`client.limits`), its choice of data and its policy
+   (:class:`privacy.policy.NodePolicy`, from its node-config) admit the task or decline it with a
+   reason: the run cannot raise a cap, a delta or a limit of the node;
 2. the round's spend, fixed from the task alone, is charged to the node's ledger file
    (:class:`privacy.node_ledger.NodeLedger`), or the round is declined: nothing is read first;
 3. only then is the private data loaded (with public or declared statistics only), the class
@@ -43,7 +44,8 @@ from privacy.node_ledger import NodeLedger, file_identity, spends_of
 from privacy.policy import NodePolicy, PolicyDeclined
 from privacy.randomness import noise_generator
 
-from .task import DistillTask
+from .limits import NodeLimits
+from .task import DistillTask, dataset_refusal
 
 LEDGER_DIR_ENV = "FEDISTILL_LEDGER_DIR"
 COUNTS_RELEASE = "class-counts"
@@ -70,18 +72,29 @@ def node_policy(node_config: Mapping[str, Any]) -> NodePolicy | None:
     return NodePolicy.from_node_config(node_config)
 
 
-def admit(task: DistillTask, policy: NodePolicy | None) -> Declined | None:
-    """A ``policy`` decline for a task the node's policy refuses, else None."""
+def policy_decline(task: DistillTask, reason: str) -> Declined:
+    """A ``policy`` decline: the reply's metrics say declined (and, in a DP run, the run's delta)."""
+    metrics: dict[str, float | int] = {"declined": 1}
+    if task.dp != "none":
+        metrics["delta"] = float(task.delta)
+    return Declined("policy", reason, metrics)
+
+
+def admit(task: DistillTask, policy: NodePolicy | None,
+          node_config: Mapping[str, Any] | None = None) -> Declined | None:
+    """A ``policy`` decline for a task over the node's limits (:mod:`client.limits`), on data the
+    node did not name (:func:`client.task.dataset_refusal`), or refused by its privacy policy; else None."""
+    node_config = node_config or {}
+    refused = NodeLimits.from_node_config(node_config).refusal(task) or dataset_refusal(task, node_config)
+    if refused is not None:
+        return policy_decline(task, refused)
     if policy is None:
         return None
     try:
         policy.admit(dp=task.dp if task.algorithm == "fedistill" else "none", delta=task.delta,
                      iterations=task.iterations, ipc=task.ipc, threads=task.client_threads)
     except PolicyDeclined as err:
-        metrics: dict[str, float | int] = {"declined": 1}
-        if task.dp != "none":
-            metrics["delta"] = float(task.delta)
-        return Declined("policy", str(err), metrics)
+        return policy_decline(task, str(err))
     return None
 
 
@@ -170,10 +183,15 @@ def decline_metrics(plan: PrivacyPlan, run: PrivacyLedger) -> dict[str, float | 
 
 def private_round(task: DistillTask, node_config: Mapping[str, Any], *, run_id: int, node_id: int, seed: int,
                   load: Callable[[], LabeledImages], embedder_state: dict | None = None,
+                  embedder: Callable[[LabeledImages], dict | None] | None = None,
                   ) -> tuple[SyntheticSet, dict[str, Any]] | Declined:
-    """One DP round (see the module docstring): the set and its metrics, or why it was declined."""
+    """One DP round (see the module docstring): the set and its metrics, or why it was declined.
+
+    ``embedder`` (instead of ``embedder_state``): the global model for the loaded data, which the
+    caller checks against the network it builds for that data's geometry (it may raise).
+    """
     policy = node_policy(node_config)
-    if (declined := admit(task, policy)) is not None:
+    if (declined := admit(task, policy, node_config)) is not None:
         return declined
     ledger = open_ledger(task, node_config, policy, run_id, node_id)
     kept = ledger.release(COUNTS_RELEASE)
@@ -188,6 +206,8 @@ def private_round(task: DistillTask, node_config: Mapping[str, Any], *, run_id: 
         run.spends = spends_of(ledger.read(), run_name(task, run_id), str(run_id))
         return Declined("budget", str(err), decline_metrics(plan, run))
     real = load()  # charged: from here on the round has spent, whatever happens
+    if embedder is not None:
+        config = replace(config, embedder_state=embedder(real))
     if counts is None:
         released = noisy_counts(real, config.count_sigma, noise_generator(seed))
         counts = tuple(float(c) for c in released.tolist())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, fields, replace
@@ -18,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from distill.data import Dataset, LabeledImages, load_dataset, load_npz, public_stats
+from distill.data import BUNDLED, Dataset, LabeledImages, dataset_key, load_dataset, load_npz, public_stats
 from distill.factors import BASE_KEY, Factors
 from distill.methods import distill, make_config
 from distill.parameterize import RHO_COMPOSES, check_options
@@ -190,6 +191,49 @@ def _partition_indices(dataset: str, num_partitions: int, partitioner: str, alph
                            shards_per_client=shards_per_client, seed=seed))
 
 
+NODE_DATASETS_ENV = "FEDISTILL_NODE_DATASETS"
+
+
+class DatasetRefused(ValueError):
+    """The task names a dataset this node did not name; nothing was opened."""
+
+
+def node_datasets(node_config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The datasets this node names as its own: node-config ``dataset``, and the
+    ``os.pathsep``-separated ``$FEDISTILL_NODE_DATASETS`` of the node's own environment (for
+    simulations, whose virtual nodes Flower gives no node-config beyond their partition)."""
+    named = [str(node_config["dataset"])] if str(node_config.get("dataset", "")).strip() else []
+    named += [d for d in os.environ.get(NODE_DATASETS_ENV, "").split(os.pathsep) if d.strip()]
+    return tuple(named)
+
+
+def _same_dataset(asked: str, named: str) -> bool:
+    """Paths compare as normalised absolute paths (nothing is opened), names as dataset keys."""
+    if asked.endswith(".npz") or named.endswith(".npz"):
+        def norm(p: str) -> str:
+            return os.path.normpath(os.path.abspath(os.path.expanduser(p)))
+        return asked.endswith(".npz") and named.endswith(".npz") and norm(asked) == norm(named)
+    return dataset_key(asked) == dataset_key(named)
+
+
+def dataset_refusal(task: DistillTask, node_config: Mapping[str, Any]) -> str | None:
+    """Why this node will not load the task's ``dataset``, or None.
+
+    A node with ``data-path`` loads that file and never the task's dataset. A partition node
+    loads the bundled sample, or a dataset (name or ``.npz`` path) it names itself
+    (:func:`node_datasets`); the server cannot point it at any other file or download.
+    """
+    if "data-path" in node_config:
+        return None
+    asked = str(task.dataset)
+    if not asked.endswith(".npz") and dataset_key(asked) == BUNDLED:
+        return None
+    if any(_same_dataset(asked, named) for named in node_datasets(node_config)):
+        return None
+    return (f"dataset {asked[:160]!r}: this node loads only the bundled sample ({BUNDLED}) or a dataset its "
+            f"node-config names (dataset=...)")
+
+
 def load_partition(task: DistillTask, node_config: Mapping[str, Any],
                    public_only: bool = False) -> tuple[LabeledImages, LabeledImages]:
     """This node's (train, held-out) data.
@@ -200,7 +244,8 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any],
     stem does, and an unknown stem means stats of the file's own train split, which the server
     rejects unless they equal its own. Otherwise the
     node's ``partition-id`` of ``num-partitions`` over the run's dataset is taken, and a
-    seeded ``holdout-fraction`` of it is held out for federated evaluation.
+    seeded ``holdout-fraction`` of it is held out for federated evaluation; that dataset must be
+    the bundled sample or one the node names (:func:`dataset_refusal`, else :class:`DatasetRefused`).
 
     ``public_only`` (every DP round): the normalisation and the class count must be public, a
     known dataset's or declared in the node-config (``data-mean``, ``data-std``, ``num-classes``),
@@ -211,6 +256,8 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any],
         stats, classes = declared_statistics(name, node_config, public_only)
         local = load_npz(str(node_config["data-path"]), name, stats=stats, num_classes=classes)
         return local.train, local.test
+    if (refused := dataset_refusal(task, node_config)) is not None:
+        raise DatasetRefused(refused)
     try:
         pid, n = int(node_config["partition-id"]), int(node_config["num-partitions"])
     except KeyError as err:

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
 
-from client.task import DP_MODES  # noqa: E402
+from client.task import DP_MODES, NODE_DATASETS_ENV  # noqa: E402
 from server.settings import RunSettings  # noqa: E402
 
 
@@ -169,7 +169,16 @@ def simulate(overrides: dict[str, Any], clients: int, cpus_per_client: int = 1, 
     from client.app import app as client_app
     from server.app import make_server_app
 
-    RunSettings.from_run_config({}, **overrides)  # fail on a bad setting before Ray starts
+    settings = RunSettings.from_run_config({}, **overrides)  # fail on a bad setting before Ray starts
+    if overrides.get("resume"):
+        from server.resume import resume_settings
+
+        settings = resume_settings(str(overrides["resume"]))
+    # A node loads only a dataset it names (client.task.dataset_refusal); Flower gives virtual nodes
+    # no node-config of their own, so this process's environment (which Ray's workers inherit)
+    # names the run's dataset for them.
+    previous = os.environ.get(NODE_DATASETS_ENV)
+    os.environ[NODE_DATASETS_ENV] = settings.task.dataset
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     results: list[dict[str, Any]] = []
@@ -177,11 +186,17 @@ def simulate(overrides: dict[str, Any], clients: int, cpus_per_client: int = 1, 
     on_reply = None if quiet else (lambda k, n: print(f"\r  replies {k}/{n}", end="\n" if k == n else "",
                                                       flush=True))
     server_app = make_server_app(on_round=on_round, on_done=results.append, on_reply=on_reply, **overrides)
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": logging.INFO if verbose else logging.ERROR,
-                                                 "log_to_driver": verbose}},
-                   verbose_logging=verbose)
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
+                       backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                                       "init_args": {"logging_level": logging.INFO if verbose else logging.ERROR,
+                                                     "log_to_driver": verbose}},
+                       verbose_logging=verbose)
+    finally:
+        if previous is None:
+            os.environ.pop(NODE_DATASETS_ENV, None)
+        else:
+            os.environ[NODE_DATASETS_ENV] = previous
     if not results:
         raise RuntimeError("the simulation ended without a summary: see the log above (rerun with --verbose)")
     return results[0]
