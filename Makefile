@@ -35,10 +35,11 @@ demo: $(STAMP)
 flwr-run: $(STAMP)
 	simulations/flwr_local.sh
 
-# A real deployment on 127.0.0.1: SuperLink + 2 SuperNodes (TLS), `flwr run`, everything stopped after
-# (README "Run a real federation"; state in .deploy/).
+# A real deployment on 127.0.0.1: SuperLink behind a Fleet-only TLS proxy, 2 SuperNodes with node
+# authentication and app approval, `flwr run`, everything stopped after (README "Run a real
+# federation"; state in .deploy/; loopback demo: the node keys are made here, labelled DEMO ONLY).
 deploy: $(STAMP)
-	$(PY) simulations/deploy.py run --nodes 2 --tls
+	$(PY) simulations/deploy.py run --nodes 2
 
 bench-federated: $(STAMP)
 	$(PY) simulations/bench_federated.py
