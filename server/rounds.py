@@ -142,22 +142,36 @@ def privacy_figures(reply: Message, syn: SyntheticSet, exp: Expectation) -> dict
 
 
 def exchange(grid: Grid, messages: list[Message], timeout: float,
-             arrive: Callable[[Message, int | None], None], poll: float = 0.5) -> set[int]:
+             arrive: Callable[[Message, int | None], None],
+             unreadable: Callable[[int, Exception], None], poll: float = 0.5) -> set[int]:
     """Push ``messages`` and hand each reply to ``arrive`` as it is pulled, with the node it was
     sent to (``None``: not a reply to one of ``messages``), until all are answered or ``timeout``
     passes; returns the nodes asked. This is the one place replies enter the server: ``arrive``
     validates a reply and keeps only what survives, so a round never holds more than one raw reply.
 
+    Replies are pulled one message at a time: Flower inflates a reply inside ``pull_messages``
+    after confirming it received, so a body it cannot inflate raises there and would take the
+    other replies of the same call with it. Such a node is handed to ``unreadable`` and not asked
+    again; every other node's reply still arrives.
+
     A dead node's error reply comes from the SuperLink: the message it answers says whom we asked.
     """
     ids = list(grid.push_messages(messages))
     sent_to = {msg_id: msg.metadata.dst_node_id for msg_id, msg in zip(ids, messages)}
-    pending = set(ids)
+    pending = list(ids)
     deadline = time.monotonic() + timeout
     while pending:
-        for reply in grid.pull_messages(list(pending)):
-            pending.discard(reply.metadata.reply_to_message_id)
-            arrive(reply, sent_to.get(reply.metadata.reply_to_message_id))
+        for msg_id in list(pending):
+            try:
+                replies = list(grid.pull_messages([msg_id]))
+            except Exception as err:  # noqa: BLE001 - a hostile body breaks Flower's own decoding
+                pending.remove(msg_id)
+                unreadable(sent_to[msg_id], err)
+                continue
+            for reply in replies:
+                if reply.metadata.reply_to_message_id in pending:
+                    pending.remove(reply.metadata.reply_to_message_id)
+                arrive(reply, sent_to.get(reply.metadata.reply_to_message_id))
         if pending and time.monotonic() >= deadline:
             break
         if pending:
@@ -195,7 +209,12 @@ def collect(grid: Grid, messages: list[Message], exp: Expectation, timeout: floa
         if on_reply is not None:
             on_reply(len(answered), len(messages))
 
-    asked = exchange(grid, messages, timeout, arrive)
+    def unreadable(node: int, err: Exception) -> None:
+        answered.add(node)
+        result.reject(node, Rejected("malformed", f"Flower could not read the reply ({type(err).__name__}: "
+                                                  f"{str(err)[:200]})"))
+
+    asked = exchange(grid, messages, timeout, arrive, unreadable)
     result.in_node_order()
     missing = len(asked - answered)
     if missing > 0:
@@ -281,7 +300,12 @@ def federated_evaluate(grid: Grid, node_ids: list[int], net: nn.Module, settings
             refused += 1
             log.warning("round %d: evaluate reply of node %s left out: %s", round_, node, type(err).__name__)
 
-    exchange(grid, msgs, settings.round_timeout, arrive)
+    def unreadable(node: int, err: Exception) -> None:
+        nonlocal refused
+        refused += 1
+        log.warning("round %d: evaluate reply of node %s unreadable: %s", round_, node, type(err).__name__)
+
+    exchange(grid, msgs, settings.round_timeout, arrive, unreadable)
     out = {"federated-accuracy": federated_mean([results[n] for n in sorted(results)], settings.evaluate_weighting),
            "federated-replies": len(results), "federated-weighting": settings.evaluate_weighting,
            "federated-max-examples": settings.max_examples}

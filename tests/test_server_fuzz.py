@@ -3,14 +3,26 @@
 Every malformed reply must be refused with a :class:`Rejected` kind (never another
 exception), counted in the round and logged, while the good replies of the same round are
 kept. The default run tries ~150 replies per test; ``-m slow`` runs a heavier profile.
+
+A mutation Flower refuses to build (its constructors run on the sender) is not a pass: a hostile
+node sends bytes, not constructor calls. Such a reply is encoded by hand as Flower's wire objects
+(``tests/raw_reply.py``), inflated by Flower's own code as the ServerApp's Grid does, and must then
+be rejected with a kind like any other. Each test counts its mutations, how many Flower refused to
+build, how many of those arrived as raw bytes and were rejected, and how many Flower's inflation
+itself raises on (no message reaches the server's checks: see
+``test_a_reply_flower_cannot_inflate_costs_only_its_own_node``); the counts are printed at the end
+of the module (and written as JSON to ``$FEDISTILL_FUZZ_COUNTS`` when set).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import uuid
-from typing import Callable, Iterable
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -22,7 +34,9 @@ from distill.data import load_dataset
 from distill.synthetic import FACTOR_SPEC_KEY, SetMetadata
 from server.rounds import collect, make_messages
 from server.validate import KINDS, Expectation, Rejected, check_reply, factor_spec_json
+from server.wire import check_reply_size
 from tests.flower_fixtures import LocalGrid, task_identity  # noqa: F401 - fixture
+from tests.raw_reply import Objects, inflate, raw_reply, wire_objects
 
 INFO = load_dataset().info
 K, IPC = INFO.num_classes, 2
@@ -138,7 +152,7 @@ def record_mutation(draw) -> tuple[Mutation, set[str]]:
                  "metrics": ConfigRecord({"seconds": "soon"})}[name]
         return (lambda c: {**c, name: wrong}), {"malformed"}
     junk = draw(st.dictionaries(key_name, junk_scalar, max_size=4))
-    return (lambda c: {"junk": ConfigRecord(junk)}), {"malformed"}
+    return (lambda c: {"junk": ConfigRecord(junk)}), {"malformed", "records"}
 
 
 @st.composite
@@ -341,7 +355,7 @@ def reply_mutation(draw) -> tuple[Mutation, set[str]]:
         return (lambda c: Error(code=code, reason=reason)), {"error-reply"}
     junk = draw(st.one_of(st.dictionaries(key_name, junk_scalar, max_size=3),
                           st.just({"kind": "bored"}), st.just({"kind": 3})))
-    return (lambda c: {**c, "declined": ConfigRecord(junk)}), {"malformed"}
+    return (lambda c: {**c, "declined": ConfigRecord(junk)}), {"malformed", "records"}
 
 
 IDC = json.loads(IDC_SPEC)
@@ -443,8 +457,37 @@ def _is_json_bytes(data: bytes) -> bool:
         return False
 
 
+no_wire_type = st.one_of(st.none(), st.dictionaries(key_name, st.integers(0, 9), min_size=1, max_size=2),
+                         st.just([[1, 2]]), st.just([1, 2.5]), st.just([1, "a"]))  # no record type holds these
+
+
+@st.composite
+def unbuildable_mutation(draw) -> tuple[Mutation, set[str]]:
+    """What Flower's constructors refuse on the sender but a node can still send as bytes: values no
+    record type (or not this one) holds, object arrays, non-arrays, a record that is not a record."""
+    case = draw(st.sampled_from(["metric-value", "meta-value", "object-array", "not-an-array", "not-a-record"]))
+    if case == "metric-value":  # a str / bool / bytes arrives in a ConfigRecord typed record; the rest cannot
+        key = draw(st.sampled_from(["seconds", "bytes-uploaded", "num-examples", "class-histogram", "classes-capped"]))
+        value = draw(st.one_of(no_wire_type, st.text(max_size=8), st.booleans(), st.binary(max_size=8)))
+        return (lambda c: {**c, "metrics": {**c["metrics"], key: value}}), {"malformed"}
+    if case == "meta-value":
+        value = draw(no_wire_type)
+        return (lambda c: {**c, "meta": {"set-meta": value}}), {"metadata"}
+    if case == "object-array":  # Array(ndarray) will not pickle; the bytes can be a pickle all the same
+        target = draw(st.sampled_from(["images", "labels"]))
+        value = draw(st.sampled_from([np.array([{"x": 1}], dtype=object), np.array([1, "a", None], dtype=object),
+                                      np.empty((2, 0), dtype=object)]))
+        return (lambda c: {**c, "synthetic": {**c["synthetic"], target: value}}), {"dtype", "malformed"}
+    if case == "not-an-array":
+        value = draw(st.one_of(st.lists(st.floats(-1, 1), max_size=4), st.integers(), st.text(max_size=4), st.none()))
+        return (lambda c: {**c, "synthetic": {**c["synthetic"], "images": value}}), {"dtype", "shape", "malformed"}
+    name = draw(st.sampled_from(["synthetic", "meta", "metrics"]))
+    value = draw(st.one_of(st.lists(st.integers(), max_size=3), st.text(max_size=5), st.none(), st.integers()))
+    return (lambda c: {**c, name: value}), {"malformed", "records"}
+
+
 any_mutation = st.one_of(record_mutation(), array_mutation(), byte_mutation(), meta_mutation(),
-                         metrics_mutation(), reply_mutation())
+                         metrics_mutation(), reply_mutation(), unbuildable_mutation())
 
 
 @st.composite
@@ -456,11 +499,11 @@ def dp_mutation(draw) -> tuple[Mutation, set[str]]:
     if case == "meta-only" and meta_key != "accountant":
         value = draw(st.one_of(finite, non_finite, st.text(max_size=4), st.none()))
         assume(value != DP_PRIVACY[meta_key])
-        return (lambda c: with_meta(c, privacy={**DP_PRIVACY, meta_key: value})), {"privacy"}
+        return (lambda c: with_meta(c, privacy={**DP_PRIVACY, meta_key: value})), {"privacy", "metadata"}
     if case == "both-non-finite" and meta_key != "accountant":
         bad = draw(non_finite)
         return (lambda c: with_metrics(with_meta(c, privacy={**DP_PRIVACY, meta_key: bad}),
-                                       **{metric_key: bad})), {"privacy"}
+                                       **{metric_key: bad})), {"privacy", "metadata"}
     if case == "drop" and meta_key != "accountant":
         return (lambda c: with_metrics(c, **{metric_key: None})), {"privacy"}
     if case == "run-delta":
@@ -515,16 +558,88 @@ class ScriptedGrid(LocalGrid):
 
 # -- the tests ---------------------------------------------------------------------------------
 
-def _assert_rejected(content: Content | Error, exp: Expectation, kinds: set[str]) -> None:
-    msg = instruction(7)
+TALLY: dict[str, Counter] = {}  # test -> outcome counts, printed at the end of the module
+RAW_KINDS = {"malformed", "records"}  # what retyping a record or an item on the wire may add
+
+
+def tally(name: str) -> Counter:
+    """A fresh counter for one fuzz test (a rerun, e.g. hypothesis replaying a failure, starts again)."""
+    TALLY[name] = Counter()
+    return TALLY[name]
+
+
+def delivered(msg: Message, content: Content | Error, counts: Counter) -> Message | None:
+    """The reply as the server receives it: built by Flower if Flower builds it, else the raw bytes
+    a node can send anyway, inflated by Flower; ``None`` (counted) when Flower's inflation raises."""
+    counts["mutations"] += 1
     try:
         reply = reply_for(msg, content)
-    except (TypeError, ValueError):  # Flower itself refuses to build it: it can never arrive
-        return
+        counts["built"] += 1
+        return reply
+    except (TypeError, ValueError):  # refused on the sender's side: a hostile sender skips the constructors
+        counts["flower-refused-to-build"] += 1
+    sent = wire_objects(msg, content)  # the test's own encoder: it must not fail
+    try:
+        return inflate(*sent)
+    except Exception as err:  # noqa: BLE001 - what the ServerApp's Grid would raise in pull_messages
+        counts["raw-flower-cannot-inflate"] += 1
+        counts[f"raw-flower-cannot-inflate:{type(err).__name__}"] += 1
+        return None
+
+
+def _assert_rejected(content: Content | Error, exp: Expectation, kinds: set[str], counts: Counter) -> None:
+    built = counts["built"]
+    reply = delivered(instruction(7), content, counts)
+    if reply is None:
+        return  # counted: no message exists for the server to check (see the test named in the module doc)
+    raw = counts["built"] == built
     with pytest.raises(Rejected) as err:
         check_reply(reply, exp)
-    assert err.value.kind in KINDS and err.value.kind in kinds, (err.value.kind, kinds, err.value.detail)
+    allowed = (kinds | RAW_KINDS if raw else kinds) | ({"oversized"} if _over_limit(reply, exp) else set())
+    assert err.value.kind in KINDS and err.value.kind in allowed, (err.value.kind, allowed, err.value.detail, raw)
     assert err.value.detail
+    if raw:
+        counts["raw-rejected"] += 1
+
+
+def _over_limit(reply: Message, exp: Expectation) -> bool:
+    """Whether the whole reply is over the run's limit: that check comes first, whatever else is wrong."""
+    try:
+        check_reply_size(reply.content, exp.max_reply_bytes())
+        return False
+    except Rejected:
+        return True
+    except Exception:  # noqa: BLE001 - an error reply has no content
+        return False
+
+
+def assert_accounted(counts: Counter, refused: bool = False) -> None:
+    """Every mutation was built and rejected, or refused by Flower and then fed raw (rejected or
+    not inflatable by Flower): nothing returns early unseen."""
+    assert counts["mutations"] > 0
+    assert counts["mutations"] == counts["built"] + counts["flower-refused-to-build"]
+    assert counts["flower-refused-to-build"] == counts["raw-rejected"] + counts["raw-flower-cannot-inflate"]
+    if refused:
+        assert counts["raw-rejected"] > 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fuzz_report(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Print each fuzz test's counts past pytest's capture; ``$FEDISTILL_FUZZ_COUNTS``: also as JSON."""
+    yield
+    if not TALLY:
+        return
+    lines = [f"fuzz {name}: {c['mutations']} mutations, {c['built']} built by Flower and rejected, "
+             f"{c['flower-refused-to-build']} Flower refused to build -> fed as raw bytes: {c['raw-rejected']} "
+             f"rejected with a kind, {c['raw-flower-cannot-inflate']} not inflatable by Flower"
+             for name, c in TALLY.items()]
+    if path := os.environ.get("FEDISTILL_FUZZ_COUNTS"):
+        Path(path).write_text(json.dumps({k: dict(v) for k, v in TALLY.items()}, indent=2, sort_keys=True) + "\n")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("\n" + "\n".join(lines))
 
 
 def test_the_fuzzers_base_replies_are_accepted(task_identity):  # noqa: F811
@@ -535,66 +650,112 @@ def test_the_fuzzers_base_replies_are_accepted(task_identity):  # noqa: F811
     assert len(check_reply(reply_for(instruction(7), good_content(dp=True)), EXP_DP)) == IPC * K
 
 
-@FUZZ
-@given(mutation=any_mutation, seed=st.integers(0, 3))
-def test_every_malformed_reply_is_rejected_with_its_kind(mutation, seed, task_identity):  # noqa: F811
-    mutate, kinds = mutation
-    _assert_rejected(mutate(good_content(seed)), EXP, kinds)
+def test_every_malformed_reply_is_rejected_with_its_kind(task_identity):  # noqa: F811
+    counts = tally("generic")
+
+    @FUZZ
+    @given(mutation=any_mutation, seed=st.integers(0, 3))
+    def case(mutation: tuple[Mutation, set[str]], seed: int) -> None:
+        mutate, kinds = mutation
+        _assert_rejected(mutate(good_content(seed)), EXP, kinds, counts)
+
+    case()
+    assert_accounted(counts)
 
 
-@FUZZ
-@given(mutation=factor_mutation(), soft=st.booleans())
-def test_every_bad_factorised_reply_is_rejected_with_its_kind(mutation, soft, task_identity):  # noqa: F811
-    mutate, kinds = mutation
-    _assert_rejected(mutate(good_idc_content(soft=soft)), EXP_IDC, kinds)
+def test_every_bad_factorised_reply_is_rejected_with_its_kind(task_identity):  # noqa: F811
+    counts = tally("factorised")
+
+    @FUZZ
+    @given(mutation=factor_mutation(), soft=st.booleans())
+    def case(mutation: tuple[Mutation, set[str]], soft: bool) -> None:
+        mutate, kinds = mutation
+        _assert_rejected(mutate(good_idc_content(soft=soft)), EXP_IDC, kinds, counts)
+
+    case()
+    assert_accounted(counts)
 
 
-@FUZZ
-@given(mutation=any_mutation, seed=st.integers(0, 3))
-def test_a_factorised_run_refuses_every_generic_mutation_too(mutation, seed, task_identity):  # noqa: F811
+def test_a_factorised_run_refuses_every_generic_mutation_too(task_identity):  # noqa: F811
     """The generic mutations applied to an idc run's reply: plain arrays are the wrong form there."""
-    mutate, kinds = mutation
-    _assert_rejected(mutate(good_idc_content(seed)), EXP_IDC, kinds | {"keys"})
+    counts = tally("generic-on-idc")
+
+    @FUZZ
+    @given(mutation=any_mutation, seed=st.integers(0, 3))
+    def case(mutation: tuple[Mutation, set[str]], seed: int) -> None:
+        mutate, kinds = mutation
+        _assert_rejected(mutate(good_idc_content(seed)), EXP_IDC, kinds | {"keys"}, counts)
+
+    case()
+    assert_accounted(counts)
 
 
-@FUZZ
-@given(mutation=dp_mutation())
-def test_every_bad_privacy_claim_is_rejected(mutation, task_identity):  # noqa: F811
-    mutate, kinds = mutation
-    _assert_rejected(mutate(good_content(dp=True)), EXP_DP, kinds)
+def test_every_bad_privacy_claim_is_rejected(task_identity):  # noqa: F811
+    counts = tally("privacy")
+
+    @FUZZ
+    @given(mutation=dp_mutation())
+    def case(mutation: tuple[Mutation, set[str]]) -> None:
+        mutate, kinds = mutation
+        _assert_rejected(mutate(good_content(dp=True)), EXP_DP, kinds, counts)
+
+    case()
+    assert_accounted(counts)
 
 
-@FUZZ
-@given(plan=st.lists(st.one_of(st.none(), st.just("silent"), any_mutation), min_size=1, max_size=6))
-def test_a_round_keeps_its_good_replies_and_counts_and_logs_every_bad_one(plan, task_identity, caplog):  # noqa: F811
-    """``None`` = a good reply, ``"silent"`` = no reply (a timeout); the rest are hostile."""
-    caplog.clear()
-    contents = {100 + i: (None if step == "silent" else good_content(100 + i) if step is None
-                          else step[0](good_content(100 + i))) for i, step in enumerate(plan)}
-    contents = {node: c if c is None or _buildable(c) else None for node, c in contents.items()}
-    grid = ScriptedGrid({node: (lambda m, c=c: None if c is None else reply_for(m, c))
-                         for node, c in contents.items()})
-    with caplog.at_level(logging.WARNING, logger="fedistill.server"):
-        result = collect(grid, make_messages(sorted(contents), {}, 1, "train"), EXP, timeout=0.0)
-    good = [100 + i for i, step in enumerate(plan) if step is None]
-    silent = sum(c is None for c in contents.values())
-    assert [node for node, _ in result.accepted] == good
-    assert sum(result.rejected.values()) == len(plan) - len(good) and result.rejected["timeout"] == silent
-    assert set(result.rejected) <= set(KINDS)
-    assert len(result.reasons) == len(plan) - len(good) - silent
-    assert sum("rejected node" in r.getMessage() for r in caplog.records) == len(result.reasons)
+def test_replies_flower_refuses_to_build_still_arrive_as_bytes_and_are_rejected(task_identity):  # noqa: F811
+    """Every case here is one Flower's constructors refuse; each is sent as raw bytes instead."""
+    counts = tally("flower-refuses-to-build")
+
+    @FUZZ
+    @given(mutation=unbuildable_mutation(), seed=st.integers(0, 3))
+    def case(mutation: tuple[Mutation, set[str]], seed: int) -> None:
+        mutate, kinds = mutation
+        before = counts["flower-refused-to-build"]
+        _assert_rejected(mutate(good_content(seed)), EXP, kinds, counts)
+        assert counts["flower-refused-to-build"] == before + 1, "Flower built it: not an unbuildable mutation"
+
+    case()
+    assert_accounted(counts, refused=True)
 
 
-def _buildable(content: Content | Error) -> bool:
-    """Whether Flower lets the reply be built at all (what it refuses can never arrive)."""
-    try:
-        reply_for(instruction(7), content)
-        return True
-    except (TypeError, ValueError):
-        return False
+def test_a_round_keeps_its_good_replies_and_counts_and_logs_every_bad_one(task_identity, caplog):  # noqa: F811
+    """``None`` = a good reply, ``"silent"`` = no reply (a timeout); the rest are hostile, built by
+    Flower or, where Flower refuses to build them, sent as raw bytes and inflated by Flower. A reply
+    Flower's inflation raises on cannot be delivered here (the round-level finding test covers it):
+    that node stays silent, counted under raw-flower-cannot-inflate."""
+    counts = tally("round")
+
+    @FUZZ
+    @given(plan=st.lists(st.one_of(st.none(), st.just("silent"), any_mutation), min_size=1, max_size=6))
+    def case(plan: list) -> None:
+        caplog.clear()
+        contents = {100 + i: (None if step == "silent" else good_content(100 + i) if step is None
+                              else step[0](good_content(100 + i))) for i, step in enumerate(plan)}
+        before = Counter(counts)
+        hostile = {100 + i for i, step in enumerate(plan) if isinstance(step, tuple)}
+        grid = ScriptedGrid({node: (lambda m, c=c, bad=node in hostile: None if c is None else
+                                    delivered(m, c, counts) if bad else reply_for(m, c))
+                             for node, c in contents.items()})
+        with caplog.at_level(logging.WARNING, logger="fedistill.server"):
+            result = collect(grid, make_messages(sorted(contents), {}, 1, "train"), EXP, timeout=0.0)
+        uninflatable = counts["raw-flower-cannot-inflate"] - before["raw-flower-cannot-inflate"]
+        good = [100 + i for i, step in enumerate(plan) if step is None]
+        silent = plan.count("silent") + uninflatable
+        assert [node for node, _ in result.accepted] == good
+        assert sum(result.rejected.values()) == len(plan) - len(good) and result.rejected["timeout"] == silent
+        assert set(result.rejected) <= set(KINDS)
+        assert len(result.reasons) == len(plan) - len(good) - silent
+        assert sum("rejected node" in r.getMessage() for r in caplog.records) == len(result.reasons)
+        counts["raw-rejected"] += counts["flower-refused-to-build"] - before["flower-refused-to-build"] - uninflatable
+
+    case()
+    assert_accounted(counts)
 
 
 def test_duplicate_and_unsolicited_replies_are_rejected_and_good_ones_kept(task_identity, caplog):  # noqa: F811
+    """A second reply and an unsolicited one are refused; two nodes claiming one client id are both
+    kept (sets are keyed by node id) and the repeated claim is logged."""
     twice = lambda m: reply_for(m, good_content(100))  # noqa: E731
     stranger = instruction(999)
     stranger.metadata.__dict__["_message_id"] = "never-sent"
@@ -604,22 +765,90 @@ def test_duplicate_and_unsolicited_replies_are_rejected_and_good_ones_kept(task_
                         extras=[twice, lambda m: reply_for(stranger, good_content(104))])
     with caplog.at_level(logging.WARNING, logger="fedistill.server"):
         result = collect(grid, make_messages([100, 101, 102, 103], {}, 1, "train"), EXP, timeout=0.0)
-    assert [node for node, _ in result.accepted] == [100, 103]
-    assert result.rejected == {"duplicate": 3, "unsolicited": 1}
-    assert sum("rejected node" in r.getMessage() for r in caplog.records) == 4
+    assert [node for node, _ in result.accepted] == [100, 101, 102, 103]
+    assert result.rejected == {"duplicate": 1, "unsolicited": 1}
+    assert sum("rejected node" in r.getMessage() for r in caplog.records) == 2
+    assert sum("claims client id 'same'" in r.getMessage() for r in caplog.records) == 1
 
 
 @pytest.mark.slow
-@HEAVY
-@given(mutation=any_mutation, seed=st.integers(0, 3))
-def test_heavy_fuzz_of_reply_validation(mutation, seed, task_identity):  # noqa: F811
-    mutate, kinds = mutation
-    _assert_rejected(mutate(good_content(seed)), EXP, kinds)
+def test_heavy_fuzz_of_reply_validation(task_identity):  # noqa: F811
+    counts = tally("heavy-generic")
+
+    @HEAVY
+    @given(mutation=any_mutation, seed=st.integers(0, 3))
+    def case(mutation: tuple[Mutation, set[str]], seed: int) -> None:
+        mutate, kinds = mutation
+        _assert_rejected(mutate(good_content(seed)), EXP, kinds, counts)
+
+    case()
+    assert_accounted(counts, refused=True)
 
 
 @pytest.mark.slow
-@HEAVY
-@given(mutation=dp_mutation())
-def test_heavy_fuzz_of_privacy_claims(mutation, task_identity):  # noqa: F811
-    mutate, kinds = mutation
-    _assert_rejected(mutate(good_content(dp=True)), EXP_DP, kinds)
+def test_heavy_fuzz_of_privacy_claims(task_identity):  # noqa: F811
+    counts = tally("heavy-privacy")
+
+    @HEAVY
+    @given(mutation=dp_mutation())
+    def case(mutation: tuple[Mutation, set[str]]) -> None:
+        mutate, kinds = mutation
+        _assert_rejected(mutate(good_content(dp=True)), EXP_DP, kinds, counts)
+
+    case()
+    assert_accounted(counts)
+
+
+# -- what Flower itself cannot inflate ---------------------------------------------------------
+
+class WireGrid(ScriptedGrid):
+    """Replies travel as the objects a node pushes and are inflated in ``pull_messages``, one after
+    another, as Flower 1.42's ServerApp Grid does (``flwr.superlink.grid.http_grid``): an object
+    Flower cannot inflate raises out of ``pull_messages``, and that call returns none of the replies
+    it had already inflated."""
+
+    def __init__(self, script: dict[int, Callable[[Message], tuple[str, Objects] | None]]) -> None:
+        super().__init__({})
+        self.wire_script, self.wire = script, {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.wire_script)
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(msg.metadata.message_id)
+            if (sent := self.wire_script[msg.metadata.dst_node_id](msg)) is not None:
+                self.wire[msg.metadata.message_id] = sent
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        return [inflate(*self.wire.pop(i)) for i in list(message_ids) if i in self.wire]
+
+
+def test_a_wire_grid_delivers_good_and_rejected_raw_replies(task_identity):  # noqa: F811
+    """The WireGrid itself: raw bytes Flower can inflate reach the checks like any reply."""
+    object_images = {**good_content(101), "synthetic": {**good_content(101)["synthetic"],
+                                                        "images": np.array([{"x": 1}], dtype=object)}}
+    grid = WireGrid({100: lambda m: wire_objects(m, good_content(100)), 101: lambda m: wire_objects(m, object_images)})
+    result = collect(grid, make_messages([100, 101], {}, 1, "train"), EXP, timeout=0.0)
+    assert [node for node, _ in result.accepted] == [100] and result.rejected == {"dtype": 1}
+
+
+@pytest.mark.parametrize("bad", ["metric-none", "meta-dict", "not-a-record"])
+def test_a_reply_flower_cannot_inflate_costs_only_its_own_node(bad, task_identity):  # noqa: F811
+    """A node may push objects whose bodies Flower cannot inflate (the SuperLink checks only their
+    heads): an item with no value, a record that is an ArrayChunk. Only that node may lose: the
+    round keeps the other nodes' sets and counts the bad one."""
+    content = good_content(101)
+    content = {"metric-none": {**content, "metrics": {**content["metrics"], "seconds": None}},
+               "meta-dict": {**content, "meta": {"set-meta": {"a": 1}}},
+               "not-a-record": {**content, "meta": [1, 2]}}[bad]
+    with pytest.raises(Exception):
+        raw_reply(instruction(101), content)  # Flower's own inflation cannot read it
+    grid = WireGrid({100: lambda m: wire_objects(m, good_content(100)), 101: lambda m: wire_objects(m, content),
+                     102: lambda m: wire_objects(m, good_content(102))})
+    result = collect(grid, make_messages([100, 101, 102], {}, 1, "train"), EXP, timeout=0.0)
+    assert [node for node, _ in result.accepted] == [100, 102]
+    assert result.rejected == {"malformed": 1} and result.reasons[0].startswith("node 101: malformed: Flower could")
