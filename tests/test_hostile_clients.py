@@ -824,3 +824,29 @@ def test_a_run_name_cannot_leave_runs_dir(tmp_path):
     with pytest.raises(ValueError, match="run-name"):
         play(HostileGrid(client_app, 3), runs, **{"run-name": "x/../../../../escaped"}, **FEDISTILL)
     assert not runs.exists() and not any(tmp_path.rglob("escaped*"))
+
+
+# -- the figures BENCHMARKS.md "Reliability" quotes -----------------------------------------------
+
+def test_the_suite_reports_its_figures(baseline: Run, attacked: Run, fedavg_runs):
+    """Counts of the shared runs; written as JSON when ``$FEDISTILL_HOSTILE_REPORT`` names a file."""
+    import os
+    plain, hostile = fedavg_runs
+    fedavg_rejected = sum(m.get("rejected", 0) for m in hostile.metrics)
+    figures = {
+        "attacks": {"upload": len(TRAIN_ATTACKS), "evaluation": len(EVAL_ATTACKS), "fedavg": len(FEDAVG_ATTACKS),
+                    "shown-harmless-by-own-runs": len(OTHER_ATTACKS)},
+        "attack-kinds": len(TRAIN_ATTACKS + EVAL_ATTACKS + FEDAVG_ATTACKS) + len(OTHER_ATTACKS),
+        "fedistill": {"honest-sets-kept": len(attacked.record["accepted-nodes"]), "honest-nodes": len(HONEST),
+                      "rejected-by-kind": attacked.summary["rejected-by-kind"],
+                      "federated-rejected": attacked.record.get("federated-rejected", 0),
+                      "accuracy": attacked.record["accuracy"], "attacker-free-accuracy": baseline.record["accuracy"]},
+        "fedavg": {"rounds": len(hostile.metrics), "rejected": fedavg_rejected,
+                   "accuracy": hostile.summary["accuracy"], "attacker-free-accuracy": plain.summary["accuracy"]},
+    }
+    assert figures["fedistill"]["honest-sets-kept"] == len(HONEST)
+    assert figures["fedistill"]["accuracy"] == figures["fedistill"]["attacker-free-accuracy"]
+    assert figures["fedavg"]["accuracy"] == figures["fedavg"]["attacker-free-accuracy"]
+    assert fedavg_rejected == len(FEDAVG_ATTACKS) * len(hostile.metrics)
+    if path := os.environ.get("FEDISTILL_HOSTILE_REPORT"):
+        Path(path).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
