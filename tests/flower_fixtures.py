@@ -74,31 +74,34 @@ class InProcessGrid(LocalGrid):
                                                  **(extra_node_config or {}),
                                                  **(node_config(i) if node_config else {})}, run_id)
                          for i, nid in enumerate(range(101, 101 + num_nodes))}
-        self.replies: dict[str, Message] = {}
+        self.mailbox: dict[str, list[Message]] = {}  # message id -> the replies a pull returns
         self.sent: list[Message] = []
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
+
+    def _answer(self, msg: Message, node: int) -> list[Message]:
+        """The replies ``node`` sends for ``msg``: subclasses make nodes misbehave here."""
+        try:
+            reply = self.client_app(msg, self.contexts[node])
+        except Exception:  # noqa: BLE001 - a crashed client just sends nothing here
+            return []
+        if reply is not None and self.tamper is not None:
+            reply = self.tamper(node, reply)
+        return [reply] if reply is not None else []
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            try:
-                reply = self.client_app(msg, self.contexts[node])
-            except Exception:  # noqa: BLE001 - a crashed client just sends nothing here
-                reply = None
-            if reply is not None and self.tamper is not None:
-                reply = self.tamper(node, reply)
-            if reply is not None:
-                self.replies[msg.metadata.message_id] = reply
+            self.mailbox[msg.metadata.message_id] = [r for r in self._answer(msg, msg.metadata.dst_node_id)
+                                                     if r is not None]
             ids.append(msg.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+        return [r for i in list(message_ids) for r in self.mailbox.pop(i, [])]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -134,31 +137,13 @@ class HostileGrid(InProcessGrid):
         if clash := sorted(set(self.attackers) & set(self.contexts)):
             raise ValueError(f"attacker node ids {clash} are honest nodes' ids")
         self.order_by_node = order_by_node
-        self.mailbox: dict[str, list[Message]] = {}
 
     def get_node_ids(self) -> Iterable[int]:
         return sorted([*self.contexts, *self.attackers])
 
-    def _honest(self, msg: Message, node: int) -> list[Message]:
-        try:
-            reply = self.client_app(msg, self.contexts[node])
-        except Exception:  # noqa: BLE001 - a crashed client just sends nothing here
-            return []
-        if reply is not None and self.tamper is not None:
-            reply = self.tamper(node, reply)
-        return [reply] if reply is not None else []
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            replies = list(self.attackers[node](msg)) if node in self.attackers else self._honest(msg, node)
-            self.mailbox[msg.metadata.message_id] = [r for r in replies if r is not None]
-            ids.append(msg.metadata.message_id)
-        return ids
+    def _answer(self, msg: Message, node: int) -> list[Message]:
+        return list(self.attackers[node](msg)) if node in self.attackers else super()._answer(msg, node)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = [r for i in list(message_ids) for r in self.mailbox.pop(i, [])]
+        replies = list(super().pull_messages(message_ids))
         return sorted(replies, key=lambda r: r.metadata.src_node_id) if self.order_by_node else replies

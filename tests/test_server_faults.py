@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Iterable
 
 import pytest
@@ -35,18 +34,11 @@ class FaultyGrid(InProcessGrid):
         self.faults, self.rounds, self.delay = faults, set(rounds), delay
         self.ready_at: dict[str, float] = {}
 
-    def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            ids.append(msg.metadata.message_id)
-            node = msg.metadata.dst_node_id
-            fault = self.faults.get(node) if not self.rounds or int(msg.metadata.group_id) in self.rounds else None
-            reply = self._reply(msg, node, fault)
-            if reply is not None:
-                self.replies[msg.metadata.message_id] = reply
-                self.ready_at[msg.metadata.message_id] = time.monotonic() + (self.delay if fault == "slow" else 0)
-        return ids
+    def _answer(self, msg: Message, node: int) -> list[Message]:
+        fault = self.faults.get(node) if not self.rounds or int(msg.metadata.group_id) in self.rounds else None
+        reply = self._reply(msg, node, fault)
+        self.ready_at[msg.metadata.message_id] = time.monotonic() + (self.delay if fault == "slow" else 0)
+        return [reply] if reply is not None else []
 
     def _reply(self, msg: Message, node: int, fault: str | None) -> Message | None:
         if fault == "vanish":
@@ -61,8 +53,7 @@ class FaultyGrid(InProcessGrid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         now = time.monotonic()
-        ready = [i for i in message_ids if i in self.replies and self.ready_at.get(i, 0) <= now]
-        return [self.replies.pop(i) for i in ready]
+        return list(super().pull_messages([i for i in message_ids if self.ready_at.get(i, 0) <= now]))
 
 
 def test_raising_vanishing_lost_and_slow_nodes_are_counted_and_the_round_trains_on_the_rest(

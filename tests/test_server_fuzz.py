@@ -22,7 +22,7 @@ import os
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pytest
@@ -650,57 +650,39 @@ def test_the_fuzzers_base_replies_are_accepted(task_identity):  # noqa: F811
     assert len(check_reply(reply_for(instruction(7), good_content(dp=True)), EXP_DP)) == IPC * K
 
 
-def test_every_malformed_reply_is_rejected_with_its_kind(task_identity):  # noqa: F811
-    counts = tally("generic")
+def fuzz_rejections(name: str, mutations: st.SearchStrategy, content: Callable[[Any], Content], exp: Expectation,
+                    draws: st.SearchStrategy = st.integers(0, 3), extra_kinds: frozenset[str] = frozenset(),
+                    budget: Callable = FUZZ, refused: bool = False) -> None:
+    """Apply each drawn mutation to ``content(draw)`` and require its rejection with one of its
+    kinds (plus ``extra_kinds``), counting what Flower built and what it refused to build."""
+    counts = tally(name)
 
-    @FUZZ
-    @given(mutation=any_mutation, seed=st.integers(0, 3))
-    def case(mutation: tuple[Mutation, set[str]], seed: int) -> None:
+    @budget
+    @given(mutation=mutations, draw=draws)
+    def case(mutation: tuple[Mutation, set[str]], draw: Any) -> None:
         mutate, kinds = mutation
-        _assert_rejected(mutate(good_content(seed)), EXP, kinds, counts)
+        _assert_rejected(mutate(content(draw)), exp, kinds | extra_kinds, counts)
 
     case()
-    assert_accounted(counts)
+    assert_accounted(counts, refused=refused)
+
+
+def test_every_malformed_reply_is_rejected_with_its_kind(task_identity):  # noqa: F811
+    fuzz_rejections("generic", any_mutation, good_content, EXP)
 
 
 def test_every_bad_factorised_reply_is_rejected_with_its_kind(task_identity):  # noqa: F811
-    counts = tally("factorised")
-
-    @FUZZ
-    @given(mutation=factor_mutation(), soft=st.booleans())
-    def case(mutation: tuple[Mutation, set[str]], soft: bool) -> None:
-        mutate, kinds = mutation
-        _assert_rejected(mutate(good_idc_content(soft=soft)), EXP_IDC, kinds, counts)
-
-    case()
-    assert_accounted(counts)
+    fuzz_rejections("factorised", factor_mutation(), lambda soft: good_idc_content(soft=soft), EXP_IDC,
+                    draws=st.booleans())
 
 
 def test_a_factorised_run_refuses_every_generic_mutation_too(task_identity):  # noqa: F811
     """The generic mutations applied to an idc run's reply: plain arrays are the wrong form there."""
-    counts = tally("generic-on-idc")
-
-    @FUZZ
-    @given(mutation=any_mutation, seed=st.integers(0, 3))
-    def case(mutation: tuple[Mutation, set[str]], seed: int) -> None:
-        mutate, kinds = mutation
-        _assert_rejected(mutate(good_idc_content(seed)), EXP_IDC, kinds | {"keys"}, counts)
-
-    case()
-    assert_accounted(counts)
+    fuzz_rejections("generic-on-idc", any_mutation, good_idc_content, EXP_IDC, extra_kinds=frozenset({"keys"}))
 
 
 def test_every_bad_privacy_claim_is_rejected(task_identity):  # noqa: F811
-    counts = tally("privacy")
-
-    @FUZZ
-    @given(mutation=dp_mutation())
-    def case(mutation: tuple[Mutation, set[str]]) -> None:
-        mutate, kinds = mutation
-        _assert_rejected(mutate(good_content(dp=True)), EXP_DP, kinds, counts)
-
-    case()
-    assert_accounted(counts)
+    fuzz_rejections("privacy", dp_mutation(), lambda _: good_content(dp=True), EXP_DP, draws=st.none())
 
 
 def test_replies_flower_refuses_to_build_still_arrive_as_bytes_and_are_rejected(task_identity):  # noqa: F811
@@ -773,30 +755,13 @@ def test_duplicate_and_unsolicited_replies_are_rejected_and_good_ones_kept(task_
 
 @pytest.mark.slow
 def test_heavy_fuzz_of_reply_validation(task_identity):  # noqa: F811
-    counts = tally("heavy-generic")
-
-    @HEAVY
-    @given(mutation=any_mutation, seed=st.integers(0, 3))
-    def case(mutation: tuple[Mutation, set[str]], seed: int) -> None:
-        mutate, kinds = mutation
-        _assert_rejected(mutate(good_content(seed)), EXP, kinds, counts)
-
-    case()
-    assert_accounted(counts, refused=True)
+    fuzz_rejections("heavy-generic", any_mutation, good_content, EXP, budget=HEAVY, refused=True)
 
 
 @pytest.mark.slow
 def test_heavy_fuzz_of_privacy_claims(task_identity):  # noqa: F811
-    counts = tally("heavy-privacy")
-
-    @HEAVY
-    @given(mutation=dp_mutation())
-    def case(mutation: tuple[Mutation, set[str]]) -> None:
-        mutate, kinds = mutation
-        _assert_rejected(mutate(good_content(dp=True)), EXP_DP, kinds, counts)
-
-    case()
-    assert_accounted(counts)
+    fuzz_rejections("heavy-privacy", dp_mutation(), lambda _: good_content(dp=True), EXP_DP, draws=st.none(),
+                    budget=HEAVY)
 
 
 # -- what Flower itself cannot inflate ---------------------------------------------------------
