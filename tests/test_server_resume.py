@@ -257,8 +257,6 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, tmp_
         from flwr.supercore.task_identity import TaskIdentity
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         from client.app import app as client_app
-from client.private import dp_config
-from client.task import DistillTask
         from server.app import run
         from tests.flower_fixtures import InProcessGrid
         config = {CONFIG!r}
