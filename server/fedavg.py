@@ -17,6 +17,7 @@ import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAvg
 
 from distill.data import LabeledImages
@@ -41,9 +42,10 @@ class CheckedFedAvg(FedAvg):
     and counted per round (``rejected-<kind>``, with reasons), as a fedistill round counts them.
     """
 
-    def __init__(self, reference: Callable[[], dict[str, torch.Tensor]], max_examples: int, **kwargs: Any) -> None:
+    def __init__(self, reference: Callable[[], dict[str, torch.Tensor]], max_examples: int,
+                 max_abs_weight: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.reference, self.max_examples = reference, max_examples
+        self.reference, self.max_examples, self.max_abs_weight = reference, max_examples, max_abs_weight
         self.uploaded: Counter = Counter()
         self.rejected: dict[int, Counter] = {}
         self.reasons: dict[int, list[str]] = {}
@@ -55,11 +57,12 @@ class CheckedFedAvg(FedAvg):
 
     def _checked(self, server_round: int, replies: Iterable[Message],
                  check: Callable[[Message], object]) -> list[Message]:
+        """The replies ``check`` passes and does not leave out (``None``: a decline)."""
         kept = []
         for reply in replies:
             try:
-                check(reply)
-                kept.append(reply)
+                if check(reply) is not None:
+                    kept.append(reply)
             except Rejected as err:
                 self._refuse(server_round, reply.metadata.src_node_id, err)
             except Exception as err:  # noqa: BLE001 - a hostile reply must never stop the run
@@ -71,12 +74,23 @@ class CheckedFedAvg(FedAvg):
         for reply in replies:
             self.uploaded[reply.metadata.src_node_id] += payload_bytes(reply)
         reference = self.reference()
-        kept = self._checked(server_round, replies, lambda r: check_update(r, reference, self.max_examples))
-        return super().aggregate_train(server_round, kept)
+        kept = self._checked(server_round, replies,
+                             lambda r: check_update(r, reference, self.max_examples, self.max_abs_weight))
+        return self._aggregate(super().aggregate_train, server_round, kept)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
         kept = self._checked(server_round, replies, lambda r: check_evaluation(r, self.max_examples))
-        return super().aggregate_evaluate(server_round, kept)
+        return self._aggregate(super().aggregate_evaluate, server_round, kept)
+
+    @staticmethod
+    def _aggregate(aggregate: Callable, server_round: int, kept: list[Message]):
+        """Flower's aggregation of checked replies; a refusal of Flower's own (it checks the replies'
+        consistency once more) skips the round's aggregation instead of ending the run."""
+        try:
+            return aggregate(server_round, kept)
+        except InconsistentMessageReplies as err:
+            log.error("round %d: Flower refused to aggregate %d checked replies: %s", server_round, len(kept), err)
+            return None, None
 
     def round_faults(self, server_round: int) -> dict[str, Any]:
         """The round's refusals, for its metrics line (empty when there were none)."""
@@ -95,7 +109,7 @@ def run_fedavg(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
     net = network_for(test.info, seed=task.seed, width=task.net_width, depth=task.net_depth)
     min_nodes = max(settings.min_available_nodes, settings.min_train_nodes)
     wait_for_nodes(grid, min_nodes, settings.wait_for_nodes)  # FedAvg itself would wait forever
-    strategy = CheckedFedAvg(lambda: net.state_dict(), settings.max_examples,
+    strategy = CheckedFedAvg(lambda: net.state_dict(), settings.max_examples, settings.max_abs_weight,
                              fraction_train=settings.fraction_train, fraction_evaluate=settings.fraction_evaluate,
                               min_train_nodes=settings.min_train_nodes, min_available_nodes=min_nodes,
                               min_evaluate_nodes=1 if settings.fraction_evaluate > 0 else 0)

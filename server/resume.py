@@ -7,9 +7,10 @@ The contract (docs/reliability.md):
   never read. Rounds after the last complete one are played again.
 - The pool is rebuilt from the sets the complete rounds list as accepted
   (``accepted-nodes``), each validated again on load (``allow_pickle=False``). A listed set that
-  is missing or fails validation is quarantined (moved to ``sets/quarantined/`` beside a
-  ``.reason.txt``) and the run goes on without it; the next round's line and summary.json list it
-  (``resume-quarantined``). One bad file cannot make a crashed run restart from scratch.
+  fails validation is quarantined (moved to ``sets/quarantined/`` beside a ``.reason.txt``) and the
+  run goes on without it: the node's latest valid set, if an earlier round left one, stays in the
+  pool. The next round's line and summary.json list it (``resume-quarantined``). One bad file
+  cannot make a crashed run restart from scratch; a missing or unreadable one stops the resume.
 - Sets written by an interrupted round are moved to ``sets/interrupted/`` (kept, never
   loaded); temp files of interrupted writes are deleted.
 - The global model is the checkpoint of the last complete round that trained
@@ -120,8 +121,12 @@ def load_pool(store: RunStore, settings: RunSettings, info: DatasetInfo, metrics
         exp = expectation(settings, info, record["round"])
         for node in record.get("accepted-nodes", []):
             path = store.root / set_path(record["round"], int(node))
+            if not path.exists():
+                raise ResumeError(f"{path}: an accepted set is missing (a store that lost files is not resumed)")
             try:
                 pool.update(int(node), check_stored_set(path, exp))
+            except PermissionError as err:  # the disk's fault, not the set's: never quarantine for it
+                raise ResumeError(f"{path}: unreadable ({err})") from err
             except Exception as err:  # noqa: BLE001 - a damaged file raises anything (BadZipFile, EOFError, ...)
                 reason = f"{type(err).__name__}: {str(err)[:300]}"
                 quarantine_set(store, path, reason)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from google.protobuf.message import DecodeError
 from torch import nn
 
 from client.task import safe_run_key
@@ -38,6 +39,10 @@ from .validate import (FORGED, Declined, Expectation, Rejected, RunPrivacy, chec
 log = logging.getLogger("fedistill.server")
 OnRound = Callable[[dict[str, Any]], None]
 OnReply = Callable[[int, int], None]  # (replies so far, messages sent)
+# What Flower's inflation of a reply body raises on bytes it cannot read (seen: a metric item with
+# no value, an ArrayChunk where a record belongs). Anything else (a SuperLink or transport fault)
+# is not the node's doing: it propagates, and the run resumes from its store.
+UNREADABLE = (AttributeError, ValueError, TypeError, KeyError, IndexError, DecodeError)
 KEPT_METRICS = ("seconds", "classes-capped", "classes-skipped")  # all a round keeps of an accepted reply's metrics
 
 
@@ -164,7 +169,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float,
         for msg_id in list(pending):
             try:
                 replies = list(grid.pull_messages([msg_id]))
-            except Exception as err:  # noqa: BLE001 - a hostile body breaks Flower's own decoding
+            except UNREADABLE as err:  # a hostile body breaks Flower's own decoding (transport errors propagate)
                 pending.remove(msg_id)
                 unreadable(sent_to[msg_id], err)
                 continue

@@ -54,7 +54,8 @@ class RunSettings:
     defense_fail: str = "closed"
     # Bounds on what nodes report about the global model (server/updates.py)
     max_examples: int = 100_000
-    evaluate_weighting: str = "examples"
+    max_abs_weight: float = 1000.0
+    evaluate_weighting: str = "unweighted"
     task: DistillTask = field(default_factory=DistillTask)
 
     def __post_init__(self) -> None:
@@ -70,8 +71,9 @@ class RunSettings:
             raise ValueError(f"rounds, node minimums, min-replies, epochs and batch size must be >= 1: {self}")
         if self.evaluate_weighting not in WEIGHTINGS:
             raise ValueError(f"evaluate-weighting must be one of {WEIGHTINGS}, got {self.evaluate_weighting!r}")
-        if self.max_examples < 1:
-            raise ValueError(f"max-examples must be >= 1, got {self.max_examples}")
+        if self.max_examples < 1 or not self.max_abs_weight > 0:
+            raise ValueError(f"max-examples must be >= 1 and max-abs-weight > 0, got {self.max_examples}, "
+                             f"{self.max_abs_weight}")
         if self.run_name and not safe_run_name(self.run_name):
             raise ValueError(f"run-name {self.run_name[:80]!r} must be 1-64 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit, without '..' (it names a folder under runs-dir)")

@@ -18,9 +18,10 @@ from flwr.app import Message, MetricRecord
 from .errors import Rejected
 from .wire import EVALUATE_RECORDS, FEDAVG_RECORDS, check_records, check_reply_size, is_int, is_number
 
-EVALUATE_METRICS = ("num-examples", "accuracy", "loss", "declined")
+EVALUATE_METRICS = ("num-examples", "accuracy", "loss")
+DECLINED_EVALUATION = ("num-examples", "accuracy", "loss", "declined")
 UPDATE_METRICS = ("num-examples", "bytes-uploaded")
-WEIGHTINGS = ("examples", "unweighted")  # how federated evaluation averages the nodes' accuracies
+WEIGHTINGS = ("unweighted", "examples")  # how federated evaluation averages the nodes' accuracies
 
 
 def check_examples(value: object, max_examples: int) -> int:
@@ -31,17 +32,22 @@ def check_examples(value: object, max_examples: int) -> int:
     return int(value)
 
 
-def _metric_keys(metrics: MetricRecord, allowed: tuple[str, ...]) -> None:
-    if unknown := sorted(set(metrics) - set(allowed)):
-        raise Rejected("metadata", f"unknown metrics {[str(u)[:40] for u in unknown[:5]]}; expected {list(allowed)}")
+def _metric_keys(metrics: MetricRecord, expected: tuple[str, ...]) -> None:
+    """Exactly ``expected``: Flower's strategy refuses to aggregate replies whose metric keys
+    differ, so one reply with a key more or less would otherwise stop the whole aggregation."""
+    if set(metrics) != set(expected):
+        got = sorted(str(k)[:40] for k in metrics)[:8]
+        raise Rejected("metadata", f"metrics {got}; a reply of this kind reports exactly {sorted(expected)}")
 
 
-def check_update(reply: Message, reference: Mapping[str, torch.Tensor], max_examples: int) -> int:
+def check_update(reply: Message, reference: Mapping[str, torch.Tensor], max_examples: int,
+                 max_abs_weight: float = math.inf) -> int:
     """A FedAvg reply fit to average into ``reference`` (the global model's state): its weight.
 
-    Raises :class:`Rejected` for an error reply, other records, a size over the model's, keys,
-    declared or decoded dtypes and shapes other than the model's, non-finite values, or a
-    ``num-examples`` outside [1, max_examples].
+    Raises :class:`Rejected` for an error reply, other records or metrics, a size over the
+    model's, keys, declared or decoded dtypes and shapes other than the model's, non-finite
+    values or values beyond ``max_abs_weight`` (``magnitude``: a finite 1e30 would still decide the
+    average), a ``num-examples`` outside [1, max_examples] or a ``bytes-uploaded`` that is no count.
     """
     if reply.has_error():
         raise Rejected("error-reply", f"code {reply.error.code}: {str(reply.error.reason)[-300:]}")
@@ -52,6 +58,8 @@ def check_update(reply: Message, reference: Mapping[str, torch.Tensor], max_exam
     record, metrics = content["arrays"], content["metrics"]
     _metric_keys(metrics, UPDATE_METRICS)
     weight = check_examples(metrics.get("num-examples"), max_examples)
+    if not (is_int(metrics["bytes-uploaded"]) and 0 <= metrics["bytes-uploaded"] < 2**53):
+        raise Rejected("metadata", "bytes-uploaded must be an integer count")
     if set(record.keys()) != set(reference):
         missing, extra = sorted(set(reference) - set(record.keys())), sorted(set(record.keys()) - set(reference))
         raise Rejected("keys", f"update keys differ from the model's: missing {missing[:5]}, extra "
@@ -68,6 +76,9 @@ def check_update(reply: Message, reference: Mapping[str, torch.Tensor], max_exam
             raise Rejected("shape", f"{key} decodes to {value.shape} {value.dtype}, not as declared")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise Rejected("non-finite", f"NaN or Inf in {key}")
+        if value.size and float(np.abs(value).max()) > max_abs_weight:
+            raise Rejected("magnitude", f"|{key}| up to {float(np.abs(value).max()):.3g} > max-abs-weight "
+                                        f"{max_abs_weight:g}")
     return weight
 
 
@@ -89,13 +100,16 @@ def check_evaluation(reply: Message, max_examples: int) -> tuple[float, int] | N
     check_reply_size(reply.content, 4096)
     check_records(reply.content, EVALUATE_RECORDS)
     metrics = reply.content["metrics"]
-    _metric_keys(metrics, EVALUATE_METRICS)
-    if metrics.get("declined") == 1:
+    if "declined" in metrics and metrics["declined"] == 1:
+        _metric_keys(metrics, DECLINED_EVALUATION)
         return None
-    acc = metrics.get("accuracy")
+    _metric_keys(metrics, EVALUATE_METRICS)
+    acc, loss = metrics["accuracy"], metrics["loss"]
     if not (is_number(acc) and math.isfinite(acc) and 0.0 <= acc <= 1.0):
         raise Rejected("metadata", f"accuracy {str(acc)[:40]} is not a number in [0, 1]")
-    return float(acc), check_examples(metrics.get("num-examples"), max_examples)
+    if not (is_number(loss) and math.isfinite(loss) and loss >= 0.0):
+        raise Rejected("metadata", f"loss {str(loss)[:40]} is not a finite number >= 0")
+    return float(acc), check_examples(metrics["num-examples"], max_examples)
 
 
 def federated_mean(results: list[tuple[float, int]], weighting: str) -> float:

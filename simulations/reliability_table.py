@@ -1,10 +1,12 @@
 """BENCHMARKS.md "Reliability" tables, generated from their raw JSON (never typed by hand).
 
-    python simulations/reliability_table.py          # prints the markdown of the three tables
+    python simulations/reliability_table.py [hostile kills fuzz deploy chunks]   # the markdown tables
 
 Inputs (docs/benchmarks/): ``hostile_clients.json`` (``FEDISTILL_HOSTILE_REPORT=... pytest
 tests/test_hostile_clients.py``), ``kills.json`` (``simulations/bench_kills.py``),
-``deploy_approval.json`` (``simulations/deploy.py bench`` rows, several runs).
+``fuzz_counts.json`` (``FEDISTILL_FUZZ_COUNTS=... pytest tests/test_server_fuzz.py``),
+``deploy_approval.json`` (``simulations/deploy.py bench`` rows, several runs),
+``chunk_inflation.json`` (``simulations/chunk_inflation.py --repeat 256`` and ``1024``).
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ RAW = ROOT / "docs" / "benchmarks"
 def hostile_table(figures: dict) -> str:
     attacks, fed, avg = figures["attacks"], figures["fedistill"], figures["fedavg"]
     rows = [("upload (fedistill train reply)", attacks["upload"],
-             f"all refused; honest sets kept {fed['honest-sets-kept']} / {fed['honest-nodes']}, bit-identical; "
-             f"final accuracy {fed['accuracy']:.4f} = attacker-free {fed['attacker-free-accuracy']:.4f} "
-             "(tiny test settings: 1 iteration, width 8)"),
+             f"all refused; honest sets kept {fed['honest-sets-kept']} / {fed['honest-nodes']} and the global model "
+             f"{'bit-identical' if fed['global-model-bit-identical'] else 'DIFFERENT'} to the attacker-free run's"),
             ("federated evaluation report", attacks["evaluation"],
              f"all left out ({fed['federated-rejected']} refused)"),
             ("FedAvg update", attacks["fedavg"],
@@ -66,13 +67,42 @@ def deploy_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def fuzz_table(counts: dict) -> str:
+    out = ["| fuzz test | mutations | built by Flower, rejected | Flower refused to build | as raw bytes: rejected | "
+           "not inflatable by Flower |", "| --- | --- | --- | --- | --- | --- |"]
+    total = {k: 0 for k in ("mutations", "built", "flower-refused-to-build", "raw-rejected",
+                            "raw-flower-cannot-inflate")}
+    for name, c in counts.items():
+        out.append(f"| {name} | " + " | ".join(str(c.get(k, 0)) for k in total) + " |")
+        total = {k: v + c.get(k, 0) for k, v in total.items()}
+    out.append("| **all** | " + " | ".join(f"**{v}**" for v in total.values()) + " |")
+    return "\n".join(out)
+
+
+def chunk_table(rows: list[dict]) -> str:
+    out = ["| forged Array object | plus one chunk | bytes sent | bytes materialised | peak RSS growth | inflate time |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    out += [f"| {r['array-object-bytes']:,} B ({r['repeat']:,} references) | {r['chunk-bytes'] >> 20} MiB | "
+            f"{r['bytes-sent']:,} | {r['bytes-materialised']:,} ({r['bytes-materialised'] / 2**20:,.0f} MiB) | "
+            f"{r['peak-rss-growth-mib']:,.0f} MiB | {r['inflate-seconds']:.1f} s |" for r in rows]
+    return "\n".join(out)
+
+
+TABLES = {"hostile": ("hostile_clients.json", hostile_table), "kills": ("kills.json", kills_table),
+          "fuzz": ("fuzz_counts.json", fuzz_table), "deploy": ("deploy_approval.json", deploy_table),
+          "chunks": ("chunk_inflation.json", chunk_table)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw", type=Path, default=RAW)
+    parser.add_argument("tables", nargs="*", choices=[[], *TABLES], default=list(TABLES),
+                        help="which tables (default: all)")
     args = parser.parse_args(argv)
-    print(hostile_table(json.loads((args.raw / "hostile_clients.json").read_text())), end="\n\n")
-    print(kills_table(json.loads((args.raw / "kills.json").read_text())), end="\n\n")
-    print(deploy_table(json.loads((args.raw / "deploy_approval.json").read_text())))
+    for name in args.tables:
+        source, table = TABLES[name]
+        print(f"<!-- {name}: simulations/reliability_table.py {name} (docs/benchmarks/{source}) -->")
+        print(table(json.loads((args.raw / source).read_text())), end="\n\n")
 
 
 if __name__ == "__main__":

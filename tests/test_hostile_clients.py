@@ -127,6 +127,8 @@ of a run without the attackers, bit for bit):
 - fedavg-error-reply -> error-reply
 - fedavg-empty-content -> malformed
 - fedavg-upload-shaped-reply -> records | oversized
+- fedavg-missing-bytes-uploaded -> metadata (Flower would refuse to aggregate the whole round)
+- fedavg-huge-finite-weights -> magnitude (1e30: finite, and it would decide the average)
 
 identity:
 
@@ -483,6 +485,8 @@ FEDAVG_ATTACKS = [
     fedavg("fedavg-error-reply", lambda m: Error(code=2, reason="crashed"), "error-reply"),
     fedavg("fedavg-empty-content", lambda m: RecordDict(), "malformed"),
     fedavg("fedavg-upload-shaped-reply", lambda m: good(), {"records", "oversized"}),
+    fedavg("fedavg-missing-bytes-uploaded", lambda m: update(model_of(m), **{"bytes-uploaded": None}), "metadata"),
+    fedavg("fedavg-huge-finite-weights", lambda m: update(poisoned(m, 1e30)), "magnitude"),
 ]
 # Attacks shown by their own runs rather than by a per-attack record.
 OTHER_ATTACKS = ["client-id-claim", "forged-accuracy-legal-weight"]
@@ -709,7 +713,7 @@ def test_evaluation_attacks_leave_the_federated_accuracy_of_the_honest_nodes(bas
     assert record.get("federated-rejected") == refused, {k: v for k, v in record.items() if k.startswith("federated")}
     assert record.get("federated-replies") == len(HONEST)
     assert same_float(record.get("federated-accuracy"), baseline.record.get("federated-accuracy"))
-    assert record.get("federated-weighting") == "examples"
+    assert record.get("federated-weighting") == "unweighted"  # the default
 
 
 @pytest.mark.parametrize("weighting", ["examples", "unweighted"])
@@ -735,6 +739,25 @@ def test_a_forged_accuracy_at_a_legal_weight_moves_the_mean_by_at_most_its_bound
     over = {301: lambda msg: [as_reply(msg, report(forged, cap + 1))]}  # one example over max-examples: refused
     refused = federated_evaluate(HostileGrid(client_app, 3, over), [*HONEST, 301], net, settings, 1)
     assert refused["federated-rejected"] == 1 and refused["federated-accuracy"] == plain["federated-accuracy"]
+
+
+def test_fedavg_evaluation_replies_that_flower_could_not_aggregate_are_left_out(tmp_path):
+    """A decline, a report without loss and one with a metric more: each would make Flower refuse
+    the round's whole evaluation aggregation (its replies must share their metric keys); left out,
+    the run ends as if those nodes had stayed silent."""
+    def at_evaluate(content: Content) -> Behaviour:
+        return lambda msg: [] if msg.metadata.message_type == MessageType.TRAIN else [as_reply(msg, content)]
+    hostile = {501: at_evaluate(report(declined=1, examples=0)), 502: at_evaluate({"metrics": {
+        "num-examples": 100, "accuracy": 0.5}}), 503: at_evaluate(report(extra=1.0))}
+    config = {**FEDAVG, "fraction-evaluate": 1.0, "num-server-rounds": 1}
+    silent = play(HostileGrid(client_app, 3, {n: (lambda msg: []) for n in hostile}, order_by_node=True),
+                  tmp_path / "silent", **config)
+    attacked = play(HostileGrid(client_app, 3, hostile, order_by_node=True), tmp_path / "attacked", **config)
+    assert attacked.summary["status"] == silent.summary["status"] == "ok"
+    assert same_float(attacked.summary["accuracy"], silent.summary["accuracy"])
+    refused = [line for line in attacked.logs if "FedAvg reply of node" in line]
+    assert sorted(int(re.search(r"node (\d+)", line).group(1)) for line in refused) == [502, 503], refused
+    assert not any("Flower refused to aggregate" in line for line in attacked.logs)
 
 
 # -- identity -------------------------------------------------------------------------------------
@@ -833,6 +856,7 @@ def test_the_suite_reports_its_figures(baseline: Run, attacked: Run, fedavg_runs
     import os
     plain, hostile = fedavg_runs
     fedavg_rejected = sum(m.get("rejected", 0) for m in hostile.metrics)
+    state, attacked_state = RunStore(baseline.root).load_model(), RunStore(attacked.root).load_model()
     figures = {
         "attacks": {"upload": len(TRAIN_ATTACKS), "evaluation": len(EVAL_ATTACKS), "fedavg": len(FEDAVG_ATTACKS),
                     "shown-harmless-by-own-runs": len(OTHER_ATTACKS)},
@@ -840,11 +864,12 @@ def test_the_suite_reports_its_figures(baseline: Run, attacked: Run, fedavg_runs
         "fedistill": {"honest-sets-kept": len(attacked.record["accepted-nodes"]), "honest-nodes": len(HONEST),
                       "rejected-by-kind": attacked.summary["rejected-by-kind"],
                       "federated-rejected": attacked.record.get("federated-rejected", 0),
-                      "accuracy": attacked.record["accuracy"], "attacker-free-accuracy": baseline.record["accuracy"]},
+                      "accuracy": attacked.record["accuracy"], "attacker-free-accuracy": baseline.record["accuracy"],
+                      "global-model-bit-identical": all(state[k].equal(attacked_state[k]) for k in state)},
         "fedavg": {"rounds": len(hostile.metrics), "rejected": fedavg_rejected,
                    "accuracy": hostile.summary["accuracy"], "attacker-free-accuracy": plain.summary["accuracy"]},
     }
-    assert figures["fedistill"]["honest-sets-kept"] == len(HONEST)
+    assert figures["fedistill"]["honest-sets-kept"] == len(HONEST) and figures["fedistill"]["global-model-bit-identical"]
     assert figures["fedistill"]["accuracy"] == figures["fedistill"]["attacker-free-accuracy"]
     assert figures["fedavg"]["accuracy"] == figures["fedavg"]["attacker-free-accuracy"]
     assert fedavg_rejected == len(FEDAVG_ATTACKS) * len(hostile.metrics)
