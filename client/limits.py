@@ -15,8 +15,12 @@ Node-config keys (defaults in brackets):
   per class.
 - ``limit-model-mib`` [64]: the network the task asks the node to build (``net-width``,
   ``net-depth``, on its data's geometry), and the global model's arrays as received.
+- ``limit-local-epochs`` [50]: a FedAvg round's passes over the local data (``local-epochs``),
+  FedAvg's counterpart of ``limit-iterations``.
+- ``limit-batch-size`` [1024]: ``batch-real`` (real images per class per distillation step) and,
+  in a FedAvg round, ``local-batch-size``: a batch's activations are what costs memory.
 
-A task over ``limit-iterations`` or ``limit-ipc`` is declined (kind "policy", the reason names the
+A task over ``limit-iterations``, ``limit-ipc``, ``limit-local-epochs`` or ``limit-batch-size`` is declined (kind "policy", the reason names the
 limit). A global model must have exactly the tensors of the network the node builds for the task
 (:func:`client.local.expected_state`): the same names, shapes and dtypes, finite values; anything
 else is declined before it is loaded.
@@ -39,6 +43,8 @@ PREFIX = "limit-"
 DEFAULT_ITERATIONS = 20_000
 DEFAULT_IPC = 50
 DEFAULT_MODEL_MIB = 64
+DEFAULT_LOCAL_EPOCHS = 50
+DEFAULT_BATCH_SIZE = 1024
 NPY_HEADER_SLACK = 4096  # what np.save adds to an array's bytes (the header), with room to spare
 MiB = 2**20
 
@@ -59,9 +65,11 @@ class NodeLimits:
     iterations: int = DEFAULT_ITERATIONS
     ipc: int = DEFAULT_IPC
     model_mib: int = DEFAULT_MODEL_MIB
+    local_epochs: int = DEFAULT_LOCAL_EPOCHS
+    batch_size: int = DEFAULT_BATCH_SIZE
 
     def __post_init__(self) -> None:
-        for name in ("threads", "iterations", "ipc", "model_mib"):
+        for name in ("threads", "iterations", "ipc", "model_mib", "local_epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"node-config {PREFIX}{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -69,7 +77,8 @@ class NodeLimits:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeLimits":
         """The node's limits; an unknown ``limit-*`` key is an error (a misspelt bound must not vanish)."""
-        known = {"limit-threads", "limit-iterations", "limit-ipc", "limit-model-mib"}
+        known = {"limit-threads", "limit-iterations", "limit-ipc", "limit-model-mib", "limit-local-epochs",
+                 "limit-batch-size"}
         unknown = sorted(str(k) for k in node_config if str(k).startswith(PREFIX) and k not in known)
         if unknown:
             raise ValueError(f"node-config {unknown}: unknown limit keys; known: {sorted(known)}")
@@ -86,8 +95,13 @@ class NodeLimits:
 
     def refusal(self, task: DistillTask) -> str | None:
         """Why the task's size is over this node's limits, or None."""
-        over = [f"{name} {value} > {PREFIX}{name} {limit}" for name, value, limit in
-                (("iterations", task.iterations, self.iterations), ("ipc", task.ipc, self.ipc)) if value > limit]
+        asked = [("iterations", "iterations", task.iterations, self.iterations), ("ipc", "ipc", task.ipc, self.ipc),
+                 ("batch-real", "batch-size", task.batch_real, self.batch_size)]
+        if task.algorithm == "fedavg":  # only FedAvg's local update reads these
+            asked += [("local-epochs", "local-epochs", task.local_epochs, self.local_epochs),
+                      ("local-batch-size", "batch-size", task.local_batch_size, self.batch_size)]
+        over = [f"{name} {value} > {PREFIX}{limit_name} {limit}" for name, limit_name, value, limit in asked
+                if value > limit]
         return f"the run asks {', '.join(over)} (this node's limits)" if over else None
 
 

@@ -483,11 +483,38 @@ def tail(path: Path, chars: int = 3000) -> str:
     return ""
 
 
-def node_configs_for(n: int, data: str, data_dir: Path) -> list[str]:
+def run_config_dataset(overrides: Sequence[str], pyproject: Path = ROOT / "pyproject.toml") -> str:
+    """The run's ``dataset``: the last ``-c`` override naming it, else the app's default.
+
+    Parsed with Flower's own parser (what ``flwr run -c`` uses), so quoting means the same here.
+    Why: a partition node loads only a dataset it names (client.task.dataset_refusal), so the
+    launcher has to name the run's dataset to its nodes.
+    """
+    import tomllib
+
+    from flwr.common.config import parse_config_args
+
+    given = parse_config_args(list(overrides)) if overrides else {}
+    if "dataset" in given:
+        return str(given["dataset"])
+    with open(pyproject, "rb") as f:
+        return str(tomllib.load(f)["tool"]["flwr"]["app"]["config"]["dataset"])
+
+
+def node_configs_for(n: int, data: str, data_dir: Path, dataset: str | None = None) -> list[str]:
     """Default node-configs: ``partition`` (partition-id/num-partitions of the run's dataset,
-    split by the run-config partitioner) or ``split`` (one .npz per node, cut from the bundled sample)."""
+    split by the run-config partitioner) or ``split`` (one .npz per node, cut from the bundled sample).
+
+    A partition node loads only a dataset it names, so ``dataset`` (the run's) goes into each
+    partition node's node-config; a ``split`` node reads its own file and ignores it.
+    """
     if data == "partition":
-        return [f"partition-id={i} num-partitions={n}" for i in range(n)]
+        named = ""
+        if dataset:
+            if '"' in dataset or "\\" in dataset or "\n" in dataset:
+                raise ValueError(f"dataset {dataset!r}: a quote, backslash or newline cannot go into a node-config")
+            named = f' dataset="{dataset}"'
+        return [f"partition-id={i} num-partitions={n}{named}" for i in range(n)]
     if data == "split":
         return [f'data-path="{p}" data-name="mnist10k"' for p in split_data(data_dir, n)]
     raise ValueError(f"data must be 'partition' or 'split', got {data!r}")
@@ -742,6 +769,8 @@ class Deployment:
         """The node-facing listener: Fleet routes only, TLS with the SuperLink's own certificate."""
         cmd = [sys.executable, "-m", "simulations.fleet_proxy", "--listen", f"{self.public_host}:{self.public_port}",
                "--upstream", f"{HOST}:{self.port}"]
+        if self.node_configs:  # the demo's nodes all connect from 127.0.0.1: one address, every node's connections
+            cmd += ["--max-connections-per-ip", str(max(16, 8 * len(self.node_configs)))]
         if not self.secure:
             return cmd + ["--insecure", "--upstream-insecure"]
         assert self.tls is not None
@@ -903,6 +932,16 @@ def run_once(node_configs: list[str], mode: str, run_config: Sequence[str], work
             "accuracy": summary.get("accuracy"), "run": str(run)}
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) reaches this machine only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that may resolve anywhere
+
+
 def serve(workdir: Path, hosts: Sequence[str], bind: str, public_port: int, port: int, secure: bool,
           max_rss: float | None) -> int:
     """The operator's long-running SuperLink: loopback SuperLink, public Fleet proxy, memory cap.
@@ -991,7 +1030,11 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--bind", default="0.0.0.0", help="address the Fleet proxy listens on")
     srv.add_argument("--public-port", type=int, default=9092, help="the nodes' port (Fleet API only)")
     srv.add_argument("--port", type=int, default=9093, help="the SuperLink's own port, on 127.0.0.1 only")
-    srv.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (prints a warning)")
+    srv.add_argument("--insecure", action="store_true",
+                     help="no TLS, no node authentication (prints a warning); only with a loopback --bind")
+    srv.add_argument("--insecure-public", action="store_true",
+                     help="allow --insecure on a non-loopback --bind: any host that reaches it joins as a node "
+                          "and reads every message in clear text")
     _add_rss_arg(srv)
     reg = sub.add_parser("register", help="operator: enroll public keys holders sent (refuses private keys)")
     reg.add_argument("workdir", type=Path)
@@ -1038,13 +1081,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(str(x) for x in split_data(args.directory, args.n)))
         return 0
     if args.cmd == "serve":
+        if args.insecure and not is_loopback(args.bind) and not args.insecure_public:
+            _parser().error(f"--insecure with --bind {args.bind}: clear text and no node authentication on a "
+                            "non-loopback address; bind 127.0.0.1, drop --insecure, or add --insecure-public")
         return serve(args.workdir, args.host, args.bind, args.public_port, args.port, not args.insecure,
                      _max_rss(args))
 
     with _sigterm_as_exit():
         if args.cmd == "run":
             mode = "insecure" if args.insecure else "secure"
-            configs = args.node_config or node_configs_for(args.nodes, args.data, args.workdir.resolve() / "data")
+            configs = args.node_config or node_configs_for(args.nodes, args.data, args.workdir.resolve() / "data",
+                                                           run_config_dataset(args.run_config))
             result = run_once(configs, mode, args.run_config, args.workdir, args.runs_dir, args.timeout,
                               not args.no_approval, _max_rss(args))
             print(json.dumps(result, indent=1))
@@ -1052,7 +1099,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
         rows = []
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for n in args.nodes:
-            configs = node_configs_for(n, args.data, args.workdir.resolve() / "data")
+            configs = node_configs_for(n, args.data, args.workdir.resolve() / "data", run_config_dataset(args.run_config))
             for mode in args.modes:
                 row = run_once(configs, mode, args.run_config, args.workdir, args.runs_dir, args.timeout,
                                not args.no_approval, _max_rss(args))

@@ -11,8 +11,10 @@ address, forwards exactly the Fleet routes (``FLEET_PATHS``, checked against Flo
 everything else. The operator reaches Control on 127.0.0.1 (or through an SSH tunnel).
 
 HTTP/1.1 only: Flower's SuperNode client is ``httpx`` without HTTP/2, and the SuperLink is
-uvicorn (HTTP/1.1). Bodies are streamed both ways (never buffered whole), heads are bounded,
-every read has a timeout, and each request gets its own upstream connection (no reuse race).
+uvicorn (HTTP/1.1). Bodies are streamed both ways (never buffered whole), heads and trailers are
+bounded, a head must arrive whole within its timeout and its body within a deadline (a peer
+sending a byte a minute cannot hold a connection), each client address may hold only a few
+connections, and each request gets its own upstream connection (no reuse race).
 The request head is re-serialised from what was parsed, so what the SuperLink sees is exactly
 what was checked (no smuggling through odd framing); node-authentication headers pass unchanged.
 
@@ -45,10 +47,20 @@ FLEET_PATHS = frozenset(FLEET_PREFIX + name for name in (
 MAX_HEAD = 16 * 1024      # bytes of request line + headers (uvicorn's own limit is larger)
 MAX_HEADERS = 64
 MAX_LINE = 1024           # a chunk-size line
+MAX_TRAILERS = 16         # trailer lines after the last chunk (dropped, but read: so bounded)
+MAX_TRAILER_BYTES = 8 * 1024
+# The largest body a node sends: Flower 1.42 pushes each object in its own push-object request
+# (one protobuf, sent whole with a Content-Length: flwr/supercore/protobuf/client.py), and splits
+# arrays into chunks of FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE = 5 MiB (flwr/common/constant.py), so
+# a request is one 5 MiB chunk plus framing, or a small message/record object. 16 MiB leaves
+# room for that and a larger config record, and bounds what an unauthenticated peer can make
+# the SuperLink buffer (Starlette reads a body before Flower's node-auth check runs).
+DEFAULT_MAX_BODY = 16 * 2**20
 PIECE = 64 * 1024         # bytes copied per read
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authenticate",
                         "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "expect"})
-TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # use fullmatch: `$` would let a trailing "\n" pass
+DIGITS = re.compile(r"[0-9]{1,15}")  # ASCII only: str.isdigit() accepts "²", which int() refuses
 REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 413: "Content Too Large",
            417: "Expectation Failed", 431: "Request Header Fields Too Large", 502: "Bad Gateway",
            503: "Service Unavailable", 505: "HTTP Version Not Supported"}
@@ -76,11 +88,13 @@ class Limits:
     head_timeout: float = 15.0       # the first request head of a connection
     idle_timeout: float = 60.0       # between requests on a kept-alive connection
     read_timeout: float = 60.0       # any single read of a body
+    request_timeout: float = 120.0   # a whole request body, from the end of its head (slowloris)
     upstream_timeout: float = 300.0  # the SuperLink's response head
     connect_timeout: float = 10.0
     handshake_timeout: float = 10.0  # TLS handshake with a node
-    max_body: int = 256 * 2**20      # one request body (Flower sends arrays in 5 MiB chunks)
+    max_body: int = DEFAULT_MAX_BODY  # one request body (see DEFAULT_MAX_BODY)
     max_connections: int = 256
+    max_per_ip: int = 16             # connections at once from one client address
 
 
 @dataclass
@@ -110,7 +124,7 @@ def parse_head(raw: bytes, request: bool = True) -> Head:
     headers = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep or not TOKEN.match(name) or re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", value):
+        if not sep or not TOKEN.fullmatch(name) or re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", value):
             raise HttpError(400, "malformed header line")
         headers.append((name.decode("ascii").lower(), value.strip(b" \t").decode("latin-1")))
     return Head(start, headers)
@@ -122,14 +136,14 @@ def _parse_start(line: bytes, request: bool) -> tuple[str, str, str]:
     text = line.decode("latin-1")
     if request:
         parts = text.split(" ")
-        if len(parts) != 3 or not TOKEN.match(parts[0].encode("latin-1")):
+        if len(parts) != 3 or not TOKEN.fullmatch(parts[0].encode("latin-1")):
             raise HttpError(400, "malformed request line")
         if parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
             raise HttpError(505, "HTTP/1.x only")
         return parts[0], parts[1], parts[2]
     version, _, rest = text.partition(" ")
     status, _, reason = rest.partition(" ")
-    if not version.startswith("HTTP/1.") or not (status.isdigit() and len(status) == 3):
+    if not version.startswith("HTTP/1.") or not re.fullmatch(r"[0-9]{3}", status):
         raise HttpError(502, "malformed status line from the SuperLink")
     return version, status, reason
 
@@ -145,7 +159,7 @@ def framing(head: Head, request: bool) -> tuple[str, int]:
             raise HttpError(400 if request else 502, "unsupported or ambiguous transfer framing")
         return "chunked", 0
     if lengths:
-        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+        if len(lengths) != 1 or not DIGITS.fullmatch(next(iter(lengths))):
             raise HttpError(400 if request else 502, "bad Content-Length")
         return "length", int(next(iter(lengths)))
     if not request:
@@ -203,8 +217,7 @@ async def copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         if max_body is not None and total > max_body:
             raise HttpError(413, "body too large")
         if size == 0:
-            while (await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)) != b"\r\n":
-                pass  # trailers: not forwarded
+            await _skip_trailers(reader, timeout)  # not forwarded
             await _send(writer, b"0\r\n\r\n")
             return
         await _send(writer, b"%x\r\n" % size)
@@ -212,6 +225,16 @@ async def copy_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         if await asyncio.wait_for(reader.readexactly(2), timeout) != b"\r\n":
             raise HttpError(400, "bad chunk end")
         await _send(writer, b"\r\n")
+
+
+async def _skip_trailers(reader: asyncio.StreamReader, timeout: float) -> None:
+    """Read and drop the trailer section, at most MAX_TRAILERS lines and MAX_TRAILER_BYTES:
+    an endless trailer would otherwise hold the connection without ever counting as body."""
+    lines = size = 0
+    while (line := await asyncio.wait_for(reader.readuntil(b"\r\n"), timeout)) != b"\r\n":
+        lines, size = lines + 1, size + len(line)
+        if lines > MAX_TRAILERS or size > MAX_TRAILER_BYTES:
+            raise HttpError(431, "trailers too large")
 
 
 async def copy_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: tuple[str, int],
@@ -259,16 +282,25 @@ class FleetProxy:
     log: Callable[[str], None] = lambda msg: print(f"[fleet-proxy {time.strftime('%H:%M:%S')}] {msg}",
                                                    file=sys.stderr, flush=True)
     active: int = 0
+    per_ip: dict[str, int] = field(default_factory=dict)
     counts: dict[str, int] = field(default_factory=lambda: {"forwarded": 0, "refused": 0})
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One client connection: requests one after another (keep-alive), each checked alone."""
         peer = writer.get_extra_info("peername")
-        if self.active >= self.limits.max_connections:
-            writer.write(error_response(503, "too many connections"))
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        refused = ("too many connections" if self.active >= self.limits.max_connections else
+                   "too many connections from this address" if self.per_ip.get(ip, 0) >= self.limits.max_per_ip
+                   else None)
+        if refused is not None:
+            self.counts["refused"] += 1
+            self.log(f"refused (503) from {peer}: {refused}")
+            with contextlib.suppress(Exception):
+                writer.write(error_response(503, refused))
             await _close(writer)
             return
         self.active += 1
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
         try:
             first = True
             while True:
@@ -286,6 +318,10 @@ class FleetProxy:
             pass  # the peer went away or stalled: drop the connection
         finally:
             self.active -= 1
+            if (left := self.per_ip[ip] - 1) > 0:
+                self.per_ip[ip] = left
+            else:
+                del self.per_ip[ip]  # the table holds only addresses with a connection open
             await _close(writer)
 
     async def forward(self, head: Head, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -305,7 +341,11 @@ class FleetProxy:
             await _send(up_writer, serialize_head(f"{method} {target} HTTP/1.1", head.headers, body, close=True))
             if expects:
                 await _send(writer, b"HTTP/1.1 100 Continue\r\n\r\n")
-            await copy_body(reader, up_writer, body, self.limits.read_timeout, self.limits.max_body)
+            try:  # the whole body within the deadline, whatever the pace of single reads
+                await asyncio.wait_for(copy_body(reader, up_writer, body, self.limits.read_timeout,
+                                                 self.limits.max_body), self.limits.request_timeout)
+            except asyncio.TimeoutError as exc:
+                raise HttpError(408, f"request body not received within {self.limits.request_timeout:g} s") from exc
             response = await self._response_head(up_reader)
             out = framing(response, request=False)
             keep = (version == "HTTP/1.1" and "close" not in head.tokens("connection") and out[0] != "eof")
@@ -374,8 +414,10 @@ def _address(text: str) -> tuple[str, int]:
 
 async def _serve_forever(args: argparse.Namespace) -> None:
     up_host, up_port = _address(args.upstream)
+    limits = Limits(max_body=int(args.max_body_mib * 2**20), request_timeout=args.request_timeout,
+                    max_per_ip=args.max_connections_per_ip)
     proxy = FleetProxy(up_host, up_port, None if args.upstream_insecure else upstream_context(args.upstream_ca),
-                       Limits(max_body=int(args.max_body_mib * 2**20)))
+                       limits)
     server_ssl = None if args.insecure else server_context(args.certfile, args.keyfile)
     host, port = _address(args.listen)
     server = await proxy.serve(host, port, server_ssl)
@@ -400,10 +442,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--upstream-ca", help="CA certificate that signed the SuperLink's certificate")
     p.add_argument("--insecure", action="store_true", help="plain HTTP towards the nodes (loopback tries only)")
     p.add_argument("--upstream-insecure", action="store_true", help="plain HTTP to an --insecure SuperLink")
-    p.add_argument("--max-body-mib", type=float, default=256.0, help="largest request body forwarded")
+    p.add_argument("--max-body-mib", type=float, default=DEFAULT_MAX_BODY / 2**20,
+                   help="largest request body forwarded (a node's largest is one 5 MiB array chunk plus framing)")
+    p.add_argument("--request-timeout", type=float, default=Limits.request_timeout,
+                   help="seconds a request body may take to arrive whole, after its head")
+    p.add_argument("--max-connections-per-ip", type=int, default=Limits.max_per_ip,
+                   help="connections one client address may hold at once (503 beyond)")
     args = p.parse_args(argv)
     if not args.insecure and not (args.certfile and args.keyfile):
         p.error("--certfile and --keyfile are required (or --insecure)")
+    if not (args.max_body_mib > 0 and args.request_timeout > 0 and args.max_connections_per_ip >= 1):
+        p.error("--max-body-mib and --request-timeout must be > 0, --max-connections-per-ip >= 1")
     if not args.upstream_insecure and not args.upstream_ca:
         p.error("--upstream-ca is required (or --upstream-insecure)")
     asyncio.run(_serve_forever(args))

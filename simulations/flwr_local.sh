@@ -37,6 +37,22 @@ trap stop_superlink EXIT
 # $FEDISTILL_MNIST10K (distill.data.bundled_path); the run store goes to ./runs (the apps run
 # from a copy under $FLWR_HOME/apps).
 export FEDISTILL_MNIST10K="${FEDISTILL_MNIST10K:-$PWD/distill/assets/mnist10k.npz}"
+# A virtual node loads only a dataset it names (client/task.py dataset_refusal) and Flower gives it
+# no node-config of its own: name the run's dataset (the last `-c dataset=...`, else the app's
+# default, parsed as `flwr run` parses -c) in the environment the local SuperLink and its
+# simulation inherit.
+run_configs=()
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[i]}" in
+    -c|--run-config) run_configs+=("${args[i + 1]:-}"); i=$((i + 1)) ;;
+    --run-config=*) run_configs+=("${args[i]#--run-config=}") ;;
+  esac
+done
+export FEDISTILL_NODE_DATASETS
+FEDISTILL_NODE_DATASETS="$(python -c 'import sys
+from simulations.deploy import run_config_dataset
+print(run_config_dataset(sys.argv[1:]))' ${run_configs[@]+"${run_configs[@]}"})"
 "$FLWR" run . local --stream \
   --federation-config "num-supernodes=$NUM_SUPERNODES client-resources-num-cpus=$CPUS_PER_CLIENT" \
   -c "runs-dir=\"$PWD/runs\" min-available-nodes=$NUM_SUPERNODES" "$@"

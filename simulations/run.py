@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -161,6 +162,25 @@ def _privacy_rows(summary: dict[str, Any], task: Any) -> list[tuple[str, str]]:
                         f"{spent} ({task.accountant}), {declined} declined round(s)")]
 
 
+@contextlib.contextmanager
+def node_datasets_named(dataset: str) -> Iterator[None]:
+    """Name ``dataset`` as the virtual nodes' own while a simulation runs, then restore the variable.
+
+    A node loads only a dataset it names (client.task.dataset_refusal); Flower gives virtual nodes
+    no node-config of their own, so this process's environment (which Ray's workers inherit)
+    names the run's dataset for them.
+    """
+    previous = os.environ.get(NODE_DATASETS_ENV)
+    os.environ[NODE_DATASETS_ENV] = dataset
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(NODE_DATASETS_ENV, None)
+        else:
+            os.environ[NODE_DATASETS_ENV] = previous
+
+
 def simulate(overrides: dict[str, Any], clients: int, cpus_per_client: int = 1, verbose: bool = False,
              quiet: bool = False) -> dict[str, Any]:
     """Run one federation on Ray; returns the server's summary."""
@@ -174,11 +194,6 @@ def simulate(overrides: dict[str, Any], clients: int, cpus_per_client: int = 1, 
         from server.resume import resume_settings
 
         settings = resume_settings(str(overrides["resume"]))
-    # A node loads only a dataset it names (client.task.dataset_refusal); Flower gives virtual nodes
-    # no node-config of their own, so this process's environment (which Ray's workers inherit)
-    # names the run's dataset for them.
-    previous = os.environ.get(NODE_DATASETS_ENV)
-    os.environ[NODE_DATASETS_ENV] = settings.task.dataset
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     results: list[dict[str, Any]] = []
@@ -186,17 +201,12 @@ def simulate(overrides: dict[str, Any], clients: int, cpus_per_client: int = 1, 
     on_reply = None if quiet else (lambda k, n: print(f"\r  replies {k}/{n}", end="\n" if k == n else "",
                                                       flush=True))
     server_app = make_server_app(on_round=on_round, on_done=results.append, on_reply=on_reply, **overrides)
-    try:
+    with node_datasets_named(settings.task.dataset):
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=clients,
                        backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                                        "init_args": {"logging_level": logging.INFO if verbose else logging.ERROR,
                                                      "log_to_driver": verbose}},
                        verbose_logging=verbose)
-    finally:
-        if previous is None:
-            os.environ.pop(NODE_DATASETS_ENV, None)
-        else:
-            os.environ[NODE_DATASETS_ENV] = previous
     if not results:
         raise RuntimeError("the simulation ended without a summary: see the log above (rerun with --verbose)")
     return results[0]

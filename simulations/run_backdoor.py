@@ -95,19 +95,20 @@ def simulate_backdoor(overrides: dict[str, Any], clients: int, malicious: list[i
     from server.app import make_server_app
     from simulations.malicious_client import make_malicious_app
 
-    base.RunSettings.from_run_config({}, **overrides)
+    settings = base.RunSettings.from_run_config({}, **overrides)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     results: list[dict[str, Any]] = []
     on_round = None if quiet else (lambda r: print(base.progress_line(r), flush=True))
     server_app = make_server_app(on_round=on_round, on_done=results.append, **overrides)
     trigger_dir = tempfile.mkdtemp(prefix="fedistill-triggers-")  # Ray's actors share this machine
-    run_simulation(server_app=server_app, client_app=make_malicious_app(malicious, spec, attack, trigger_dir),
-                   num_supernodes=clients,
-                   backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-                                   "init_args": {"logging_level": logging.INFO if verbose else logging.ERROR,
-                                                 "log_to_driver": verbose}},
-                   verbose_logging=verbose)
+    with base.node_datasets_named(settings.task.dataset):  # the honest nodes load the run's dataset
+        run_simulation(server_app=server_app, client_app=make_malicious_app(malicious, spec, attack, trigger_dir),
+                       num_supernodes=clients,
+                       backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                                       "init_args": {"logging_level": logging.INFO if verbose else logging.ERROR,
+                                                     "log_to_driver": verbose}},
+                       verbose_logging=verbose)
     try:
         if not results:
             raise RuntimeError("the simulation ended without a summary (rerun with --verbose)")

@@ -33,8 +33,8 @@ import pytest
 from simulations.deploy import (GIB, Deployment, ServerAppWatchdog, TlsFiles, _alive, _main, cert_expiry,
                                 cert_sans, check_public_key, descendants, ensure_certs, expiry_lines,
                                 issue_server_cert, make_node_key, split_data, stage_app, stop_processes)
-from simulations.fleet_proxy import (FLEET_PATHS, FleetProxy, Limits, fleet_allowed, server_context,
-                                     upstream_context)
+from simulations.fleet_proxy import (FLEET_PATHS, FleetProxy, HttpError, Limits, fleet_allowed, framing,
+                                     parse_head, server_context, upstream_context)
 
 TINY = "iterations=2 ipc=2 batch-real=16 net-width=8 net-depth=2 server-epochs=2 fraction-evaluate=0.0"
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +269,153 @@ def test_the_proxy_streams_fleet_requests_through_and_refuses_everything_else(tm
     _, headers, seen_body = _Upstream.seen[0]
     assert seen_body == body and all(headers[k] == v for k, v in auth.items())  # node auth passes unchanged
     assert proxy.counts == {"forwarded": 2, "refused": 7}
+
+
+@contextlib.contextmanager
+def _plain_proxy(limits: Limits):
+    """The proxy without TLS (these tests are about HTTP) in front of :class:`_Upstream`; yields
+    its port and the proxy (its connection table and counts)."""
+    _Upstream.seen = []
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    loop = asyncio.new_event_loop()
+    proxy = FleetProxy("127.0.0.1", upstream.server_address[1], None, limits, log=lambda msg: None)
+    server = loop.run_until_complete(proxy.serve("127.0.0.1", 0, None))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.sockets[0].getsockname()[1], proxy
+    finally:
+        asyncio.run_coroutine_threadsafe(_cancel_others(), loop).result(5)  # no handler left for a closed loop
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+        upstream.shutdown()
+
+
+async def _cancel_others() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _plain(port: int, data: bytes) -> bytes:
+    """Send raw bytes in clear; the whole answer (the proxy closes after a refusal or connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def _until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+REQUEST = b"POST /v1/fleet/get-run HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+
+
+def test_a_header_name_with_a_newline_and_a_non_ascii_length_are_refused_with_400():
+    with pytest.raises(HttpError) as err:  # `$` used to match before the trailing newline
+        parse_head(b"POST /v1/fleet/get-run HTTP/1.1\r\nX-A\n: v\r\n\r\n")
+    assert err.value.status == 400
+    for length in ("\u00b2", "\u0663", "1" * 16, "+5", "-1", " ", "0x10"):  # "²" and "٣" pass str.isdigit()
+        head = parse_head(b"POST /v1/fleet/get-run HTTP/1.1\r\ncontent-length: " + length.encode("utf-8")
+                          + b"\r\n\r\n")
+        with pytest.raises(HttpError) as err:
+            framing(head, request=True)
+        assert err.value.status == 400, length
+    assert framing(parse_head(b"POST / HTTP/1.1\r\ncontent-length: 007\r\n\r\n"), True) == ("length", 7)
+    with _plain_proxy(Limits()) as (port, proxy):
+        assert _plain(port, REQUEST + b"X-A\n: v\r\n\r\n").startswith(b"HTTP/1.1 400")
+        assert _plain(port, REQUEST + "content-length: \u00b2\r\n\r\n".encode("utf-8")).startswith(b"HTTP/1.1 400")
+        assert _plain(port, REQUEST + b"content-length: 3\r\n\r\nabc").startswith(b"HTTP/1.1 200")
+    assert [body for _, _, body in _Upstream.seen] == [b"abc"] and proxy.counts == {"forwarded": 1, "refused": 2}
+
+
+def test_chunked_trailers_are_capped():
+    chunked = REQUEST + b"transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+    with _plain_proxy(Limits()) as (port, _):
+        assert _plain(port, chunked + b"x-t: 1\r\nx-u: 2\r\n\r\n").startswith(b"HTTP/1.1 200")
+        assert _plain(port, chunked + b"x-t: 1\r\n" * 17 + b"\r\n").startswith(b"HTTP/1.1 431")
+        assert _plain(port, chunked + (b"x-t: " + b"a" * 1000 + b"\r\n") * 9 + b"\r\n").startswith(b"HTTP/1.1 431")
+    assert [body for _, _, body in _Upstream.seen][0] == b"abc"
+
+
+def test_one_address_may_hold_only_max_per_ip_connections():
+    with _plain_proxy(Limits(max_per_ip=2)) as (port, proxy):
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            _until(lambda: proxy.per_ip.get("127.0.0.1") == 2)
+            refused = _plain(port, b"")  # answered at once; a peer that sent bytes may see a reset instead
+            assert refused.startswith(b"HTTP/1.1 503") and b"from this address" in refused
+            held.pop().close()
+            _until(lambda: proxy.per_ip.get("127.0.0.1") == 1)
+            assert _plain(port, REQUEST + b"content-length: 0\r\n\r\n").startswith(b"HTTP/1.1 200")
+        finally:
+            for s in held:
+                s.close()
+        _until(lambda: not proxy.per_ip)  # every slot given back
+    assert proxy.counts == {"forwarded": 1, "refused": 1}
+
+
+def test_a_body_trickled_in_slower_than_the_deadline_is_cut_with_408():
+    """Each byte arrives well within the per-read timeout (5 s); the body is not whole by the deadline
+    (0.5 s), so the answer is 408 at the deadline, not a silent drop 5 s after the last byte."""
+    with _plain_proxy(Limits(request_timeout=0.5, read_timeout=5.0)) as (port, proxy):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(REQUEST + b"content-length: 100\r\n\r\n")
+            start = time.monotonic()
+            for _ in range(4):  # stops before the deadline: no unread bytes to turn the close into a reset
+                s.sendall(b"x")
+                time.sleep(0.08)
+            answer = s.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - start < 2.5
+    assert proxy.counts == {"forwarded": 0, "refused": 1}
+
+
+def test_the_proxy_cli_defaults_are_bounded():
+    assert Limits().max_body == 16 * 2**20 > 5 * 2**20 + 64 * 1024  # one of Flower's array chunks, with framing
+    assert (Limits().request_timeout, Limits().max_per_ip) == (120.0, 16)
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    assert FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE <= 5 * 2**20  # fails loudly when Flower's chunks grow
+
+
+def test_serve_refuses_insecure_on_a_public_address_unless_asked(tmp_path, capsys):
+    from simulations.deploy import is_loopback
+
+    for bind in ("0.0.0.0", "192.0.2.1", "::", "example.org"):
+        with pytest.raises(SystemExit) as exit_:
+            _main(["serve", str(tmp_path), "--insecure", "--bind", bind])
+        assert exit_.value.code == 2 and "--insecure-public" in capsys.readouterr().err
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.org"))
+    assert not list(tmp_path.iterdir())  # refused before anything was made or started
+
+
+def test_partition_nodes_are_named_the_runs_dataset(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    from simulations.deploy import node_configs_for, run_config_dataset
+
+    assert run_config_dataset([]) == "mnist10k"  # the app's default (the bundled sample)
+    assert run_config_dataset(['ipc=2 dataset="cifar10"', "iterations=3"]) == "cifar10"
+    assert run_config_dataset(['dataset="/data/a b.npz"']) == "/data/a b.npz"
+    configs = node_configs_for(2, "partition", tmp_path, "/data/a b.npz")
+    assert [parse_config_args([c]) for c in configs] == [
+        {"partition-id": i, "num-partitions": 2, "dataset": "/data/a b.npz"} for i in range(2)]
+    assert node_configs_for(2, "partition", tmp_path) == ["partition-id=0 num-partitions=2",
+                                                         "partition-id=1 num-partitions=2"]
+    with pytest.raises(ValueError, match="quote"):
+        node_configs_for(1, "partition", tmp_path, 'x" data-path="/etc/passwd')
 
 
 # ---------------------------------------------------------------- the ServerApp memory cap

@@ -276,7 +276,8 @@ def _declined(reply: Message) -> str:
 
 def test_default_limits_are_documented_and_a_misspelt_limit_is_an_error():
     limits = NodeLimits.from_node_config({})
-    assert (limits.threads, limits.iterations, limits.ipc, limits.model_mib) == (available_cpus(), 20_000, 50, 64)
+    assert (limits.threads, limits.iterations, limits.ipc, limits.model_mib, limits.local_epochs,
+            limits.batch_size) == (available_cpus(), 20_000, 50, 64, 50, 1024)
     assert NodeLimits.from_node_config({"limit-threads": "2"}).threads_for(8) == 2
     for bad in ({"limit-iteration": 5}, {"limit-ipc": 0}, {"limit-ipc": "many"}, {"limit-threads": 1.5}):
         with pytest.raises(ValueError, match="limit"):
@@ -299,11 +300,26 @@ def test_threads_are_cut_to_the_node_limit(task_identity):  # noqa: F811
     ({**TINY, "iterations": 11}, {"limit-iterations": 10}, "iterations 11 > limit-iterations 10"),
     ({**TINY, "ipc": 3}, {"limit-ipc": 2}, "ipc 3 > limit-ipc 2"),
     ({**DP, "ipc": 3}, {"limit-ipc": 2}, "ipc 3 > limit-ipc 2"),
+    ({**TINY, "algorithm": "fedavg", "local-epochs": 51}, {}, "local-epochs 51 > limit-local-epochs 50"),
+    ({**TINY, "algorithm": "fedavg", "local-epochs": 3}, {"limit-local-epochs": 2},
+     "local-epochs 3 > limit-local-epochs 2"),
+    ({**TINY, "algorithm": "fedavg", "local-batch-size": 2000}, {}, "local-batch-size 2000 > limit-batch-size 1024"),
+    ({**TINY, "batch-real": 17}, {"limit-batch-size": 16}, "batch-real 17 > limit-batch-size 16"),
 ])
 def test_a_task_over_the_node_limits_is_declined_with_the_limit_named(config, node, reason, task_identity,  # noqa: F811
                                                                       monkeypatch):
     monkeypatch.setattr("client.app.load_partition", _never)
     assert reason in _declined(app(_message(config), make_context(7, {**NODE, **node})))
+
+
+def test_fedavg_bounds_apply_only_to_fedavg_rounds():
+    """A distillation task never reads local-epochs or local-batch-size: a large one there is no work."""
+    limits = NodeLimits.from_node_config({"limit-local-epochs": 2, "limit-batch-size": 16})
+    big = {**TINY, "local-epochs": 3, "local-batch-size": 17}
+    assert limits.refusal(DistillTask.from_config(big)) is None
+    reason = limits.refusal(DistillTask.from_config({**big, "algorithm": "fedavg"}))
+    assert reason is not None and "local-epochs 3 > limit-local-epochs 2" in reason
+    assert "local-batch-size 17 > limit-batch-size 16" in reason
 
 
 def _never(*args, **kwargs):
