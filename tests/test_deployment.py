@@ -197,32 +197,6 @@ class _Upstream(BaseHTTPRequestHandler):
         pass
 
 
-@contextlib.contextmanager
-def _proxy_in_front_of_a_stub(files: TlsFiles, limits: Limits):
-    """The proxy on its own event loop thread, TLS on both hops, in front of :class:`_Upstream`."""
-    _Upstream.seen = []
-    upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    upstream.socket = server_context(str(files.server_cert), str(files.server_key)).wrap_socket(
-        upstream.socket, server_side=True)
-    threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    loop = asyncio.new_event_loop()
-    proxy = FleetProxy("127.0.0.1", upstream.server_address[1], upstream_context(str(files.superlink_ca)), limits,
-                       log=lambda msg: None)
-    server = loop.run_until_complete(proxy.serve("127.0.0.1", 0, server_context(str(files.server_cert),
-                                                                                 str(files.server_key))))
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.sockets[0].getsockname()[1], proxy
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        server.close()
-        loop.run_until_complete(server.wait_closed())
-        loop.close()
-        upstream.shutdown()
-
-
 def _raw(port: int, ca: Path, data: bytes) -> bytes:
     """Send raw bytes over TLS; the whole answer (the proxy closes after a refusal)."""
     ctx = ssl.create_default_context(cafile=str(ca))
@@ -272,15 +246,21 @@ def test_the_proxy_streams_fleet_requests_through_and_refuses_everything_else(tm
 
 
 @contextlib.contextmanager
-def _plain_proxy(limits: Limits):
-    """The proxy without TLS (these tests are about HTTP) in front of :class:`_Upstream`; yields
-    its port and the proxy (its connection table and counts)."""
+def _proxy_in_front_of_a_stub(files: TlsFiles | None, limits: Limits):
+    """The proxy on its own event loop thread in front of :class:`_Upstream`, TLS on both hops
+    (``files``) or none (tests about HTTP alone); yields its port and the proxy (its connection
+    table and counts)."""
     _Upstream.seen = []
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
+    if files is not None:
+        upstream.socket = server_context(str(files.server_cert), str(files.server_key)).wrap_socket(
+            upstream.socket, server_side=True)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
     loop = asyncio.new_event_loop()
-    proxy = FleetProxy("127.0.0.1", upstream.server_address[1], None, limits, log=lambda msg: None)
-    server = loop.run_until_complete(proxy.serve("127.0.0.1", 0, None))
+    proxy = FleetProxy("127.0.0.1", upstream.server_address[1],
+                       upstream_context(str(files.superlink_ca)) if files else None, limits, log=lambda msg: None)
+    tls = server_context(str(files.server_cert), str(files.server_key)) if files else None
+    server = loop.run_until_complete(proxy.serve("127.0.0.1", 0, tls))
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
@@ -293,6 +273,11 @@ def _plain_proxy(limits: Limits):
         loop.run_until_complete(server.wait_closed())
         loop.close()
         upstream.shutdown()
+
+
+def _plain_proxy(limits: Limits):
+    """:func:`_proxy_in_front_of_a_stub` without TLS."""
+    return _proxy_in_front_of_a_stub(None, limits)
 
 
 async def _cancel_others() -> None:
