@@ -74,8 +74,6 @@ def _target_pipeline(spec: dict, train: TrainConfig, targets: tuple = ()):
     if spec["kind"] == "real":
         pipe = make_pipeline("real", train)
     else:
-        if str(spec["method"]).startswith("dp"):
-            import privacy  # noqa: F401  (registers the DP methods before make_config)
         pipe = make_pipeline("distill", train, make_config(spec["method"], **spec.get("settings", {})))
     name = spec.get("name") or pipe.name
 

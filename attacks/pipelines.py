@@ -76,7 +76,5 @@ def make_pipeline(kind: str, train: TrainConfig, method: MethodConfig | None = N
     if kind == "distill":
         if method is None:
             raise ValueError("kind='distill' needs a method config")
-        if method.method.startswith("dp"):
-            import privacy  # noqa: F401  (registers dp-dm / dpsgd-gm with distill.methods)
         return DistillThenTrain(method, train, name=method.method)
     raise ValueError(f"unknown pipeline kind {kind!r}; known: ['real', 'distill']")

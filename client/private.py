@@ -34,7 +34,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import privacy  # noqa: F401 - registers the DP methods with distill.methods
 from distill.data import LabeledImages
 from distill.methods import distill, make_config
 from distill.synthetic import SyntheticSet

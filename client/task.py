@@ -21,7 +21,7 @@ import torch
 
 from distill.data import BUNDLED, Dataset, LabeledImages, dataset_key, load_dataset, load_npz, public_stats
 from distill.factors import BASE_KEY, Factors
-from distill.methods import distill, make_config
+from distill.methods import available_methods, distill, make_config
 from distill.parameterize import RHO_COMPOSES, check_options
 from distill.partition import PARTITIONERS, class_budget, partition, split_held_out
 from distill.synthetic import SetMetadata, SyntheticSet, concat_sets
@@ -34,7 +34,7 @@ def safe_run_key(name: str) -> str:
     """``name`` (the server's run store name) in the characters :data:`RUN_KEY` allows."""
     return re.sub(r"[^A-Za-z0-9._:-]", "_", name)[:200]
 INTEGER_FIELDS = ("round", "ipc", "iterations", "client_threads", "net_width", "net_depth", "seed")
-# ``dp`` values: no DP, or the name of a DP method that ``import privacy`` registers. Kept as
+# ``dp`` values: no DP, or the name of a DP method (privacy/, a lazy entry of distill.methods). Kept as
 # strings here so the server (which imports this module) never needs Opacus.
 DP_MODES = ("none", "dpsgd-gm", "dp-dm", "dp-mtt")
 DP_ACCOUNTANTS = ("rdp", "prv")
@@ -96,6 +96,8 @@ class DistillTask:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
         if self.partitioner not in PARTITIONERS:
             raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")
+        if self.method not in available_methods():  # at the server, before any client is asked
+            raise ValueError(f"unknown method {self.method!r}; known: {available_methods()}")
         if self.ipc < 1 or self.min_class_samples < 1 or self.samples_per_image < 1:
             raise ValueError(f"ipc, min_class_samples and samples_per_image must be >= 1: {self}")
         if not 0.0 <= self.holdout_fraction < 1.0:

@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import privacy  # noqa: E402,F401  (registers dp-dm, dpsgd-gm)
 from distill import load_dataset  # noqa: E402
 from distill.data import LabeledImages  # noqa: E402
 from distill.methods import distill, make_config  # noqa: E402

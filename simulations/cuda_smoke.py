@@ -51,10 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
-    try:
-        import privacy  # noqa: F401  (registers dp-dm, dpsgd-gm)
-    except ImportError as exc:
-        print(json.dumps({"note": f"DP methods skipped: {exc}"}), flush=True)
     data = load_dataset()
     rows = []
     for method in available_methods():

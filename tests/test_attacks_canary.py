@@ -72,7 +72,6 @@ def test_leaky_pipeline_gives_a_clearly_positive_bound(mnist):
 
 
 def test_dp_dm_canary_audit_stays_below_the_accountant(mnist):
-    import privacy  # noqa: F401
     from distill.methods import make_config
 
     train = TrainConfig(arch="mlp", arch_kwargs={"width": 32}, epochs=30, lr=0.05, batch_size=50, dsa=False)

@@ -134,7 +134,36 @@ def test_time_limit_stops_early_and_records_iterations_run(method, small_train):
 
 
 def test_time_limit_is_refused_under_dp():
-    import privacy  # noqa: F401  (registers the DP methods)
-
     with pytest.raises(ValueError, match="time_limit_s is not allowed under DP"):
         make_config("dp-dm", time_limit_s=10.0)
+
+
+def test_the_dp_methods_are_registered_without_importing_privacy():
+    """Lazy entries: a fresh interpreter lists and builds a DP method; privacy is imported on first use."""
+    import subprocess
+    import sys
+    code = ("import sys; from distill.methods import available_methods, make_config; "
+            "assert {'dp-dm', 'dpsgd-gm', 'dp-mtt'} <= set(available_methods()); "
+            "assert 'privacy' not in sys.modules; "
+            "cfg = make_config('dp-dm', ipc=1, iterations=2); "
+            "assert type(cfg).__module__ == 'privacy.dp_dm' and 'privacy' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def test_registering_a_name_twice_raises_unless_forced():
+    from distill.methods import _REGISTRY, register
+    saved = dict(_REGISTRY)
+    try:
+        with pytest.raises(ValueError, match="registered already"):
+            register("dm", "distill.methods.dm:DMConfig", "distill.methods.dm:distill")
+        register("dm", "distill.methods.dm:DMConfig", "distill.methods.dm:distill", force=True)
+        assert type(make_config("dm", ipc=1)).__name__ == "DMConfig"
+    finally:
+        _REGISTRY.clear()
+        _REGISTRY.update(saved)
+
+
+def test_an_unknown_method_fails_at_the_server_before_any_client_is_asked():
+    from server.settings import RunSettings
+    with pytest.raises(ValueError, match=r"unknown method 'dmm'; known: \[.*'dm'"):
+        RunSettings.from_run_config({"method": "dmm"})

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
 
-import privacy  # noqa: F401  (registers the DP methods)
 from distill.methods import distill, make_config
 from distill.networks import seeded_network
 from privacy.dp_gm import noisy_gradient

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from typing import Any, Callable
 
@@ -17,13 +18,25 @@ from . import dm, gm
 from .base import Callback, MethodConfig
 
 DistillFn = Callable[..., SyntheticSet]
+Entry = tuple[type[MethodConfig], dict[str, Any], DistillFn]
+Lazy = str  # "module:attribute", imported on first use
 
-# name -> (config class, fixed config values, distill function)
-_REGISTRY: dict[str, tuple[type[MethodConfig], dict[str, Any], DistillFn]] = {}
+# name -> (config class, fixed config values, distill function); a lazy entry holds "module:attr" strings
+_REGISTRY: dict[str, tuple[type[MethodConfig] | Lazy, dict[str, Any], DistillFn | Lazy]] = {}
 
 
-def register(name: str, config_cls: type[MethodConfig], fn: DistillFn, **fixed: Any) -> None:
-    """Make a method available by name; ``fixed`` pins config fields (e.g. DSA = DC + ``dsa=True``)."""
+def register(name: str, config_cls: type[MethodConfig] | Lazy, fn: DistillFn | Lazy, *, force: bool = False,
+             **fixed: Any) -> None:
+    """Make a method available by name; ``fixed`` pins config fields (e.g. DSA = DC + ``dsa=True``).
+
+    ``config_cls`` and ``fn`` may be ``"module:attribute"`` strings, imported when the method is first
+    used: a package that builds on ``distill`` (``privacy``) lists its methods here without
+    ``distill`` importing it, and without its users importing it for a side effect. A name
+    registered already raises ``ValueError`` unless ``force`` (a silent overwrite would change
+    what a config means).
+    """
+    if name in _REGISTRY and not force:
+        raise ValueError(f"method {name!r} is registered already; pass force=True to replace it")
     _REGISTRY[name] = (config_cls, {"method": name, **fixed}, fn)
 
 
@@ -31,10 +44,21 @@ def available_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def _lookup(name: str) -> tuple[type[MethodConfig], dict[str, Any], DistillFn]:
+def _resolve(target: Any) -> Any:
+    if not isinstance(target, str):
+        return target
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _lookup(name: str) -> Entry:
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {available_methods()}")
-    return _REGISTRY[name]
+    config_cls, fixed, fn = _REGISTRY[name]
+    if isinstance(config_cls, str) or isinstance(fn, str):
+        config_cls, fn = _resolve(config_cls), _resolve(fn)
+        _REGISTRY[name] = (config_cls, fixed, fn)
+    return config_cls, fixed, fn  # type: ignore[return-value]
 
 
 def config_fields(name: str) -> dict[str, dataclasses.Field]:
@@ -111,5 +135,10 @@ from . import cafe, mtt  # noqa: E402  (trajectory and feature matching, issue 8
 
 register("mtt", mtt.MTTConfig, mtt.distill)
 register("cafe", cafe.CAFEConfig, cafe.distill)
+# Example-level DP methods live in privacy/ (which builds on distill, never the reverse): named
+# here, imported on first use (Opacus with them).
+register("dp-dm", "privacy.dp_dm:DPDMConfig", "privacy.dp_dm:distill")
+register("dpsgd-gm", "privacy.dp_gm:DPGMConfig", "privacy.dp_gm:distill")
+register("dp-mtt", "privacy.dp_experts:DPMTTConfig", "privacy.dp_experts:distill")
 
 __all__ = ["available_methods", "coerce_settings", "config_fields", "distill", "make_config", "register", "MethodConfig"]
