@@ -33,6 +33,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
 
 from client.task import DP_MODES, NODE_DATASETS_ENV  # noqa: E402
+from distill.methods import available_methods  # noqa: E402
 from server.settings import RunSettings  # noqa: E402
 
 
@@ -50,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default="mnist10k", help="mnist10k (bundled), a torchvision name or an .npz path")
     p.add_argument("--partitioner", choices=("iid", "dirichlet", "shards"), default="dirichlet")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
-    p.add_argument("--method", default="dm", help="distillation method: dm, dc, dsa")
+    p.add_argument("--method", default="dm", choices=[m for m in available_methods() if m not in DP_MODES],
+                   help="distillation method (DP methods: --dp)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class per client")
     p.add_argument("--iterations", type=int, default=None, help="distillation iterations per client")
     p.add_argument("--param", choices=("pixels", "idc", "haba", "latent"), default=None,
