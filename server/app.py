@@ -8,6 +8,7 @@ script fix settings in code instead.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable, Mapping
 
 from flwr.app import Context
@@ -50,6 +51,24 @@ def _finish(store: RunStore, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def stream_progress() -> bool:
+    """Send fedistill's INFO lines (each round, the run store, the final accuracy) to stderr, which
+    Flower mirrors into ``flwr run --stream`` and ``flwr log``; without a handler Python drops INFO.
+
+    Only where nothing else prints them (the root logger has no handler: a bare ServerApp
+    process), so a script's or pytest's own logging never shows a line twice. True if installed.
+    """
+    logger = logging.getLogger("fedistill")
+    if logging.getLogger().handlers or any(getattr(h, "fedistill_stream", False) for h in logger.handlers):
+        return False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.fedistill_stream = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("[fedistill] %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return True
+
+
 def make_server_app(on_round: OnRound | None = None, on_done: OnDone | None = None,
                     on_reply: OnReply | None = None, **overrides: Any) -> ServerApp:
     """A ServerApp whose settings are the run-config overlaid by ``overrides`` (kebab or snake keys)."""
@@ -57,6 +76,7 @@ def make_server_app(on_round: OnRound | None = None, on_done: OnDone | None = No
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        stream_progress()
         summary = run(grid, context.run_config, on_round, on_reply, **overrides)
         if on_done is not None:
             on_done(summary)

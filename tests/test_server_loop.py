@@ -101,3 +101,20 @@ def test_a_three_client_idc_run_accepts_factorised_sets_and_resumes_them(tmp_pat
     _, state = open_run(settings, load_dataset().info)
     assert len(state.pool) == 3 and all(s.factors is not None for _, s in state.pool.items())
     assert state.pool.num_images() == metrics["pool-images"]
+
+
+def test_a_bare_serverapp_process_streams_fedistills_progress_to_stderr(capsys, monkeypatch):
+    """Flower mirrors the ServerApp's stderr into `flwr run --stream`; INFO lines reach it only with a handler."""
+    import logging
+
+    from server.app import stream_progress
+    root, logger = logging.getLogger(), logging.getLogger("fedistill")
+    monkeypatch.setattr(root, "handlers", [])  # a bare process: nothing configured logging
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logger.level)
+    assert stream_progress() and not stream_progress()  # installed once
+    logging.getLogger("fedistill.server").info("round 1/1: 3 of 3 replies accepted")
+    assert "[fedistill] round 1/1: 3 of 3 replies accepted" in capsys.readouterr().err
+    monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
+    monkeypatch.setattr(logger, "handlers", [])
+    assert not stream_progress()  # a script or pytest that configured logging prints its own lines
