@@ -1,4 +1,4 @@
-"""``python -m attacks.audit <run store dir | audit config .json> --out DIR``: report.json + report.html.
+"""``python -m attacks.audit <run store dir | audit config .json> --out DIR``: report.json, report.html, report.csv.
 
 A directory with ``config.json`` is a run store (:mod:`attacks.store_audit`); a ``.json`` file
 is a central-scenario config (:class:`attacks.central.CentralConfig`; ``{}`` takes the defaults).
@@ -20,7 +20,7 @@ from .central import CentralConfig, clean_floor, run_central
 from .membership import AttackResult
 from .metrics import calibration_size
 from .report import (accuracy_epsilon_figure, bars_figure, has_epsilon_sweep, render_html, roc_figure,
-                     thumbnails_figure)
+                     thumbnails_figure, verdict_lines, write_csv)
 from .store_audit import audit_store
 
 QUICK = dict(pool_size=100, shadows=4,
@@ -88,7 +88,10 @@ def canary_line(r: dict[str, Any]) -> str:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """The verdict in numbers: strongest attack per target at 1% FPR, backdoor ASR/CTA, epsilon bounds."""
+    """The verdict in numbers: strongest attack per target at 1% FPR, backdoor ASR/CTA, epsilon bounds.
+
+    Stored as ``report["summary"]["lines"]``; the console and the top of report.html both show
+    them through :func:`attacks.report.verdict_lines`."""
     lines = []
     by_target: dict[str, list[dict]] = defaultdict(list)
     for a in report["membership_inference"]["attacks"]:
@@ -150,7 +153,8 @@ def read_privacy_results(path: str | Path) -> list[dict[str, Any]]:
 def run_audit(source: str | Path, out: str | Path, quick: bool = False, num_partitions: int | None = None,
               max_clients: int = 10, progress: bool = True,
               privacy_results: str | Path | None = None) -> dict[str, Any]:
-    """Audit ``source``, write ``report.json`` and ``report.html`` under ``out``; returns the JSON report.
+    """Audit ``source``, write ``report.json``, ``report.html`` and ``report.csv`` (the HTML's table rows)
+    under ``out``; returns the JSON report.
 
     ``privacy_results`` (a ``bench_privacy`` results.json / rows.jsonl) adds its rows to the
     accuracy-vs-epsilon plot of the DP audit section."""
@@ -183,13 +187,14 @@ def run_audit(source: str | Path, out: str | Path, quick: bool = False, num_part
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     figs = figures_for(results, report["backdoor"].get("rows", []), dp.get("accuracy_vs_epsilon"), exposed)
     (out / "report.html").write_text(render_html(report, figs))
+    write_csv(report, out / "report.csv")
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m attacks.audit", description=__doc__.splitlines()[0])
     p.add_argument("source", help="run store directory (runs/<time>-<name>) or audit config .json")
-    p.add_argument("--out", required=True, help="directory for report.json and report.html")
+    p.add_argument("--out", required=True, help="directory for report.json, report.html and report.csv")
     p.add_argument("--quick", action="store_true", help="tiny central scenario (smoke test)")
     p.add_argument("--num-partitions", type=int, default=None,
                    help="partitions of the stored run (default: number of clients in the store)")
@@ -199,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     report = run_audit(args.source, args.out, args.quick, args.num_partitions, args.max_clients,
                        privacy_results=args.privacy_results)
-    print("\n".join(report["summary"]["lines"]))
-    print(f"wrote {Path(args.out) / 'report.html'} and report.json")
+    print("\n".join(verdict_lines(report)))
+    print(f"wrote {Path(args.out) / 'report.html'}, report.csv and report.json")
 
 
 if __name__ == "__main__":

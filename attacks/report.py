@@ -1,16 +1,19 @@
-"""The audit report: plots as base64 PNGs, one self-contained HTML page, and a summary in numbers.
+"""The audit report: plots as base64 PNGs, one self-contained HTML page, a CSV of its tables, and the verdicts.
 
 Sections, always in this order and always present (an empty one says why it is empty):
-Membership inference, Backdoor, DP audit, Summary.
+Summary (the verdict lines, as the console prints them, and a legend of the attacks),
+Membership inference, Backdoor, DP audit; then the configuration, collapsed.
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 import json
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 import matplotlib
@@ -20,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from .membership import AttackResult  # noqa: E402
 
-SECTIONS = ("Membership inference", "Backdoor", "DP audit", "Summary")
+SECTIONS = ("Summary", "Membership inference", "Backdoor", "DP audit")
 
 
 def _png(fig: plt.Figure) -> str:
@@ -138,34 +141,132 @@ CANARY_COLUMNS = ["target", "canaries", "included", "runs", "score", "guesses", 
                   "delta"]
 
 
+ATTACK_LEGEND = {  # one sentence per attack: what it measures
+    "loss": "loss: the target model's loss on a record; members tend to have lower loss.",
+    "confidence": "confidence: the target model's softmax probability of the true label; members tend to score higher.",
+    "distance-pixel": "distance-pixel: pixel distance from a record to the nearest synthetic image of its class; "
+                      "a distilled set that copies its members sits close to them.",
+    "distance-feature": "distance-feature: the same nearest-synthetic distance, measured in a network's feature space.",
+    "lira-online": "lira-online: LiRA's likelihood ratio of the record's scaled logit under shadow models trained "
+                   "with (IN) and without (OUT) it (Carlini et al. 2022).",
+    "lira-offline": "lira-offline: LiRA with OUT shadows only: how far the record's scaled logit lies above its "
+                    "OUT distribution.",
+    "rmia-online": "rmia-online: RMIA's pairwise likelihood ratio of the record against population points, "
+                   "with all reference models (Zarifzadeh et al. 2024).",
+    "rmia-offline": "rmia-offline: RMIA with OUT reference models only, Pr(x) rescaled by the tuned factor a.",
+    "naive": "naive (backdoor): a fraction of the client's images stamped with a fixed trigger and relabelled; "
+             "ASR = triggered test images sent to the target class, CTA = clean test accuracy.",
+    "doorping": "doorping (backdoor): the trigger optimised during distillation (Liu et al. NDSS 2023); "
+                "ASR and CTA as for naive.",
+    "clean": "clean (backdoor): no poisoning; its ASR is the floor the attacks are read against.",
+    "patch brightness": "patch brightness (backdoor, run store): mean bottom-right patch brightness per class; "
+                        "a naive trigger shows as one class far brighter than the rest.",
+    "canary audit": "canary audit (DP): canaries inserted at random and scored; a lower bound on epsilon with "
+                    "its ceiling, to set against the accountant's epsilon.",
+    "empirical epsilon": "empirical epsilon (DP): a lower bound on epsilon from a membership attack's "
+                         "TPR/FPR trade-off.",
+}
+
+
+def verdict_lines(report: dict[str, Any]) -> list[str]:
+    """The one-line verdicts (``report["summary"]["lines"]``, from ``attacks.audit.summary_lines``):
+    what ``python -m attacks.audit`` prints and what report.html opens with."""
+    return list(report.get("summary", {}).get("lines") or ["nothing was audited"])
+
+
+def legend_lines(report: dict[str, Any]) -> list[str]:
+    """One sentence per attack that appears in ``report``, in :data:`ATTACK_LEGEND`'s order."""
+    present = {a.get("attack") for a in report.get("membership_inference", {}).get("attacks", [])}
+    backdoor = report.get("backdoor", {}).get("rows", [])
+    present |= {r.get("name") for r in backdoor}
+    if backdoor and "brightest_patch_class" in backdoor[0]:
+        present.add("patch brightness")
+    dp = report.get("dp_audit", {})
+    if dp.get("canary_rows"):
+        present.add("canary audit")
+    if dp.get("rows"):
+        present.add("empirical epsilon")
+    return [text for name, text in ATTACK_LEGEND.items() if name in present]
+
+
+def report_tables(report: dict[str, Any]) -> list[tuple[str, str, str, list[dict[str, Any]], list[str]]]:
+    """``(section, table id, title, rows, columns)`` of every table in the report: the HTML and the CSV
+    (whose ``table`` column holds the id) both read these."""
+    tables = []
+    mia = report.get("membership_inference", {})
+    if mia.get("attacks"):
+        tables.append(("Membership inference", "membership_inference", "", mia["attacks"], MIA_COLUMNS))
+    rows = report.get("backdoor", {}).get("rows")
+    if rows:
+        tables.append(("Backdoor", "backdoor", "", rows, list(rows[0].keys())))
+    dp = report.get("dp_audit", {})
+    if dp.get("canary_rows"):
+        tables.append(("DP audit", "dp_canary_audit", "Canary audit: empirical lower bound vs accountant epsilon",
+                       dp["canary_rows"], CANARY_COLUMNS))
+    if dp.get("rows"):
+        tables.append(("DP audit", "dp_membership_attacks", "From the membership attacks", dp["rows"],
+                       list(dp["rows"][0].keys())))
+    return tables
+
+
+CSV_TABLE_COLUMN = "table"
+
+
+def csv_cell(v: Any) -> str:
+    """A value as written to report.csv: numbers in full precision, lists as JSON, missing as empty."""
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def write_csv(report: dict[str, Any], path: str | Path) -> None:
+    """report.csv: every row of the report's tables, one header row (``table`` + the union of their columns)."""
+    tables = report_tables(report)
+    columns = [CSV_TABLE_COLUMN]
+    for *_, cols in tables:
+        columns += [c for c in cols if c not in columns]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for _, table_id, _, rows, cols in tables:
+            for r in rows:
+                w.writerow([table_id] + [csv_cell(r.get(c)) if c in cols else "" for c in columns[1:]])
+
+
 def render_html(report: dict[str, Any], figures: dict[str, list[str]]) -> str:
-    """One page: every section of :data:`SECTIONS`, tables from ``report``, ``figures[section]`` PNGs."""
+    """One page: the verdict lines and a legend of the attacks first, then every other section of
+    :data:`SECTIONS` (tables from :func:`report_tables`, ``figures[section]`` PNGs), the
+    configuration last inside a collapsed ``<details>``. Every text is escaped."""
+    esc = html.escape
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>fedistill audit</title><style>",
              "body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse;"
              "font-size:12px}td,th{border:1px solid #ccc;padding:2px 6px}img{margin:4px}</style></head><body>",
-             f"<h1>fedistill audit report</h1><p>Source: {html.escape(str(report.get('source', '')))}</p>",
-             "<h2>Configuration</h2><pre>" + html.escape(json.dumps(report.get("config", {}), indent=1,
-                                                                    sort_keys=True, default=str)) + "</pre>"]
+             f"<h1>fedistill audit report</h1><p>Source: {esc(str(report.get('source', '')))}</p>"]
+    tables = report_tables(report)
     for section in SECTIONS:
         key = section.lower().replace(" ", "_")
-        parts.append(f"<h2 id='{key}'>{section}</h2>")
+        parts.append(f"<h2 id='{key}'>{esc(section)}</h2>")
+        if section == "Summary":
+            parts.append("<ul class='verdicts'>" + "".join(f"<li>{esc(s)}</li>" for s in verdict_lines(report))
+                         + "</ul>")
+            legend = legend_lines(report)
+            if legend:
+                parts.append("<h3>Attacks</h3><ul class='legend'>"
+                             + "".join(f"<li>{esc(s)}</li>" for s in legend) + "</ul>")
+            continue
         body = report.get(key, {})
         for note in body.get("notes", []):
-            parts.append(f"<p>{html.escape(note)}</p>")
-        if section == "Membership inference" and body.get("attacks"):
-            parts.append(_table(body["attacks"], MIA_COLUMNS))
-        elif section == "Backdoor" and body.get("rows"):
-            parts.append(_table(body["rows"], list(body["rows"][0].keys())))
-        elif section == "DP audit":
-            if body.get("canary_rows"):
-                parts.append("<h3>Canary audit: empirical lower bound vs accountant epsilon</h3>")
-                parts.append(_table(body["canary_rows"], CANARY_COLUMNS))
-            if body.get("rows"):
-                parts.append("<h3>From the membership attacks</h3>")
-                parts.append(_table(body["rows"], list(body["rows"][0].keys())))
-        elif section == "Summary":
-            parts.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in body.get("lines", [])) + "</ul>")
+            parts.append(f"<p>{esc(str(note))}</p>")
+        for _, _, title, rows, columns in (t for t in tables if t[0] == section):
+            if title:
+                parts.append(f"<h3>{esc(title)}</h3>")
+            parts.append(_table(rows, columns))
         for png in figures.get(section, []):
-            parts.append(f"<img src='data:image/png;base64,{png}'>")
+            parts.append(f"<img src='data:image/png;base64,{esc(png)}'>")
+    parts.append("<details id='configuration'><summary>Configuration</summary><pre>"
+                 + esc(json.dumps(report.get("config", {}), indent=1, sort_keys=True, default=str))
+                 + "</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)

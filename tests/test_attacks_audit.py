@@ -1,6 +1,9 @@
 """The audit report builds from a tiny run store (and a tiny central config) and names every section."""
 
+import csv
+import html as html_lib
 import json
+import re
 import subprocess
 import sys
 
@@ -9,7 +12,7 @@ import pytest
 import torch
 
 from attacks.audit import run_audit
-from attacks.report import SECTIONS
+from attacks.report import SECTIONS, csv_cell, render_html, report_tables, verdict_lines
 from attacks.metrics import auc, roc_curve
 from attacks.store_audit import cap_note, class_matched_indices, client_members, read_store
 from distill.networks import seeded_network
@@ -34,6 +37,37 @@ def tiny_store(tmp_path, mnist):
     store.save_model(seeded_network("convnet", 1, 10, (28, 28), seed=0, width=8, depth=2).state_dict())
     store.write_json("summary.json", {"accuracy": 0.1})
     return store.root
+
+
+def check_layout_and_csv(report, out):
+    """Verdicts first (the console's lines, escaped), then the tables, the config last in <details>;
+    report.csv holds the HTML tables' rows under one header."""
+    page = (out / "report.html").read_text()
+    headings = re.findall(r"<h([12])[^>]*>(.*?)</h\1>", page)
+    assert headings[0] == ("1", "fedistill audit report") and headings[1] == ("2", "Summary")
+    top = page.split(">Summary</h2>")[1].split("<h2")[0]
+    lines = verdict_lines(report)
+    assert lines == report["summary"]["lines"]
+    assert re.findall(r"<li>(.*?)</li>", top.split("<h3>Attacks</h3>")[0]) == [html_lib.escape(s) for s in lines]
+    assert "<h3>Attacks</h3>" in top and "<table" not in top
+    assert page.index(">Summary</h2>") < page.index("<table")
+    attacks = {a["attack"] for a in report["membership_inference"]["attacks"]}
+    assert all(any(li.startswith(html_lib.escape(a) + ":") for li in re.findall(r"<li>(.*?)</li>", top))
+               for a in attacks)  # one legend sentence per attack
+    details = page.rindex("<details")
+    assert details > page.rindex("<table") and details > page.rindex("<img")
+    assert "<summary>Configuration</summary>" in page[details:] and "Configuration</h2>" not in page
+    assert page[details:].split("</details>")[1].strip() == "</body></html>"
+    with open(out / "report.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    expected = [(tid, r, cols) for _, tid, _, rows, cols in report_tables(report) for r in rows]
+    assert len(got) == len(expected) == page.count("<tr>") - len(report_tables(report))  # minus header rows
+    for row, (tid, r, cols) in zip(got, expected):
+        assert row["table"] == tid
+        assert all(row[c] == csv_cell(r.get(c)) for c in cols)
+        assert all(v == "" for c, v in row.items() if c != "table" and c not in cols)
+        if tid == "membership_inference":
+            assert float(row["auc"]) == r["auc"] and json.loads(row["tpr_at_1pct_ci"]) == list(r["tpr_at_1pct_ci"])
 
 
 def test_members_are_the_clients_distilled_partition(tiny_store):
@@ -69,6 +103,7 @@ def test_report_builds_from_a_tiny_run_store(tiny_store, tmp_path):
     assert by_target["set of client 0"]["members"] == by_target["set of client 0"]["non_members"] == 1800
     assert any(n.startswith("global model: too few test images") for n in notes)
     assert "fpr_at_1pct_heldout" in html and "tpr_at_1pct_p_value" in html
+    check_layout_and_csv(report, tmp_path / "out")
 
 
 def class_only_auc(labels_in, labels_out, seed):
@@ -135,6 +170,27 @@ def test_report_builds_from_a_tiny_central_config(tmp_path, mnist):
     assert [r["name"] for r in report["backdoor"]["rows"]] == ["clean", "naive"]
     assert {a["attack"] for a in report["membership_inference"]["attacks"]} >= {"loss", "lira-online", "lira-offline",
                                                                              "rmia-online", "rmia-offline"}
+    check_layout_and_csv(report, tmp_path / "out")
+    assert {r["table"] for r in csv.DictReader(open(tmp_path / "out" / "report.csv", newline=""))} == {
+        "membership_inference", "backdoor", "dp_canary_audit", "dp_membership_attacks"}
+
+
+def test_report_escapes_every_text_and_the_console_prints_the_html_verdicts(tmp_path, monkeypatch, capsys):
+    import attacks.audit as audit
+
+    evil = "<script>alert(1)</script>"
+    report = {"source": f"runs/{evil}", "config": {"name": evil},
+              "summary": {"lines": [f"t: leaks {evil}", "b: p <= 0.05 & more"]},
+              "membership_inference": {"notes": [evil], "attacks": [
+                  {"target": evil, "attack": "loss", "auc": 0.5, "tpr_at_1pct_ci": [0.0, 0.1]}]},
+              "backdoor": {"rows": [{"name": evil, "asr": 0.1, "cta": 0.9}]}, "dp_audit": {}}
+    page = render_html(report, {"Backdoor": ["AAAA"]})
+    assert "<script" not in page and page.count("&lt;script&gt;") >= 6
+    assert "<li>t: leaks &lt;script&gt;alert(1)&lt;/script&gt;</li>" in page and "p &lt;= 0.05 &amp; more" in page
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: report)
+    audit.main(["x.json", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:2] == verdict_lines(report) == report["summary"]["lines"]
 
 
 def test_attacks_never_import_flower():
