@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from distill.data import Dataset, LabeledImages
 from distill.methods import make_config
@@ -24,6 +23,7 @@ from .experiment import MembershipReport, run_membership
 from .membership import audit_pool
 from .metrics import epsilon_lower_bound_from_scores
 from .pipelines import make_pipeline
+from distill.progress import progress as progress_bar
 
 DP_AUDIT_ATTACK = ("lira-online", "loss")  # fixed before looking at any scores
 
@@ -90,7 +90,7 @@ def membership_section(cfg: CentralConfig, data: Dataset, progress: bool) -> lis
     train = TrainConfig(**cfg.train)
     pool = audit_pool(data.train, cfg.pool_size, cfg.seed)
     reports = []
-    for spec in tqdm(cfg.targets, desc="membership targets", disable=not progress):
+    for spec in progress_bar(cfg.targets, "membership targets", progress):
         rep = run_membership(_target_pipeline(spec, train, cfg.targets), pool, data.test, cfg.shadows, cfg.seed, progress=progress)
         reports.append(rep)
     return reports
@@ -124,7 +124,7 @@ def canary_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[Ca
     canaries = make_canaries(kind, source, count, cfg.seed)
     train = TrainConfig(**cfg.train)
     audits = []
-    for spec in tqdm(cfg.targets, desc="canary audit", disable=not progress):
+    for spec in progress_bar(cfg.targets, "canary audit", progress):
         pipe = _target_pipeline(spec, train, cfg.targets)
         score = c.get("score", "loss")
         audits.append(canary_audit(pipe, client, canaries, kind=kind, score=score, seed=cfg.seed,
@@ -150,7 +150,7 @@ def backdoor_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[
 
     steps = ["clean", "naive"] + (["doorping"] if b.get("doorping") else [])
     rows = []
-    for step in tqdm(steps, desc="backdoor", disable=not progress):
+    for step in progress_bar(steps, "backdoor", progress):
         if step == "clean":
             rows.append(evaluate("clean", client, trigger))
         elif step == "naive":

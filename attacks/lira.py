@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.stats import norm
-from tqdm.auto import tqdm
 
 from distill.data import LabeledImages
 
 from .membership import AttackResult, split_pool
 from .pipelines import Pipeline
 from .signals import DEFAULT_SHIFTS, query_logits, scaled_logit
+from distill.progress import progress as progress_bar
 
 
 @dataclass
@@ -58,7 +58,7 @@ def train_shadows(pipeline: Pipeline, pool: LabeledImages, n_shadows: int, seed:
     if n_shadows < 2:
         raise ValueError(f"LiRA needs at least 2 shadows, got {n_shadows}")
     masks, signals, pop = [], [], []
-    for s in tqdm(range(n_shadows), desc="shadows", disable=not progress, leave=False):
+    for s in progress_bar(range(n_shadows), "shadows", progress, leave=False):
         shadow_seed = int(np.random.SeedSequence([seed, s]).generate_state(1)[0] % (2**31))
         mask = split_pool(len(pool), shadow_seed)
         out = pipeline(pool.subset(np.flatnonzero(mask)), shadow_seed)

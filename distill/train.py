@@ -12,11 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .augment import DSA
 from .data import LabeledImages
 from .networks import seeded_network
+from .progress import progress as progress_bar
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
     opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
     n = x.shape[0]
-    for epoch in tqdm(range(config.epochs), desc="train", disable=not progress, leave=False):
+    for epoch in progress_bar(range(config.epochs), "train", progress, leave=False):
         if epoch == config.epochs // 2:
             for group in opt.param_groups:
                 group["lr"] = config.lr * 0.1
@@ -113,7 +113,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, test: LabeledImages, co
     """Train one fresh network per seed on (images, labels) and test each on ``test``."""
     info = test.info
     accs = []
-    for s in tqdm(seeds, desc=f"evaluate {config.arch}", disable=not progress, leave=False):
+    for s in progress_bar(seeds, f"evaluate {config.arch}", progress, leave=False):
         net = seeded_network(config.arch, info.channels, info.num_classes, (info.height, info.width),
                              seed=s, device=config.device, **config.arch_kwargs)
         train_network(net, images, labels, config, seed=s)

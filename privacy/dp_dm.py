@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from distill.augment import DSA
 from distill.data import LabeledImages
@@ -31,6 +30,7 @@ from .config import DPConfig, privacy_plan, refuse_coupling_layers
 from .layout import class_counts, public_layout
 from .noise import clip_rows, noisy_class_sums, poisson_sample
 from .randomness import noise_generator
+from distill.progress import progress
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def distill(real: LabeledImages, config: DPDMConfig, *, callback: Callback | Non
     dsa = DSA(config.dsa_strategy) if config.dsa else None
     opt = torch.optim.SGD(plan.parameters(), lr=config.lr_img, momentum=config.momentum)
     k, (h, w) = real.info.num_classes, real.info.image_shape[1:]
-    bar = tqdm(range(plan_dp.steps), desc="DP-DM", disable=not config.progress)
+    bar = progress(range(plan_dp.steps), "DP-DM", config.progress)
     for it in bar:
         net = refuse_coupling_layers(make_network(config, real, seed=config.seed * 100_003 + it), config.method)
         for p in net.parameters():

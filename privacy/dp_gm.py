@@ -21,7 +21,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 from opacus import GradSampleModule
-from tqdm.auto import tqdm
 
 from distill.augment import DSA
 from distill.data import LabeledImages
@@ -33,6 +32,7 @@ from .config import DPConfig, privacy_plan, refuse_coupling_layers
 from .layout import class_counts, expected_total, public_layout
 from .noise import clip_and_sum_grad_samples, gaussian_noise, poisson_sample
 from .randomness import noise_generator
+from distill.progress import progress
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def distill(real: LabeledImages, config: DPGMConfig, *, callback: Callback | Non
     dsa = DSA(config.dsa_strategy) if config.dsa else None
     h, w = real.info.image_shape[1:]
     opt = torch.optim.SGD(plan.parameters(), lr=config.lr_img, momentum=config.momentum)
-    bar = tqdm(range(config.iterations), desc="DP-GM", disable=not config.progress)
+    bar = progress(range(config.iterations), "DP-GM", config.progress)
     for it in bar:
         net = refuse_coupling_layers(make_network(config, real, seed=config.seed * 100_003 + it), config.method)
         params = list(net.parameters())

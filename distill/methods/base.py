@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from ..augment import DEFAULT_STRATEGY
 from ..data import LabeledImages
@@ -15,6 +14,7 @@ from ..networks import seeded_network
 from ..parameterize import (RHO_COMPOSES, Parameterization, check_options, decoded_per_base,
                             make_parameterization, real_per_base)
 from ..synthetic import SetMetadata, SyntheticSet
+from ..progress import progress
 
 INITS = ("real", "noise")
 Callback = Callable[[int, float], None]  # (iteration, loss) after each outer iteration
@@ -193,7 +193,7 @@ class OuterLoop:
     """
 
     def __init__(self, config: MethodConfig, desc: str) -> None:
-        self.bar = tqdm(range(config.iterations), desc=desc, disable=not config.progress)
+        self.bar = progress(range(config.iterations), desc, config.progress)
         limit = config.time_limit_s
         self.deadline = None if limit is None else time.monotonic() + limit
         self.done = 0
