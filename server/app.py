@@ -63,7 +63,7 @@ def stream_progress() -> bool:
         return False
     handler = logging.StreamHandler(sys.stderr)
     handler.fedistill_stream = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter("[fedistill] %(message)s"))
+    handler.setFormatter(logging.Formatter("%(message)s"))  # the lines say "fedistill: ..." themselves
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     return True

@@ -127,7 +127,7 @@ def run_fedavg(grid: Grid, settings: RunSettings, store: RunStore, test: Labeled
                   "elapsed-seconds": time.perf_counter() - start, **strategy.round_faults(server_round)}
         store.save_model(net.state_dict())
         store.append_metrics(record)
-        log.info("FedAvg round %d/%d: accuracy %.4f, %.3f MB uploaded per client, %d replies refused",
+        log.info("fedistill: FedAvg round %d/%d: accuracy %.4f, %.3f MB uploaded per client, %d replies refused",
                  server_round, settings.rounds, acc, record["mb-uploaded-per-client"], record.get("rejected", 0))
         if on_round is not None:
             on_round(record)

@@ -374,7 +374,8 @@ def run_fedistill(grid: Grid, settings: RunSettings, store: RunStore, test: Labe
         record["elapsed-seconds"] = time.perf_counter() - start
         store.append_metrics(record)  # the round's last write: from here on it is complete
         state.last_round = rnd
-        log.info("round %d/%d: %d of %d replies accepted (rejected: %s), pool %d sets, accuracy %s, %.0f s",
+        log.info("fedistill: round %d/%d: %d of %d replies accepted (rejected: %s), pool %d sets, accuracy %s, "
+                 "%.0f s",
                  rnd, settings.rounds, record["accepted"], record["sent"],
                  {k[len("rejected-"):]: v for k, v in record.items() if k.startswith("rejected-")} or "none",
                  record["pool-clients"], f"{record['accuracy']:.4f}" if "accuracy" in record else "not trained",

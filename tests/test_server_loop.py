@@ -113,8 +113,8 @@ def test_a_bare_serverapp_process_streams_fedistills_progress_to_stderr(capsys, 
     monkeypatch.setattr(logger, "handlers", [])
     monkeypatch.setattr(logger, "level", logger.level)
     assert stream_progress() and not stream_progress()  # installed once
-    logging.getLogger("fedistill.server").info("round 1/1: 3 of 3 replies accepted")
-    assert "[fedistill] round 1/1: 3 of 3 replies accepted" in capsys.readouterr().err
+    logging.getLogger("fedistill.server").info("fedistill: round 1/1: 3 of 3 replies accepted")
+    assert "fedistill: round 1/1: 3 of 3 replies accepted\n" in capsys.readouterr().err
     monkeypatch.setattr(root, "handlers", [logging.NullHandler()])
     monkeypatch.setattr(logger, "handlers", [])
     assert not stream_progress()  # a script or pytest that configured logging prints its own lines
