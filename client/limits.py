@@ -20,8 +20,8 @@ Node-config keys (defaults in brackets):
 - ``limit-batch-size`` [1024]: ``batch-real`` (real images per class per distillation step) and,
   in a FedAvg round, ``local-batch-size``: a batch's activations are what costs memory.
 
-A task over ``limit-iterations``, ``limit-ipc``, ``limit-local-epochs`` or ``limit-batch-size`` is declined (kind "policy", the reason names the
-limit). A global model must have exactly the tensors of the network the node builds for the task
+A task over ``limit-iterations``, ``limit-ipc``, ``limit-local-epochs`` or ``limit-batch-size`` is
+declined (kind "policy", the reason names the limit). A global model must have exactly the tensors of the network the node builds for the task
 (:func:`client.local.expected_state`): the same names, shapes and dtypes, finite values; anything
 else is declined before it is loaded.
 """

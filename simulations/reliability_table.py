@@ -43,7 +43,8 @@ def kills_table(k: dict) -> str:
             ("killed by a real SIGKILL at the point", k["killed-by-sigkill"]),
             ("kills that left a temp file", k["kills-leaving-a-temp-file"]),
             ("accepted sets at the kill / lost", f"{k['sets-accepted-at-kill']} / {k['sets-lost']}"),
-            ("resumed runs identical to the uninterrupted run", f"{k['identical-to-uninterrupted']} / {k['of-resumable']}"),
+            ("resumed runs identical to the uninterrupted run",
+             f"{k['identical-to-uninterrupted']} / {k['of-resumable']}"),
             ("kills before config.json existed (resume refused: nothing accepted yet)", k["refused-no-config-yet"]),
             ("wall time", f"{k['seconds']:.0f} s")]
     return "\n".join(["| figure | value |", "| --- | --- |", *[f"| {a} | {b} |" for a, b in rows]])
@@ -80,7 +81,8 @@ def fuzz_table(counts: dict) -> str:
 
 
 def chunk_table(rows: list[dict]) -> str:
-    out = ["| forged Array object | plus one chunk | bytes sent | bytes materialised | peak RSS growth | inflate time |",
+    out = ["| forged Array object | plus one chunk | bytes sent | bytes materialised | peak RSS growth "
+           "| inflate time |",
            "| --- | --- | --- | --- | --- | --- |"]
     out += [f"| {r['array-object-bytes']:,} B ({r['repeat']:,} references) | {r['chunk-bytes'] >> 20} MiB | "
             f"{r['bytes-sent']:,} | {r['bytes-materialised']:,} ({r['bytes-materialised'] / 2**20:,.0f} MiB) | "
