@@ -40,6 +40,7 @@ from .rounds import RunState, expectation
 from .settings import RunSettings
 from .store import RunStore, model_path, set_path
 from .validate import check_stored_set
+from .wire import is_int
 
 log = logging.getLogger("fedistill.server")
 SET_NAME = re.compile(r"round(\d+)-node(-?\d+)\.npz")
@@ -87,9 +88,6 @@ def open_run(settings: RunSettings, info: DatasetInfo) -> tuple[RunStore, RunSta
 
 def check_round_fields(store: RunStore, metrics: list[dict]) -> None:
     """Refuse (as :class:`ResumeError`) metrics lines whose fields the resume reads have the wrong type."""
-    def is_int(x: object) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
     for m in metrics:
         nodes, uploaded = m.get("accepted-nodes", []), m.get("uploaded-bytes", {})
         if not (isinstance(nodes, list) and all(is_int(n) for n in nodes)):

@@ -16,6 +16,7 @@ import torch
 from flwr.app import Message, MetricRecord
 
 from .errors import Rejected
+from .validate import decode_array
 from .wire import EVALUATE_RECORDS, FEDAVG_RECORDS, check_records, check_reply_size, is_int, is_number
 
 EVALUATE_METRICS = ("num-examples", "accuracy", "loss")
@@ -71,7 +72,7 @@ def check_update(reply: Message, reference: Mapping[str, torch.Tensor], max_exam
             raise Rejected("dtype", f"{key}: {str(arr.dtype)[:20]}, the model has {want_dtype}")
         if tuple(arr.shape) != want_shape:
             raise Rejected("shape", f"{key}: {tuple(arr.shape)[:8]}, the model has {want_shape}")
-        value = _decoded(arr, key)
+        value = decode_array(key, arr)
         if value.dtype != np.dtype(want_dtype) or value.shape != want_shape:
             raise Rejected("shape", f"{key} decodes to {value.shape} {value.dtype}, not as declared")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
@@ -80,16 +81,6 @@ def check_update(reply: Message, reference: Mapping[str, torch.Tensor], max_exam
             raise Rejected("magnitude", f"|{key}| up to {float(np.abs(value).max()):.3g} > max-abs-weight "
                                         f"{max_abs_weight:g}")
     return weight
-
-
-def _decoded(arr, key: str) -> np.ndarray:
-    try:
-        value = arr.numpy()
-    except Exception as err:  # noqa: BLE001 - any decoding failure is the sender's fault
-        raise Rejected("malformed", f"undecodable array {key!r} ({type(err).__name__})") from err
-    if not isinstance(value, np.ndarray):
-        raise Rejected("malformed", f"array {key!r} decodes to {type(value).__name__}, not an ndarray")
-    return value
 
 
 def check_evaluation(reply: Message, max_examples: int) -> tuple[float, int] | None:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, NoReturn
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.task import DP_ACCOUNTANTS as ACCOUNTANTS  # the wire schema: no Opacus on the server
 from distill.data import DatasetInfo
@@ -35,7 +35,7 @@ from distill.synthetic import FACTOR_PREFIX, FACTOR_SPEC_KEY, SetMetadata, Synth
 
 from .errors import Declined, Rejected
 from .wire import (DECLINE_RECORDS, MAX_META_CHARS, UPLOAD_RECORDS, canonical_meta, check_records, check_reply_size,
-                   parse_meta)
+                   is_int, parse_meta)
 
 MAX_REASON_CHARS = 300
 MAX_LR = 100.0  # a learned learning rate (MTT) above this is not a plausible step size
@@ -341,7 +341,7 @@ def check_class_counts(metrics: MetricRecord, hist: np.ndarray, labels: np.ndarr
 
 
 def _count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return is_int(value) and value >= 0
 
 
 def _finite_non_negative(value: object) -> bool:
@@ -509,22 +509,24 @@ def _tail(reason: str) -> str:
 
 
 def decode(record: ArrayRecord) -> dict[str, np.ndarray]:
-    """Decode every array (``allow_pickle=False``); corrupt payloads are ``malformed``.
+    """Decode every array of ``record`` with :func:`decode_array`."""
+    return {key: decode_array(key, arr) for key, arr in record.items()}
+
+
+def decode_array(key: str, arr: Array) -> np.ndarray:
+    """One array, decoded with ``allow_pickle=False``; a corrupt payload is ``malformed``.
 
     ``np.load`` on hostile bytes raises many types (EOFError, BadZipFile, TokenError,
     ValueError, ...), and a zip payload decodes to an ``NpzFile``, not an array.
     """
-    out = {}
-    for key, arr in record.items():
-        try:
-            value = arr.numpy()
-        except Exception as err:  # noqa: BLE001 - any decoding failure is the sender's fault
-            raise Rejected("malformed", f"undecodable array {key!r} ({type(err).__name__}: "
-                                        f"{_tail(str(err))})") from err
-        if not isinstance(value, np.ndarray):
-            raise Rejected("malformed", f"array {key!r} decodes to {type(value).__name__}, not an ndarray")
-        out[key] = value
-    return out
+    try:
+        value = arr.numpy()
+    except Exception as err:  # noqa: BLE001 - any decoding failure is the sender's fault
+        raise Rejected("malformed", f"undecodable array {key!r} ({type(err).__name__}: "
+                                    f"{_tail(str(err))})") from err
+    if not isinstance(value, np.ndarray):
+        raise Rejected("malformed", f"array {key!r} decodes to {type(value).__name__}, not an ndarray")
+    return value
 
 
 def check_stored_set(path: str | Path, exp: Expectation) -> SyntheticSet:
