@@ -1,7 +1,8 @@
 """Factorised synthetic sets: what is stored (factor arrays + a JSON spec) and how it decodes.
 
 A factorised set ships a few stored tensors and a small spec; the images are a pure function
-of them, so the receiver decodes instead of downloading every image. Three kinds:
+of them, so the receiver decodes instead of downloading every image. The kinds are the
+factorised classes of :mod:`distill.params` (a module each, holding its decoder); today three:
 
 - ``idc`` (Kim et al., "Dataset Condensation via Efficient Synthetic-Data Parameterization",
   ICML 2022): a stored image is a ``factor x factor`` grid of tiles; each tile is upsampled
@@ -33,32 +34,70 @@ import json
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-KINDS = ("idc", "haba", "latent")
-# Integer spec fields of each kind (besides "kind").
-SPEC_KEYS = {"idc": ("factor", "height", "width"), "haba": ("hallucinators", "hidden"),
-             "latent": ("factor", "decoders", "code_channels", "hidden", "height", "width")}
-# Inclusive bounds on every integer a spec may hold: a hostile spec cannot ask for a huge decode.
-LIMITS = {"factor": (1, 8), "hallucinators": (1, 16), "decoders": (1, 16), "hidden": (1, 64),
-          "code_channels": (1, 64), "height": (1, 1024), "width": (1, 1024)}
-BASE_KEY = {"idc": "base", "haba": "bases", "latent": "codes"}  # the per-class (stored base) array
+# Which kinds exist, their spec keys, per-class array, decoder and the bounds of their integers
+# belong to each kind's class in distill/params (one module per kind); this module asks the
+# class. ``KINDS``, ``SPEC_KEYS``, ``BASE_KEY`` and ``LIMITS`` are read from that registry when
+# used (see ``__getattr__`` below): the classes import this module, so it cannot import them first.
+GEOMETRY_LIMITS = {"height": (1, 1024), "width": (1, 1024)}  # the spec's image size, any kind
 MAX_SPEC_CHARS = 4096
 MAX_DECODED_VALUES = 2 ** 27  # 512 MiB of float32 once decoded
+KINDS: tuple[str, ...]  # these four are served by __getattr__ below
+SPEC_KEYS: dict[str, tuple[str, ...]]
+BASE_KEY: dict[str, str]
+LIMITS: dict[str, tuple[int, int]]
+
+
+def kinds() -> dict[str, type]:
+    """The factorised parameterisation classes by kind name, in registration order."""
+    from .params import factorised  # lazy: distill.params imports this module
+
+    return factorised()
+
+
+def kind_class(kind: str) -> type:
+    """The class of a spec's ``kind`` (the spec checked already)."""
+    return kinds()[kind]
+
+
+def __getattr__(name: str) -> object:
+    """The registry-derived tables callers import from here, always current."""
+    if name in ("idc_decode", "haba_decode", "latent_decode"):  # moved to their kind's module
+        from .params import haba, idc, latent
+
+        return getattr({"idc_decode": idc, "haba_decode": haba, "latent_decode": latent}[name], name)
+    if name not in ("KINDS", "SPEC_KEYS", "BASE_KEY", "LIMITS"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    table = kinds()
+    if name == "KINDS":
+        return tuple(table)
+    if name == "SPEC_KEYS":
+        return {k: cls.spec_keys for k, cls in table.items()}
+    if name == "BASE_KEY":  # the per-class (stored base) array of each kind
+        return {k: cls.base_key for k, cls in table.items()}
+    # LIMITS: inclusive bounds of every integer a spec or an option may hold
+    return {key: bound for cls in table.values() for key, bound in cls.limits.items()} | GEOMETRY_LIMITS
 
 
 def check_spec(spec: object) -> dict:
-    """A validated copy of ``spec``; raises ``ValueError`` naming the bad key or value."""
-    if not isinstance(spec, dict) or spec.get("kind") not in KINDS:
-        got = spec.get("kind") if isinstance(spec, dict) else type(spec).__name__
-        raise ValueError(f"factor spec kind must be one of {KINDS}, got {got!r}")
-    kind = spec["kind"]
-    want = set(SPEC_KEYS[kind]) | {"kind"}
-    if set(spec) != want:
-        raise ValueError(f"{kind} spec keys must be {sorted(want)}, got {sorted(spec)}")
+    """A validated copy of ``spec``; raises ``ValueError`` naming the bad key or value.
+
+    Every integer is bounded (its kind's ``limits``, the image size by :data:`GEOMETRY_LIMITS`),
+    so a hostile spec cannot ask for a huge decode.
+    """
+    table = kinds()
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if not isinstance(kind, str) or kind not in table:
+        got = kind if isinstance(spec, dict) else type(spec).__name__
+        raise ValueError(f"factor spec kind must be one of {tuple(table)}, got {got!r}")
+    cls = table[kind]
+    want = set(cls.spec_keys) | {"kind"}
+    if set(spec) != want:  # type: ignore[arg-type]
+        raise ValueError(f"{kind} spec keys must be {sorted(want)}, got {sorted(spec)}")  # type: ignore[arg-type]
+    bounds = {**cls.limits, **GEOMETRY_LIMITS}
     out: dict = {"kind": kind}
-    for key in SPEC_KEYS[kind]:
-        value, (lo, hi) = spec[key], LIMITS[key]
+    for key in cls.spec_keys:
+        value, (lo, hi) = spec[key], bounds[key]  # type: ignore[index]
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             raise ValueError(f"{kind} spec {key}={value!r}: must be an int in [{lo}, {hi}]")
         out[key] = value
@@ -68,71 +107,23 @@ def check_spec(spec: object) -> dict:
 
 
 def images_per_base(spec: dict) -> int:
-    kind = spec["kind"]
-    if kind == "idc":
-        return spec["factor"] ** 2
-    return spec["hallucinators"] if kind == "haba" else spec["decoders"]
+    return kind_class(spec["kind"]).images_per_base(spec)
 
 
 def expected_shapes(spec: dict, channels: int, num_bases: int) -> dict[str, tuple[int, ...]]:
-    """The shape every stored array of ``spec`` must have for ``num_bases`` bases."""
-    c, m = channels, num_bases
-    if spec["kind"] == "idc":
-        f = spec["factor"]
-        return {"base": (m, c, f * (spec["height"] // f), f * (spec["width"] // f))}
-    if spec["kind"] == "haba":
-        j, h = spec["hallucinators"], spec["hidden"]
-        return {"bases": (m, c, -1, -1), "enc_w": (j, h, c, 3, 3), "enc_b": (j, h), "scale": (j, h),
-                "shift": (j, h), "dec_w": (j, c, h, 3, 3), "dec_b": (j, c)}
-    f, j, d, h = spec["factor"], spec["decoders"], spec["code_channels"], spec["hidden"]
-    return {"codes": (m, d, spec["height"] // f, spec["width"] // f), "w1": (j, h, d, 3, 3), "b1": (j, h),
-            "w2": (j, c, h, 3, 3), "b2": (j, c)}
-
-
-def idc_decode(base: torch.Tensor, factor: int, height: int, width: int) -> torch.Tensor:
-    """[M, C, f*h, f*w] stored images -> [M*f*f, C, height, width], tiles row-major per image."""
-    m, c, fh, fw = base.shape
-    h, w = fh // factor, fw // factor
-    tiles = base.reshape(m, c, factor, h, factor, w).permute(0, 2, 4, 1, 3, 5).reshape(m * factor * factor, c, h, w)
-    if (h, w) == (height, width):
-        return tiles
-    return F.interpolate(tiles, size=(height, width), mode="bilinear", align_corners=False)
-
-
-def haba_decode(bases: torch.Tensor, enc_w: torch.Tensor, enc_b: torch.Tensor, scale: torch.Tensor,
-                shift: torch.Tensor, dec_w: torch.Tensor, dec_b: torch.Tensor) -> torch.Tensor:
-    """Every hallucinator on every base: [M, C, H, W] -> [M*J, C, H, W], base-major."""
-    outs = []
-    for j in range(enc_w.shape[0]):
-        z = F.relu(F.conv2d(bases, enc_w[j], enc_b[j], padding=1))
-        z = z * scale[j][:, None, None] + shift[j][:, None, None]
-        outs.append(bases + F.conv2d(z, dec_w[j], dec_b[j], padding=1))
-    return torch.stack(outs, 1).flatten(0, 1)
-
-
-def latent_decode(codes: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
-                  b2: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Every decoder on every code: [M, D, h, w] -> [M*J, C, height, width], base-major."""
-    up = F.interpolate(codes, size=(height, width), mode="bilinear", align_corners=False)
-    c = w2.shape[1]
-    outs = [up[:, :c] + F.conv2d(F.relu(F.conv2d(up, w1[j], b1[j], padding=1)), w2[j], b2[j], padding=1)
-            for j in range(w1.shape[0])]
-    return torch.stack(outs, 1).flatten(0, 1)
+    """The shape every stored array of ``spec`` must have for ``num_bases`` bases (-1: the image
+    size, where the spec does not hold it)."""
+    return kind_class(spec["kind"]).expected_shapes(spec, channels, num_bases)
 
 
 def decode(spec: dict, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
     """The images of ``arrays`` under ``spec`` (differentiable in every array)."""
-    kind = spec["kind"]
-    if kind == "idc":
-        return idc_decode(arrays["base"], spec["factor"], spec["height"], spec["width"])
-    if kind == "haba":
-        return haba_decode(*(arrays[k] for k in ("bases", "enc_w", "enc_b", "scale", "shift", "dec_w", "dec_b")))
-    return latent_decode(*(arrays[k] for k in ("codes", "w1", "b1", "w2", "b2")), spec["height"], spec["width"])
+    return kind_class(spec["kind"]).decode(spec, arrays)
 
 
 @dataclass(frozen=True, eq=False)
 class Factors:
-    """What a factorised set stores: ``spec`` (JSON-able, see :data:`SPEC_KEYS`) and named float32 arrays."""
+    """What a factorised set stores: ``spec`` (JSON-able, see :func:`check_spec`) and named float32 arrays."""
 
     spec: dict
     arrays: dict[str, torch.Tensor]
@@ -149,8 +140,13 @@ class Factors:
         return images_per_base(self.spec)
 
     @property
+    def base_key(self) -> str:
+        """The per-class array: one row per stored base."""
+        return kind_class(self.kind).base_key
+
+    @property
     def num_bases(self) -> int:
-        return int(self.arrays[BASE_KEY[self.kind]].shape[0])
+        return int(self.arrays[self.base_key].shape[0])
 
     def decode(self) -> torch.Tensor:
         with torch.no_grad():
@@ -180,18 +176,18 @@ def check_factors(factors: Factors, channels: int, height: int, width: int,
     any decoding happens.
     """
     spec, arrays = factors.spec, factors.arrays
+    cls = kind_class(spec["kind"])
     if spec.get("height", height) != height or spec.get("width", width) != width:
         return f"factor spec is for {spec['height']}x{spec['width']} images, the set has {height}x{width}"
-    base = arrays.get(BASE_KEY[spec["kind"]])
+    base = arrays.get(cls.base_key)
     if base is None or base.ndim < 1 or base.shape[0] < 1:
-        return f"{spec['kind']} factors need a non-empty {BASE_KEY[spec['kind']]!r} array"
-    want = expected_shapes(spec, channels, int(base.shape[0]))
+        return f"{spec['kind']} factors need a non-empty {cls.base_key!r} array"
+    want = cls.expected_shapes(spec, channels, int(base.shape[0]), height, width)
     if set(arrays) != set(want):
         return f"{spec['kind']} factor arrays must be {sorted(want)}, got {sorted(arrays)}"
-    if spec["kind"] == "latent" and spec["code_channels"] < channels:
-        return f"latent code_channels {spec['code_channels']} < image channels {channels}"
-    if spec["kind"] == "haba":
-        want["bases"] = (base.shape[0], channels, height, width)
+    problem = cls.spec_problem(spec, channels)
+    if problem:
+        return problem
     for name, shape in want.items():
         a = arrays[name]
         if a.dtype != torch.float32:
@@ -200,7 +196,7 @@ def check_factors(factors: Factors, channels: int, height: int, width: int,
             return f"factor {name} shape {tuple(a.shape)}, spec needs {shape}"
         if not torch.isfinite(a).all():
             return f"factor {name} contains NaN or Inf"
-    n = int(base.shape[0]) * images_per_base(spec)
+    n = int(base.shape[0]) * cls.images_per_base(spec)
     if max_images is not None and n > max_images:
         return f"factors decode to {n} images, at most {max_images} allowed"
     if n * channels * height * width > MAX_DECODED_VALUES:
