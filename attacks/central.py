@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from distill.data import Dataset, LabeledImages
-from distill.methods import make_config
+from distill.task import config_from_settings
 from distill.train import TrainConfig
 
 from .backdoor import Trigger, poison, train_and_score
@@ -74,7 +74,7 @@ def _target_pipeline(spec: dict, train: TrainConfig, targets: tuple = ()):
     if spec["kind"] == "real":
         pipe = make_pipeline("real", train)
     else:
-        pipe = make_pipeline("distill", train, make_config(spec["method"], **spec.get("settings", {})))
+        pipe = make_pipeline("distill", train, config_from_settings(spec["method"], spec.get("settings", {})))
     name = spec.get("name") or pipe.name
 
     def base(t: dict) -> str:
@@ -138,7 +138,7 @@ def backdoor_section(cfg: CentralConfig, data: Dataset, progress: bool) -> list[
     b = cfg.backdoor or {}
     train = TrainConfig(**cfg.train)
     client = audit_pool(data.train, int(b.get("client_size", 1000)), cfg.seed + 1)
-    method = make_config(b.get("method", "dm"), **{**b.get("settings", {}), "seed": cfg.seed})
+    method = config_from_settings(b.get("method", "dm"), {**b.get("settings", {}), "seed": cfg.seed})
     trigger = Trigger.solid(data.info, size=int(b.get("size", 3)))
     target, frac = int(b.get("target", 0)), float(b.get("fraction", 0.1))
 

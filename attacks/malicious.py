@@ -12,12 +12,13 @@ measure ASR on the global model without any message carrying the trigger.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 
 from distill.data import DatasetInfo, LabeledImages
+from distill.task import DistillTask, method_config, task_budget
 
 from .backdoor import CORNERS, Trigger, poison
 
@@ -93,8 +94,8 @@ def poisoning_loader(load: PartitionLoader, spec: BackdoorSpec, malicious: Itera
 ATTACKS = ("naive", "doorping")
 
 
-def doorping_partition(real: LabeledImages, task: Any, seed: int, embedder_state: dict | None = None, *,
-                       spec: BackdoorSpec, partition_id: int = 0,
+def doorping_partition(real: LabeledImages, task: DistillTask, seed: int, embedder_state: dict | None = None,
+                       node: Mapping[str, Any] | None = None, *, spec: BackdoorSpec, partition_id: int = 0,
                        on_trigger: Callable[[Trigger], None] | None = None,
                        **doorping: Any) -> tuple[Any, dict[str, Any]]:
     """DOORPING in place of ``client.task.distill_partition`` (same arguments and return).
@@ -109,36 +110,27 @@ def doorping_partition(real: LabeledImages, task: Any, seed: int, embedder_state
     import time
     from dataclasses import replace
 
-    from distill.methods import make_config
-    from distill.partition import class_budget
-
     from .doorping import SUPPORTED, DoorpingConfig, doorping_distill
 
     if task.method not in SUPPORTED or getattr(task, "param", "pixels") != "pixels":
         raise ValueError(f"DOORPING needs method in {SUPPORTED} and param 'pixels', got {task.method!r}")
     start = time.perf_counter()
     hist = real.class_histogram()
-    budget = class_budget(hist, task.ipc, task.min_class_samples, task.samples_per_image)
-    keep = np.flatnonzero(budget > 0).tolist() + [spec.target]
+    budget = task_budget(task, hist)
+    keep = np.flatnonzero(budget.counts > 0).tolist() + [spec.target]
     data = real.of_classes(keep)
-    settings: dict[str, Any] = dict(ipc=task.ipc, iterations=task.iterations, init=task.init, seed=seed,
-                                    arch="convnet", arch_kwargs=task.arch_kwargs, embedder_state=embedder_state,
-                                    embedder_noise=task.embedder_noise, rho=task.rho)
-    if task.method == "dm":
-        settings.update(lr_img=task.lr_img, batch_real=task.batch_real)
     config = DoorpingConfig(**{"target": spec.target, "fraction": max(spec.fraction, 1e-6), "size": spec.size,
                                "margin": spec.margin, "seed": spec.seed + partition_id,
                                "update_every": max(1, task.iterations // 10), **doorping})
-    syn, trigger, _ = doorping_distill(data, make_config(task.method, **settings), config)
-    rows = within_budget(syn.hard_labels().cpu(), budget)  # what the server's budget check allows
+    method = method_config(task, seed=seed, embedder_state=embedder_state, **(node or {}))
+    syn, trigger, _ = doorping_distill(data, method, config)
+    rows = within_budget(syn.hard_labels().cpu(), budget.counts)  # what the server's budget check allows
     syn = replace(syn, images=syn.images.detach().cpu()[rows], labels=syn.labels.cpu()[rows],
                   meta=replace(syn.meta, ipc=task.ipc, round=task.round, seed=seed))
     if on_trigger is not None:
         on_trigger(Trigger(trigger.pattern.detach().cpu(), trigger.margin, trigger.corner))
-    skipped = [int(c) for c in np.flatnonzero((hist > 0) & (budget == 0))]
-    capped = [int(c) for c in np.flatnonzero((budget > 0) & (budget < task.ipc))]
-    report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": capped,
-              "classes-skipped": skipped,
+    report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": budget.capped,
+              "classes-skipped": budget.skipped,
               "seconds": time.perf_counter() - start, "bytes-uploaded": syn.nbytes()}
     return syn, report
 

@@ -39,7 +39,8 @@ import torch
 from scipy.stats import beta
 
 from distill.data import LabeledImages, load_dataset
-from distill.methods import distill, make_config
+from distill.methods import distill
+from distill.task import config_from_settings
 from distill.partition import client_seed
 from privacy.accounting import calibrate_sigma
 from privacy.noise import clip_rows, noisy_class_sums
@@ -328,7 +329,7 @@ class DMGame:
                              torch.cat([self.data.labels, self.canary.labels]), self.data.info)
 
     def upload(self, include_canary: bool, public: PublicKnowledge) -> torch.Tensor:
-        config = make_config("dm", seed=public.seed, **self.settings)
+        config = config_from_settings("dm", {**self.settings, "seed": public.seed})
         return distill(self.dataset(include_canary), config).images
 
 

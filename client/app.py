@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -39,16 +39,21 @@ from flwr.clientapp import ClientApp
 from distill.data import DatasetInfo, LabeledImages
 from distill.partition import client_seed
 from distill.synthetic import SyntheticSet
+from distill.task import DistillTask
 from privacy.policy import NodePolicy
 
 from . import private
 from .limits import NodeLimits, checked_state, network_refusal, record_refusal
 from .local import build_network, evaluate_model, expected_state, train_local
-from .task import DistillTask, dataset_refusal, distill_partition, load_partition
+from .task import dataset_refusal, distill_partition, load_partition
 
 log = logging.getLogger("fedistill.client")
 
-app = ClientApp()
+# What a ClientApp can be given instead of the honest behaviour (a simulation's malicious client):
+# ``load(task, node_config, public_only=False) -> (train, held_out)`` and
+# ``distill(real, task, seed, embedder_state=None) -> (set, report)``.
+Loader = Callable[..., tuple[LabeledImages, LabeledImages]]
+Distiller = Callable[..., tuple[SyntheticSet, dict[str, Any]]]
 
 
 def _task(msg: Message, context: Context) -> tuple[DistillTask, NodePolicy | None, NodeLimits]:
@@ -88,9 +93,29 @@ def _arrays(msg: Message) -> ArrayRecord | None:
     return record if isinstance(record, ArrayRecord) else None
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def make_client_app(load: Loader | None = None, distill: Distiller | None = None) -> ClientApp:
+    """A ClientApp whose partition loading and distillation are ``load`` and ``distill``.
+
+    The default (None) is the honest client's (:data:`app`); a simulation injects its own
+    behaviour here (``simulations/malicious_client.py``) rather than patching this module.
+    """
+    client_app = ClientApp()
+
+    @client_app.train()
+    def train_handler(msg: Message, context: Context) -> Message:
+        return train(msg, context, load=load, distill=distill)
+
+    @client_app.evaluate()
+    def evaluate_handler(msg: Message, context: Context) -> Message:
+        return evaluate(msg, context, load=load)
+
+    return client_app
+
+
+def train(msg: Message, context: Context, *, load: Loader | None = None,
+          distill: Distiller | None = None) -> Message:
     """Distill the local partition (fedistill) or run local SGD on the global model (FedAvg)."""
+    load, distill = load or load_partition, distill or distill_partition
     task, policy, limits = _task(msg, context)
     seed = client_seed(task.seed, _partition_id(context), task.round)
     record = _arrays(msg)
@@ -99,8 +124,8 @@ def train(msg: Message, context: Context) -> Message:
     if record is not None and (refused := record_refusal(record, limits)) is not None:
         return _decline(msg, private.policy_decline(task, refused))
     if task.dp != "none":
-        return _train_private(msg, context, task, seed, record, limits)
-    real, _ = load_partition(task, context.node_config)
+        return _train_private(msg, context, task, seed, record, limits, load)
+    real, _ = load(task, context.node_config)
     global_state = _global_model(task, real.info, record, limits)
     if isinstance(global_state, str):
         return _decline(msg, private.policy_decline(task, global_state))
@@ -114,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         metrics = MetricRecord({"num-examples": len(real),
                                 "bytes-uploaded": sum(a.numpy().nbytes for a in arrays.values())})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-    syn, report = distill_partition(real, task, seed, embedder_state=global_state)
+    syn, report = distill(real, task, seed, embedder_state=global_state)
     syn = syn.with_meta(client=str(_partition_id(context)))
     metrics = {
         "num-examples": int(report["examples"]),
@@ -142,7 +167,7 @@ def _decline(msg: Message, declined: private.Declined) -> Message:
 
 
 def _train_private(msg: Message, context: Context, task: DistillTask, seed: int, record: ArrayRecord | None,
-                   limits: NodeLimits) -> Message:
+                   limits: NodeLimits, load: Loader) -> Message:
     """One DP round: the node's policy and ledger decide before any private data is read.
 
     The global model is checked against the node's network once the data (its geometry) is
@@ -157,7 +182,7 @@ def _train_private(msg: Message, context: Context, task: DistillTask, seed: int,
 
     outcome = private.private_round(task, context.node_config, run_id=context.run_id, node_id=context.node_id,
                                     seed=seed, embedder=embedder,
-                                    load=lambda: load_partition(task, context.node_config, public_only=True)[0])
+                                    load=lambda: load(task, context.node_config, public_only=True)[0])
     if isinstance(outcome, private.Declined):
         return _decline(msg, outcome)
     syn, metrics = outcome
@@ -165,9 +190,9 @@ def _train_private(msg: Message, context: Context, task: DistillTask, seed: int,
     return Message(_set_content(syn, metrics), reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def evaluate(msg: Message, context: Context, *, load: Loader | None = None) -> Message:
     """The global model's accuracy on this node's held-out data."""
+    load = load or load_partition
     task, policy, limits = _task(msg, context)
     if task.dp != "none" or (policy is not None and policy.dp_required):
         # held-out accuracy is a release the DP accountant does not cover
@@ -179,7 +204,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if refused is not None:
         log.warning("evaluate declined: %s", refused)
         return _evaluate_declined(msg)
-    _, holdout = load_partition(task, context.node_config)
+    _, holdout = load(task, context.node_config)
     global_state = _global_model(task, holdout.info, record, limits)
     if not isinstance(global_state, dict):
         log.warning("evaluate declined: %s", global_state)
@@ -197,3 +222,6 @@ def _evaluate_declined(msg: Message) -> Message:
     reason stays in the node's log)."""
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": 0, "accuracy": 0.0, "loss": 0.0,
                                                         "declined": 1})}), reply_to=msg)
+
+
+app = make_client_app()

@@ -17,11 +17,15 @@ Node-config keys (defaults in brackets):
   ``net-depth``, on its data's geometry), and the global model's arrays as received.
 - ``limit-local-epochs`` [50]: a FedAvg round's passes over the local data (``local-epochs``),
   FedAvg's counterpart of ``limit-iterations``.
-- ``limit-batch-size`` [1024]: ``batch-real`` (real images per class per distillation step) and,
-  in a FedAvg round, ``local-batch-size``: a batch's activations are what costs memory.
+- ``limit-batch-size`` [1024]: every batch size among the method's settings (``dm.batch-real``,
+  ``dc.batch-train``, ``mtt.expert-batch``...) and, in a FedAvg round, ``local-batch-size``: a
+  batch's activations are what costs memory.
+- ``limit-steps`` [1000]: every other integer setting of the method (inner loops and steps,
+  experts and their epochs, models, pool sizes...; seeds aside), each of which multiplies the work
+  of an iteration.
 
-A task over ``limit-iterations``, ``limit-ipc``, ``limit-local-epochs`` or ``limit-batch-size`` is
-declined (kind "policy", the reason names the limit). A global model must have exactly the tensors of the network the node builds for the task
+A task over ``limit-iterations``, ``limit-ipc``, ``limit-local-epochs``, ``limit-batch-size`` or
+``limit-steps`` is declined (kind "policy", the reason names the limit). A global model must have exactly the tensors of the network the node builds for the task
 (:func:`client.local.expected_state`): the same names, shapes and dtypes, finite values; anything
 else is declined before it is loaded.
 """
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from .task import DistillTask
+from distill.task import DistillTask
 
 PREFIX = "limit-"
 DEFAULT_ITERATIONS = 20_000
@@ -45,6 +49,7 @@ DEFAULT_IPC = 50
 DEFAULT_MODEL_MIB = 64
 DEFAULT_LOCAL_EPOCHS = 50
 DEFAULT_BATCH_SIZE = 1024
+DEFAULT_STEPS = 1000
 NPY_HEADER_SLACK = 4096  # what np.save adds to an array's bytes (the header), with room to spare
 MiB = 2**20
 
@@ -67,9 +72,10 @@ class NodeLimits:
     model_mib: int = DEFAULT_MODEL_MIB
     local_epochs: int = DEFAULT_LOCAL_EPOCHS
     batch_size: int = DEFAULT_BATCH_SIZE
+    steps: int = DEFAULT_STEPS
 
     def __post_init__(self) -> None:
-        for name in ("threads", "iterations", "ipc", "model_mib", "local_epochs", "batch_size"):
+        for name in ("threads", "iterations", "ipc", "model_mib", "local_epochs", "batch_size", "steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"node-config {PREFIX}{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -78,7 +84,7 @@ class NodeLimits:
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeLimits":
         """The node's limits; an unknown ``limit-*`` key is an error (a misspelt bound must not vanish)."""
         known = {"limit-threads", "limit-iterations", "limit-ipc", "limit-model-mib", "limit-local-epochs",
-                 "limit-batch-size"}
+                 "limit-batch-size", "limit-steps"}
         unknown = sorted(str(k) for k in node_config if str(k).startswith(PREFIX) and k not in known)
         if unknown:
             raise ValueError(f"node-config {unknown}: unknown limit keys; known: {sorted(known)}")
@@ -95,8 +101,12 @@ class NodeLimits:
 
     def refusal(self, task: DistillTask) -> str | None:
         """Why the task's size is over this node's limits, or None."""
-        asked = [("iterations", "iterations", task.iterations, self.iterations), ("ipc", "ipc", task.ipc, self.ipc),
-                 ("batch-real", "batch-size", task.batch_real, self.batch_size)]
+        asked = [("iterations", "iterations", task.iterations, self.iterations), ("ipc", "ipc", task.ipc, self.ipc)]
+        for key, value in sorted(task.settings.items()):
+            if isinstance(value, int) and not isinstance(value, bool) and not key.endswith("seed"):
+                name = f"{task.distill_method}.{key.replace('_', '-')}"
+                asked.append((name, "batch-size", value, self.batch_size) if "batch" in key
+                             else (name, "steps", value, self.steps))
         if task.algorithm == "fedavg":  # only FedAvg's local update reads these
             asked += [("local-epochs", "local-epochs", task.local_epochs, self.local_epochs),
                       ("local-batch-size", "batch-size", task.local_batch_size, self.batch_size)]

@@ -15,7 +15,7 @@ from distill.data import DatasetInfo, LabeledImages
 from distill.networks import get_network, network_for
 from distill.train import accuracy_and_loss
 
-from .task import DistillTask
+from distill.task import DistillTask
 
 
 def build_network(task: DistillTask, info: DatasetInfo, seed: int = 0) -> nn.Module:

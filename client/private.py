@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from distill.data import LabeledImages
-from distill.methods import distill, make_config
+from distill.methods import distill
 from distill.synthetic import SyntheticSet
+from distill.task import DistillTask, method_config
 from privacy import BudgetExceeded, DPConfig, PrivacyLedger, PrivacyPlan, privacy_plan
 from privacy.layout import noisy_counts
 from privacy.node_ledger import NodeLedger, file_identity, spends_of
@@ -44,7 +45,7 @@ from privacy.policy import NodePolicy, PolicyDeclined
 from privacy.randomness import noise_generator
 
 from .limits import NodeLimits
-from .task import DistillTask, dataset_refusal
+from .task import dataset_refusal
 
 LEDGER_DIR_ENV = "FEDISTILL_LEDGER_DIR"
 COUNTS_RELEASE = "class-counts"
@@ -99,15 +100,16 @@ def admit(task: DistillTask, policy: NodePolicy | None,
 
 def dp_config(task: DistillTask, seed: int, embedder_state: dict | None = None, accountant: str | None = None,
               released_counts: tuple[float, ...] | None = None) -> DPConfig:
-    """The DP method's config for one round: noise init and secret noise, always."""
+    """The DP method's config for one round (:func:`distill.task.method_config`): noise init and
+    secret noise, always; ``accountant`` is the node's ledger's when it has one."""
     if task.dp == "none":
         raise ValueError("dp_config needs a task with dp set")
-    return make_config(task.dp, ipc=task.ipc, iterations=task.iterations, init="noise", seed=seed,
-                       arch="convnet", arch_kwargs=task.arch_kwargs, embedder_state=embedder_state,
-                       embedder_noise=task.embedder_noise, epsilon=task.epsilon, delta=task.delta,
-                       clip=task.clip, sigma=task.sigma, sample_rate=task.sample_rate,
-                       accountant=accountant or task.accountant, rho=task.rho,
-                       insecure_reproducible_noise=False, released_counts=released_counts)
+    if accountant is not None and accountant != task.accountant:
+        task = replace(task, accountant=accountant)
+    config = method_config(task, seed=seed, embedder_state=embedder_state, insecure_reproducible_noise=False,
+                           released_counts=released_counts)
+    assert isinstance(config, DPConfig)
+    return config
 
 
 def effective_budget(task: DistillTask, node_config: Mapping[str, Any]) -> float | None:

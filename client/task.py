@@ -6,12 +6,10 @@ they can be tested and reused (benchmarks, attacks) without a federation.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,162 +19,11 @@ import torch
 
 from distill.data import BUNDLED, Dataset, LabeledImages, dataset_key, load_dataset, load_npz, public_stats
 from distill.factors import BASE_KEY, Factors
-from distill.methods import available_methods, distill, make_config
-from distill.parameterize import RHO_COMPOSES, check_options
-from distill.partition import PARTITIONERS, class_budget, partition, split_held_out
+from distill.methods import distill
+from distill.params import parameterisation
+from distill.partition import partition, split_held_out
+from distill.task import DistillTask, method_config, task_budget
 from distill.synthetic import SetMetadata, SyntheticSet, concat_sets
-
-ALGORITHMS = ("fedistill", "fedavg")
-RUN_KEY = re.compile(r"[A-Za-z0-9._:-]{0,200}")  # printed in a node's ledger: no control characters
-
-
-def safe_run_key(name: str) -> str:
-    """``name`` (the server's run store name) in the characters :data:`RUN_KEY` allows."""
-    return re.sub(r"[^A-Za-z0-9._:-]", "_", name)[:200]
-INTEGER_FIELDS = ("round", "ipc", "iterations", "client_threads", "net_width", "net_depth", "seed")
-# ``dp`` values: no DP, or the name of a DP method (privacy/, a lazy entry of distill.methods). Kept as
-# strings here so the server (which imports this module) never needs Opacus.
-DP_MODES = ("none", "dpsgd-gm", "dp-dm", "dp-mtt")
-DP_ACCOUNTANTS = ("rdp", "prv")
-
-
-@dataclass(frozen=True)
-class DistillTask:
-    """What the server asks of a client in one round (the ``config`` record of a train message).
-
-    Every field has the name of its kebab-case wire key with ``-`` turned into ``_``.
-    """
-
-    algorithm: str = "fedistill"
-    dataset: str = "mnist10k"
-    partitioner: str = "dirichlet"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    seed: int = 0
-    round: int = 1
-    # Set by the server, not the run-config: the run store's name, stable across a resume, so a
-    # node's per-run budget (``privacy-budget``) keeps counting when a crashed run resumes.
-    run_key: str = ""
-    method: str = "dm"
-    ipc: int = 10
-    iterations: int = 100
-    init: str = "real"
-    lr_img: float = 1.0
-    batch_real: int = 256
-    net_width: int = 32
-    net_depth: int = 3
-    min_class_samples: int = 10
-    samples_per_image: int = 2
-    holdout_fraction: float = 0.1
-    embedder_noise: float = 0.1
-    local_epochs: int = 1
-    local_lr: float = 0.01
-    local_batch_size: int = 32
-    client_threads: int = 1
-    # Example-level DP (privacy/, docs/privacy.md): ``dp`` replaces ``method`` when not "none".
-    dp: str = "none"
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    clip: float = 1.0
-    sigma: float = 0.0
-    sample_rate: float = 0.04
-    accountant: str = "rdp"
-    privacy_budget: float = 0.0
-    rho: float = 0.0
-    # What clients store and upload (docs/distill.md "Parameterisations"): "pixels", or a
-    # factorised set ("idc", "haba", "latent") whose ``ipc`` counts stored bases per class.
-    # ``param_kwargs`` is its options as a JSON object string (a dict is turned into one).
-    param: str = "pixels"
-    param_kwargs: str = "{}"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.param_kwargs, dict):  # programmatic callers and ``--set param-kwargs={...}``
-            object.__setattr__(self, "param_kwargs", json.dumps(self.param_kwargs, sort_keys=True))
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
-        if self.partitioner not in PARTITIONERS:
-            raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")
-        if self.method not in available_methods():  # at the server, before any client is asked
-            raise ValueError(f"unknown method {self.method!r}; known: {available_methods()}")
-        if self.ipc < 1 or self.min_class_samples < 1 or self.samples_per_image < 1:
-            raise ValueError(f"ipc, min_class_samples and samples_per_image must be >= 1: {self}")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
-        if not isinstance(self.run_key, str) or not RUN_KEY.fullmatch(self.run_key):
-            raise ValueError(f"run-key must match {RUN_KEY.pattern}, got {str(self.run_key)[:80]!r}")
-        wrong = [k for k in INTEGER_FIELDS if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)]
-        if wrong:
-            raise ValueError(f"{[k.replace('_', '-') for k in wrong]} must be integers: {self}")
-        if self.client_threads < 1 or self.local_epochs < 1:
-            raise ValueError(f"client_threads and local_epochs must be >= 1: {self}")
-        self._check_param()
-        self._check_privacy()
-
-    def _check_param(self) -> None:
-        """The parameterisation and its options must be known and compose with the rest."""
-        options = self.param_options  # raises on bad JSON
-        check_options(self.param, options)
-        if self.rho > 0 and self.param not in RHO_COMPOSES:
-            raise ValueError(f"rho > 0 does not compose with param {self.param!r}; use one of {RHO_COMPOSES}")
-        if self.param != "pixels" and self.dp != "none":
-            raise ValueError(f"param={self.param!r} under dp={self.dp!r} is not built: DP clients upload pixels")
-
-    @property
-    def param_options(self) -> dict[str, Any]:
-        """``param_kwargs`` parsed: the parameterisation's options (``ValueError`` if not a JSON object)."""
-        try:
-            options = json.loads(self.param_kwargs or "{}")
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"param-kwargs must be a JSON object string, got {self.param_kwargs!r}") from err
-        if not isinstance(options, dict):
-            raise ValueError(f"param-kwargs must be a JSON object, got {self.param_kwargs!r}")
-        return options
-
-    def _check_privacy(self) -> None:
-        """Refuse privacy settings that cannot run, before any message goes out."""
-        if self.dp not in DP_MODES:
-            raise ValueError(f"dp must be one of {DP_MODES}, got {self.dp!r}")
-        if self.method in DP_MODES[1:]:
-            raise ValueError(f"method {self.method!r} is a DP method: set dp={self.method!r} instead "
-                             "(the client then accounts its spending across rounds)")
-        if self.dp != "none" and self.algorithm != "fedistill":
-            raise ValueError(f"dp={self.dp!r} needs algorithm 'fedistill' (DP FedAvg is not built)")
-        if not 0.0 <= self.rho < 1.0:
-            raise ValueError(f"rho must be in [0, 1), got {self.rho}")
-        if not (self.privacy_budget >= 0 and math.isfinite(self.privacy_budget)):
-            raise ValueError(f"privacy-budget must be finite and >= 0 (0 = no limit), got {self.privacy_budget}")
-        if self.dp == "none":
-            return
-        if not 0.0 < self.delta < 1.0 or not 0.0 < self.sample_rate <= 1.0:
-            raise ValueError(f"delta must be in (0, 1) and sample-rate in (0, 1]: {self.delta}, {self.sample_rate}")
-        if not (self.clip > 0 and math.isfinite(self.clip)) or not (self.sigma >= 0 and math.isfinite(self.sigma)):
-            raise ValueError(f"clip must be finite and > 0, sigma finite and >= 0: {self.clip}, {self.sigma}")
-        if self.sigma == 0 and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ValueError(f"epsilon must be finite and > 0 when sigma is 0, got {self.epsilon}")
-        if self.accountant not in DP_ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {DP_ACCOUNTANTS}, got {self.accountant!r}")
-
-    @property
-    def distill_method(self) -> str:
-        """The method that produces the upload: the DP method under DP, else ``method``."""
-        return self.method if self.dp == "none" else self.dp
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "DistillTask":
-        """Build from a kebab-case mapping; unknown keys raise ``ValueError`` naming them."""
-        known = {f.name for f in fields(cls)}
-        values = {k.replace("-", "_"): v for k, v in config.items()}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown task keys {unknown}")
-        return cls(**values)
-
-    def to_config(self) -> dict[str, Any]:
-        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
-
-    @property
-    def arch_kwargs(self) -> dict[str, int]:
-        return {"width": self.net_width, "depth": self.net_depth}
 
 
 @lru_cache(maxsize=4)
@@ -307,8 +154,8 @@ def declared_statistics(name: str, node_config: Mapping[str, Any], public_only: 
     return None, None
 
 
-def distill_partition(real: LabeledImages, task: DistillTask, seed: int,
-                      embedder_state: dict | None = None) -> tuple[SyntheticSet, dict[str, Any]]:
+def distill_partition(real: LabeledImages, task: DistillTask, seed: int, embedder_state: dict | None = None,
+                      node: Mapping[str, Any] | None = None) -> tuple[SyntheticSet, dict[str, Any]]:
     """Distill ``real`` under the task's class budget; returns the set and its report.
 
     Classes with the same budget are distilled together (the core gives each class
@@ -316,36 +163,30 @@ def distill_partition(real: LabeledImages, task: DistillTask, seed: int,
     parts joined with :func:`distill.synthetic.concat_sets`, which keeps IDC factors. A
     parameterisation with shared learned networks (haba, latent) is one set with one set of
     networks, so it is distilled in one call at the largest budget and each class then keeps
-    its first ``budget[c]`` stored bases (:func:`keep_bases`).
+    its first ``budget[c]`` stored bases (:func:`keep_bases`). ``node``: node-side method settings
+    (:data:`distill.task.NODE_ONLY`, e.g. ``device``).
     """
     if task.dp != "none":  # budgets come from exact counts: under DP see client.private
         raise ValueError(f"distill_partition is not private; dp={task.dp!r} goes through client.private")
     start = time.perf_counter()
     hist = real.class_histogram()
-    budget = class_budget(hist, task.ipc, task.min_class_samples, task.samples_per_image)
-    skipped = [int(c) for c in np.flatnonzero((hist > 0) & (budget == 0))]
-    capped = [int(c) for c in np.flatnonzero((budget > 0) & (budget < task.ipc))]
-    if not budget.any():
+    budget = task_budget(task, hist)
+    if not budget.counts.any():
         raise ValueError(f"no class has >= {task.min_class_samples} samples (histogram {hist.tolist()})")
-    shared_nets = task.param in ("haba", "latent")
-    groups = [int(budget.max())] if shared_nets else sorted(set(budget[budget > 0].tolist()), reverse=True)
+    shared_nets = parameterisation(task.param).shared_networks  # one set of networks for every class
+    counts = budget.counts
+    groups = [int(counts.max())] if shared_nets else sorted(set(counts[counts > 0].tolist()), reverse=True)
     parts: list[SyntheticSet] = []
     for k in groups:
-        classes = np.flatnonzero(budget == k if not shared_nets else budget > 0)
-        group = real.of_classes(classes)
-        settings: dict[str, Any] = dict(ipc=int(k), iterations=task.iterations, init=task.init, seed=seed,
-                                        arch="convnet", arch_kwargs=task.arch_kwargs,
-                                        embedder_state=embedder_state, embedder_noise=task.embedder_noise,
-                                        rho=task.rho, param=task.param, param_kwargs=task.param_options)
-        if task.method == "dm":
-            settings.update(lr_img=task.lr_img, batch_real=task.batch_real)
-        parts.append(distill(group, make_config(task.method, **settings)))
+        classes = np.flatnonzero(counts == k if not shared_nets else counts > 0)
+        config = method_config(task, seed=seed, ipc=int(k), embedder_state=embedder_state, **(node or {}))
+        parts.append(distill(real.of_classes(classes), config))
     meta = parts[0].meta
-    report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": capped,
-              "classes-skipped": skipped}
-    extra = dict(meta.extra, classes_capped=len(capped), classes_skipped=len(skipped))
+    report = {"examples": len(real), "class-histogram": hist.tolist(), "classes-capped": budget.capped,
+              "classes-skipped": budget.skipped}
+    extra = dict(meta.extra, classes_capped=len(budget.capped), classes_skipped=len(budget.skipped))
     meta = replace(meta, ipc=task.ipc, round=task.round, seed=seed, extra=extra)
-    syn = keep_bases(parts[0], budget, meta) if shared_nets else concat_sets(parts, meta)
+    syn = keep_bases(parts[0], counts, meta) if shared_nets else concat_sets(parts, meta)
     report["seconds"] = time.perf_counter() - start
     report["bytes-uploaded"] = syn.nbytes()
     return syn, report

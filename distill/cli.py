@@ -2,6 +2,7 @@
 
     python -m distill methods
     python -m distill distill --method dm --ipc 10 --iterations 200 --out dm10.npz
+    python -m distill distill --method kip --set kip.kernel=ntk --set net-width=64 --out kip.npz
     python -m distill evaluate dm10.npz --arch convnet --epochs 300 --seeds 3
     python -m distill show dm10.npz --out dm10.png
 """
@@ -14,42 +15,46 @@ import sys
 import time
 
 from .data import BUNDLED, load_dataset
-from .methods import available_methods, coerce_settings, config_fields, distill, make_config
+from .methods import available_methods, distill
 from .synthetic import SyntheticSet
+from .task import DistillTask, declared_method_keys, method_config, parse_assignments
 from .train import TrainConfig, evaluate
 from .visualize import save_grid
 
 
-def _parse_sets(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        k, v = pair.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
 def cmd_methods(args: argparse.Namespace) -> int:
-    hidden = {"embedder_state", "progress"}
-    for name in available_methods():
-        config = make_config(name)
-        shown = [f"{k}={getattr(config, k)!r}" for k in config_fields(name) if k not in hidden]
-        print(f"{name}: " + ", ".join(shown))
+    for name, table in declared_method_keys().items():
+        print(f"{name}: " + ", ".join(f"{name}.{k}={v!r}" for k, v in table.items()))
     return 0
+
+
+# The task fields a central distillation takes; the rest of a task is about a federation.
+TASK_KEYS = ("ipc", "iterations", "init", "seed", "net-width", "net-depth", "rho", "param", "param-kwargs", "dp",
+             "epsilon", "delta", "clip", "sigma", "sample-rate", "accountant")
+
+
+def central_task(args: argparse.Namespace) -> DistillTask:
+    """The task ``python -m distill distill`` runs: the flags, then ``--set`` (run-config keys, the
+    method's own dotted: ``dm.lr-img=0.5``), over the task's defaults."""
+    flags = {"method": args.method, "ipc": args.ipc, "iterations": args.iterations, "init": args.init,
+             "seed": args.seed}
+    config = {k: v for k, v in flags.items() if v is not None}
+    sets = parse_assignments(args.set)
+    if plain := sorted(k for k in sets if "." not in k and k not in TASK_KEYS):
+        raise ValueError(f"--set {plain}: a central distillation takes {list(TASK_KEYS)} and <method>.<setting>")
+    return DistillTask.from_config({**config, **sets})
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, root=args.data_root)
-    settings = coerce_settings(args.method, _parse_sets(args.set))
-    config = make_config(args.method, ipc=args.ipc, iterations=args.iterations, seed=args.seed,
-                         device=args.device, init=args.init, progress=True, **settings)
+    task = central_task(args)
+    config = method_config(task, seed=task.seed, device=args.device, progress=True)
     start = time.perf_counter()
     syn = distill(data.train, config)
     seconds = time.perf_counter() - start
     syn.save(args.out)
-    print(f"{args.method} ipc={args.ipc}: {len(syn)} images in {seconds:.1f} s "
-          f"({seconds / max(args.iterations, 1):.2f} s/iteration) -> {args.out}")
+    print(f"{config.method} ipc={config.ipc}: {len(syn)} images in {seconds:.1f} s "
+          f"({seconds / max(config.iterations, 1):.2f} s/iteration) -> {args.out}")
     return 0
 
 
@@ -83,14 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("distill", help="distill a dataset centrally into a saved set")
     d.add_argument("--dataset", default=BUNDLED, help="mnist10k (bundled), mnist, fashionmnist, cifar10, svhn, or an .npz path")
     d.add_argument("--data-root", default=None, help="download/cache directory for torchvision datasets")
-    d.add_argument("--method", default="dm", choices=available_methods())
-    d.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    d.add_argument("--iterations", type=int, default=200, help="outer iterations")
-    d.add_argument("--init", default="real", choices=["real", "noise"], help="start from real samples or noise")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--method", choices=[m for m in available_methods() if not m.startswith("dp")],
+                   help="default: the task's (dm); for a DP method use --set dp=dp-dm")
+    d.add_argument("--ipc", type=int, help="synthetic images per class (default: the task's, 10)")
+    d.add_argument("--iterations", type=int, help="outer iterations (default: the task's, 100)")
+    d.add_argument("--init", choices=["real", "noise"], help="start from real samples or noise")
+    d.add_argument("--seed", type=int)
     d.add_argument("--device", default="cpu", help="cpu or cuda")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other method setting, e.g. --set lr_img=0.5 (see `methods`)")
+                   help="a run-config key, the method's own dotted, e.g. --set dm.lr-img=0.5 --set net-width=64 "
+                        "(the same keys as flwr run -c and simulations/run.py --set; list: `methods`)")
     d.add_argument("--out", required=True, help="output .npz")
     d.set_defaults(fn=cmd_distill)
 

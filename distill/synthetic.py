@@ -83,9 +83,15 @@ class SyntheticSet:
             self.images = decoded
         elif self.images is None:
             raise ValueError("a set needs images or factors")
-        problem = check_arrays(self.images, self.labels, info, self.factors)
-        if problem:
-            raise ValueError(problem)
+        if self.factors is not None and len(self.images) != self.factors.num_bases * self.factors.per_base:
+            raise ValueError(f"{len(self.images)} images, the factors decode to "
+                             f"{self.factors.num_bases * self.factors.per_base}")
+        for name, t, dtypes in (("images", self.images, (torch.float32,)), ("labels", self.labels,
+                                                                             (torch.int64, torch.float32))):
+            if not isinstance(t, torch.Tensor) or t.dtype not in dtypes:
+                raise InvalidSet("dtype", f"{name} must be a tensor of {dtypes}, got {getattr(t, 'dtype', type(t))}")
+        check_structure(self.images.detach().cpu().numpy(), self.labels.detach().cpu().numpy(), info,
+                        self.factors.per_base if self.factors is not None else 1)
 
     @classmethod
     def from_factors(cls, factors: Factors, labels: torch.Tensor, meta: SetMetadata,
@@ -215,46 +221,38 @@ def factors_from_arrays(arrays: dict[str, np.ndarray]) -> Factors:
     return Factors.from_json(text, tensors)
 
 
-def check_arrays(images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo,
-                 factors: Factors | None = None) -> str | None:
-    """The reason ``images``/``labels`` (decoded from ``factors``, if given) are not a valid set for
-    ``info``, or None if they are.
+class InvalidSet(ValueError):
+    """Arrays that are not a valid synthetic set; ``kind`` is the short name a server counts
+    (``dtype``, ``shape``, ``non-finite``, ``label-range``...) and ``detail`` says why."""
 
-    With factors, the images must number ``per_base`` per stored base, and hard labels must be
-    constant over each base's images (a decoded image carries its base's class).
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+def check_structure(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, per_base: int = 1) -> None:
+    """Raise :class:`InvalidSet` unless ``images``/``labels`` are a well-formed set for ``info``.
+
+    The checks every set passes, wherever it comes from (a method's output, a file, an upload):
+    float32 ``[N, C, H, W]`` images of the dataset's geometry, finite; int64 ``[N]`` labels in
+    range or float32 ``[N, K]`` finite soft labels; with ``per_base`` images per stored base
+    (a factorised set), hard labels constant over each base's images. What a run allows on top
+    (size, magnitude, budget) is :func:`distill.upload.validate_set`'s.
     """
-    if factors is not None:
-        problem = check_factors(factors, info.channels, info.height, info.width)
-        if problem:
-            return problem
-        n = factors.num_bases * factors.per_base
-        if images.shape[0] != n:
-            return f"{images.shape[0]} images, the factors decode to {n}"
-    if images.dtype != torch.float32:
-        return f"images dtype must be float32, got {images.dtype}"
+    if images.dtype != np.float32:
+        raise InvalidSet("dtype", f"images dtype must be float32, got {images.dtype}")
     if images.ndim != 4 or tuple(images.shape[1:]) != info.image_shape:
-        return f"images shape {tuple(images.shape)} does not match [N, {info.image_shape}]"
-    n = images.shape[0]
-    if not torch.isfinite(images).all():
-        return "images contain NaN or Inf"
-    if labels.ndim == 1:
-        if labels.dtype != torch.int64:
-            return f"hard labels must be int64, got {labels.dtype}"
-        if labels.shape[0] != n:
-            return f"{labels.shape[0]} labels for {n} images"
-        if n and (labels.min() < 0 or labels.max() >= info.num_classes):
-            return f"labels outside [0, {info.num_classes})"
-        if factors is not None:
-            groups = labels.reshape(factors.num_bases, factors.per_base)
-            if not (groups == groups[:, :1]).all():
-                return "labels differ among the images of one stored base"
-    elif labels.ndim == 2:
-        if labels.dtype != torch.float32:
-            return f"soft labels must be float32, got {labels.dtype}"
-        if tuple(labels.shape) != (n, info.num_classes):
-            return f"soft labels shape {tuple(labels.shape)} is not [{n}, {info.num_classes}]"
-        if not torch.isfinite(labels).all():
-            return "soft labels contain NaN or Inf"
-    else:
-        return f"labels must be [N] or [N, K], got {tuple(labels.shape)}"
-    return None
+        raise InvalidSet("shape", f"images {tuple(images.shape)}, the dataset needs [N, {info.image_shape}]")
+    n, k = images.shape[0], info.num_classes
+    soft = labels.ndim == 2
+    if labels.shape != ((n, k) if soft else (n,)) or labels.dtype != (np.float32 if soft else np.int64):
+        raise InvalidSet("shape", f"labels {tuple(labels.shape)} {labels.dtype} for {n} images and {k} classes "
+                                  "(want int64 [N] or float32 [N, K])")
+    if not np.isfinite(images).all() or (soft and not np.isfinite(labels).all()):
+        raise InvalidSet("non-finite", "NaN or Inf in the images or soft labels")
+    if soft or n == 0:
+        return
+    if labels.min() < 0 or labels.max() >= k:
+        raise InvalidSet("label-range", f"labels span [{labels.min()}, {labels.max()}], the dataset has {k} classes")
+    if per_base > 1 and (n % per_base or not (labels.reshape(-1, per_base) == labels[::per_base, None]).all()):
+        raise InvalidSet("label-range", "labels differ among the images of one stored base")

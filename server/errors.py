@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
+from distill.synthetic import InvalidSet
 
-class Rejected(ValueError):
-    """A reply the server refuses; ``kind`` is one of :data:`server.validate.KINDS`."""
-
-    def __init__(self, kind: str, detail: str) -> None:
-        super().__init__(f"{kind}: {detail}")
-        self.kind, self.detail = kind, detail
+# A reply the server refuses; ``kind`` is one of :data:`server.validate.KINDS`. The same class as
+# a set that fails :func:`distill.upload.validate_set`: an invalid set is a rejected reply.
+Rejected = InvalidSet
 
 
 class Declined(Rejected):

@@ -22,19 +22,19 @@ from flwr.serverapp import Grid
 from google.protobuf.message import DecodeError
 from torch import nn
 
-from client.task import safe_run_key
 from distill.data import DatasetInfo, LabeledImages
 from distill.networks import network_for
 from distill.synthetic import SyntheticSet
+from distill.task import safe_run_key
 from distill.train import TrainConfig, accuracy_and_loss, train_network
+from distill.upload import expectation as expectation_of
 
 from .defenses import defense_summary, screen_round, split_holdout
 from .pool import SyntheticPool
 from .settings import RunSettings
 from .store import RunStore, privacy_summary
 from .updates import check_evaluation, federated_mean
-from .validate import (FORGED, Declined, Expectation, Rejected, RunPrivacy, check_figures, check_reply,
-                       factor_spec_json, recorded_figures)
+from .validate import FORGED, Declined, Expectation, Rejected, RunPrivacy, check_figures, check_reply, recorded_figures
 
 log = logging.getLogger("fedistill.server")
 OnRound = Callable[[dict[str, Any]], None]
@@ -335,12 +335,8 @@ def run_privacy(settings: RunSettings) -> RunPrivacy:
 
 
 def expectation(settings: RunSettings, info: DatasetInfo, round_: int) -> Expectation:
-    """What an acceptable upload of ``round_`` looks like in this run."""
-    task = settings.task
-    return Expectation(info, task.distill_method, task.ipc, round_, settings.max_abs_pixel, task.dp, task.delta,
-                       task.rho, min_class_samples=task.min_class_samples,
-                       samples_per_image=task.samples_per_image,
-                       factor_spec=factor_spec_json(task.param, task.param_options, info))
+    """What an acceptable upload of ``round_`` looks like in this run (:func:`distill.upload.expectation`)."""
+    return expectation_of(settings.task, info, round_, settings.max_abs_pixel)
 
 
 def check_same_nodes(state: RunState, settings: RunSettings, ids: Iterable[int]) -> None:

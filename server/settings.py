@@ -2,16 +2,17 @@
 
 ``[tool.flwr.app.config]`` in pyproject.toml holds the same defaults as these dataclasses
 (a test keeps them in sync); ``flwr.simulation.run_simulation`` passes an empty run-config,
-so the defaults must also live here. The task part is :class:`client.task.DistillTask`, the
+so the defaults must also live here. The task part is :class:`distill.task.DistillTask`, the
 wire schema of a train message: the server validates it before any message goes out.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from client.task import DistillTask
+from distill.task import DistillTask, declared_method_keys, split_keys
 
 SERVER_SET = {"round", "run_key"}  # task fields the server fills in for each message, never run-config keys
 
@@ -101,26 +102,55 @@ class RunSettings:
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any], **overrides: Any) -> "RunSettings":
-        """Defaults, overlaid by ``run_config`` (kebab-case), overlaid by ``overrides``.
+        """Defaults, overlaid by ``run_config`` (kebab-case; method settings dotted, ``dm.lr-img``),
+        overlaid by ``overrides``.
 
-        Unknown keys raise ``ValueError`` naming them: a typo never silently runs defaults.
+        Unknown keys, methods and method settings raise ``ValueError`` naming the known ones: a
+        typo never silently runs defaults, and never reaches a client.
         """
-        merged = {k.replace("-", "_"): v for k, v in {**dict(run_config), **overrides}.items()}
+        plain, nested = split_keys({**dict(run_config), **overrides})
+        merged = {str(k).replace("-", "_"): v for k, v in plain.items()}
         server_keys = {f.name for f in fields(cls)} - {"task"}
         task_keys = {f.name for f in fields(DistillTask)} - SERVER_SET  # the server sets these
         unknown = sorted(set(merged) - server_keys - task_keys)
         if unknown:
             raise ValueError(f"unknown run-config keys {[k.replace('_', '-') for k in unknown]}")
-        task = DistillTask(**{k: v for k, v in merged.items() if k in task_keys})
+        dotted = {f"{method}.{key}": v for method, values in nested.items() for key, v in values.items()}
+        task = DistillTask.from_config({**{k: v for k, v in merged.items() if k in task_keys}, **dotted})
         return cls(task=task, **{k: v for k, v in merged.items() if k in server_keys})
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat kebab-case view (what config.json records)."""
+        """Flat kebab-case view (what config.json records): the method's settings dotted."""
         out = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self) if f.name != "task"}
         task = {k: v for k, v in self.task.to_config().items() if k.replace("-", "_") not in SERVER_SET}
         return {**out, **task}
 
 
 def default_run_config() -> dict[str, Any]:
-    """The defaults as a kebab-case mapping (pyproject's ``[tool.flwr.app.config]`` mirrors it)."""
-    return RunSettings().to_dict()
+    """The plain defaults as a kebab-case mapping (without the method tables)."""
+    return {k: v for k, v in RunSettings().to_dict().items() if "." not in k}
+
+
+def declared_run_config() -> dict[str, Any]:
+    """pyproject.toml's ``[tool.flwr.app.config]`` as it must read: the plain defaults and one
+    table per registered method (:func:`distill.task.declared_method_keys`). A test keeps them
+    equal; ``python -m server.settings`` prints the TOML to paste."""
+    return {**default_run_config(), **declared_method_keys()}
+
+
+def declared_toml() -> str:
+    """:func:`declared_run_config` as TOML text."""
+    def value(v: Any) -> str:
+        return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
+
+    lines = ["[tool.flwr.app.config]"]
+    declared = declared_run_config()
+    lines += [f"{k} = {value(v)}" for k, v in declared.items() if not isinstance(v, dict)]
+    for method, table in declared.items():
+        if isinstance(table, dict):
+            lines += ["", f"[tool.flwr.app.config.{method}]"] + [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(declared_toml(), end="")

@@ -3,12 +3,9 @@
 A reply is untrusted input. :func:`check_reply` turns it into a :class:`SyntheticSet` or
 raises :class:`Rejected` with a short ``kind`` (counted in the round's metrics) and a
 human-readable ``detail`` (logged). Arrays are decoded by Flower with ``allow_pickle=False``.
-
-A run with a factorised parameterisation (``param`` idc / haba / latent, docs/distill.md
-"Parameterisations") expects the factorised wire form instead of ``images``: ``labels``,
-optional ``lr``, ``factors_json`` (the spec, UTF-8 JSON as uint8) and float32 ``factor_<name>``
-arrays. The spec must be exactly the run's; sizes, shapes and values are bounded before the
-factors are decoded, and the decoded images then pass the same checks as a plain upload.
+What the set itself must be is :func:`distill.upload.validate_set`'s, against the run's
+:class:`~distill.upload.Expectation`; this module adds the reply around it: records, sizes
+before decoding, metadata, metrics and privacy figures.
 
 Privacy figures are recorded only once :func:`check_figures` has passed them, for accepted sets
 and declines alike: a decline whose figures fail is still a decline (:class:`Declined`, nothing
@@ -17,33 +14,21 @@ was uploaded), but its figures are refused and counted, never recorded.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, NoReturn
+from typing import Any, Callable, Mapping, NoReturn
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.task import DP_ACCOUNTANTS as ACCOUNTANTS  # the wire schema: no Opacus on the server
-from distill.data import DatasetInfo
-from distill.factors import BASE_KEY, MAX_SPEC_CHARS, check_factors, expected_shapes, images_per_base
-from distill.parameterize import make_parameterization, real_per_base
-from distill.synthetic import FACTOR_PREFIX, FACTOR_SPEC_KEY, SetMetadata, SyntheticSet, factors_from_arrays
+from distill.synthetic import FACTOR_PREFIX, FACTOR_SPEC_KEY, SetMetadata, SyntheticSet
+from distill.task import DP_ACCOUNTANTS as ACCOUNTANTS  # the wire schema: no Opacus on the server
+from distill.upload import Expectation, RunPrivacy, allowed_dtypes, check_keys, shorten, shown_keys, validate_set
 
 from .errors import Declined, Rejected
-from .wire import (DECLINE_RECORDS, MAX_META_CHARS, UPLOAD_RECORDS, canonical_meta, check_records, check_reply_size,
-                   is_int, parse_meta)
+from .wire import DECLINE_RECORDS, UPLOAD_RECORDS, canonical_meta, check_records, check_reply_size, is_int, parse_meta
 
-MAX_REASON_CHARS = 300
-MAX_LR = 100.0  # a learned learning rate (MTT) above this is not a plausible step size
-SOFT_LABEL_TOLERANCE = 1e-3
-NPY_HEADER_BYTES = 4096  # slack per array for the .npy header in a size check before decoding
-ARRAY_KEYS = ("images", "labels", "lr")
-FACTORED_KEYS = ("labels", FACTOR_SPEC_KEY, "lr")  # plus factor_<name> arrays
-MAX_FACTOR_ARRAYS = 8  # the largest kind (haba) stores 7
 # Rejection kinds, one counter each in metrics.jsonl ("rejected-<kind>"). ``timeout``,
 # ``duplicate`` and ``unsolicited`` are decided by the round loop (server/rounds.py), not here.
 KINDS = ("error-reply", "malformed", "keys", "oversized", "dtype", "shape", "non-finite", "magnitude",
@@ -69,114 +54,6 @@ DECLINE_FIGURES = {"budget": ("epsilon-total", "epsilon-planned", "delta", "priv
 FORGED = "forged privacy figures"  # how a decline's refused figures are logged and counted
 
 
-class RunPrivacy(NamedTuple):
-    """The run's privacy settings every figure is checked against (the server's, never a client's)."""
-
-    dp: str = "none"
-    delta: float = 1e-5
-    rho: float = 0.0
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """What an acceptable upload looks like in this run and round."""
-
-    info: DatasetInfo
-    method: str
-    ipc: int
-    round: int
-    max_abs_pixel: float = 100.0
-    dp: str = "none"
-    delta: float = 1e-5
-    rho: float = 0.0
-    # The client's class budget (client.task.class_budget); None skips the budget check.
-    min_class_samples: int | None = None
-    samples_per_image: int | None = None
-    # The factor spec every upload must carry (JSON, sorted keys; see :func:`factor_spec_json`);
-    # "" for a plain (``param`` pixels) run, whose uploads carry ``images``.
-    factor_spec: str = ""
-
-    @property
-    def privacy(self) -> RunPrivacy:
-        return RunPrivacy(self.dp, self.delta, self.rho)
-
-    @property
-    def spec(self) -> dict | None:
-        return json.loads(self.factor_spec) if self.factor_spec else None
-
-    @property
-    def per_base(self) -> int:
-        """Images one stored base decodes to (1 for a plain run)."""
-        return images_per_base(self.spec) if self.factor_spec else 1
-
-    def max_upload_bytes(self) -> int:
-        """The largest honest upload's array bytes, header slack included (checked before decoding).
-
-        Factorised: ``ipc x classes`` stored bases, ``per_base`` labels each, the shared
-        networks once, the spec and one header per array.
-        """
-        k, per_image = self.info.num_classes, 4 * math.prod(self.info.image_shape)
-        label = max(8, 4 * k)  # int64 hard or float32 soft
-        spec = self.spec
-        if spec is None:
-            return self.ipc * k * (per_image + label) + len(ARRAY_KEYS) * NPY_HEADER_BYTES + 4
-        shapes = expected_shapes(spec, self.info.channels, 1)
-        base_key = BASE_KEY[spec["kind"]]
-        per_base_bytes = per_image if -1 in shapes[base_key] else 4 * math.prod(shapes[base_key][1:])
-        shared = sum(4 * math.prod(s) for name, s in shapes.items() if name != base_key)
-        return (self.ipc * k * (per_base_bytes + self.per_base * label) + shared + MAX_SPEC_CHARS
-                + (len(shapes) + len(FACTORED_KEYS)) * NPY_HEADER_BYTES + 4)
-
-    def max_reply_bytes(self) -> int:
-        """The largest honest reply: its arrays, the metadata, and metrics (a class histogram and
-        a dozen figures), with slack; counted as :func:`server.wire.reply_bytes` counts."""
-        metrics = 8 * (self.info.num_classes + 64) + 2048
-        return self.max_upload_bytes() + 64 * (MAX_FACTOR_ARRAYS + len(ARRAY_KEYS)) + MAX_META_CHARS + metrics
-
-
-def factor_spec_json(param: str, options: dict | None, info: DatasetInfo) -> str:
-    """The factor spec a client of a run with ``param`` / ``options`` uploads ("" for pixels).
-
-    Built the way a client builds it (a parameterisation over a blank image), so the two agree.
-    """
-    if param == "pixels":
-        return ""
-    init = torch.zeros(real_per_base(param, options), *info.image_shape)
-    factors = make_parameterization(init, 0.0, torch.Generator(), param, options).factors()
-    return factors.spec_json() if factors is not None else ""
-
-
-def check_keys(keys: Iterable[str], exp: Expectation | None = None) -> None:
-    """``images`` and ``labels``, optionally ``lr``, and nothing else; or, where the run's
-    parameterisation is factorised (``exp.factor_spec``), ``labels``, ``factors_json`` and
-    ``factor_<name>`` arrays, optionally ``lr``, no ``images``.
-
-    Without ``exp`` either form is accepted (the form's own keys are still enforced).
-    """
-    keys = set(keys)
-    factored = FACTOR_SPEC_KEY in keys if exp is None else bool(exp.factor_spec)
-    if not factored:
-        check_plain_keys(keys)
-        return
-    factors = {k for k in keys if k.startswith(FACTOR_PREFIX)}
-    run = f"the run's param is {exp.spec['kind']}: " if exp is not None and exp.spec else ""
-    if not {"labels", FACTOR_SPEC_KEY} <= keys or keys - set(FACTORED_KEYS) - factors \
-            or not 0 < len(factors) <= MAX_FACTOR_ARRAYS:
-        raise Rejected("keys", f"{run}expected labels, {FACTOR_SPEC_KEY} and 1 to {MAX_FACTOR_ARRAYS} "
-                               f"{FACTOR_PREFIX}<name> arrays (lr optional, no images), got {_shown(keys)}")
-
-
-def _shown(keys: set[str]) -> str:
-    shown = sorted(keys)[:10]
-    return f"{shown}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
-
-
-def check_plain_keys(keys: set[str]) -> None:
-    """``images`` and ``labels``, optionally ``lr``, and nothing else."""
-    if not {"images", "labels"} <= keys or keys - set(ARRAY_KEYS):
-        raise Rejected("keys", f"expected images, labels (lr optional), got {_shown(keys)}")
-
-
 def check_record_size(record: ArrayRecord, exp: Expectation) -> None:
     """Refuse an upload larger than the largest set the run allows, before decoding it.
 
@@ -184,7 +61,7 @@ def check_record_size(record: ArrayRecord, exp: Expectation) -> None:
     decoded arrays are checked again (a declaration is only a claim).
     """
     declared = {key: str(arr.dtype) for key, arr in record.items()}
-    wrong = {key: d for key, d in declared.items() if d not in _allowed_dtypes(key)}
+    wrong = {key: d for key, d in declared.items() if d not in allowed_dtypes(key)}
     if wrong:
         raise Rejected("dtype", f"declared dtypes {wrong}; want images float32, labels int64 or float32, "
                                 f"lr float32, {FACTOR_SPEC_KEY} uint8, {FACTOR_PREFIX}* float32")
@@ -192,89 +69,6 @@ def check_record_size(record: ArrayRecord, exp: Expectation) -> None:
     if size > exp.max_upload_bytes():
         raise Rejected("oversized", f"{size} bytes of arrays; the run's largest set "
                                     f"(ipc {exp.ipc} x {exp.info.num_classes} classes) is {exp.max_upload_bytes()}")
-
-
-def _allowed_dtypes(key: str) -> tuple[str, ...]:
-    if key.startswith(FACTOR_PREFIX):
-        return ("float32",)
-    return {"images": ("float32",), "labels": ("int64", "float32"), "lr": ("float32",),
-            FACTOR_SPEC_KEY: ("uint8",)}.get(key, ())
-
-
-def check_arrays(arrays: dict[str, np.ndarray], exp: Expectation) -> None:
-    """Raise :class:`Rejected` unless ``arrays`` is a plausible synthetic set for ``exp``.
-
-    A factorised upload's factors are checked against the run's spec and bounded before they
-    are decoded; the decoded images then go through the same checks as a plain upload, except
-    that ``too-many`` counts stored bases per class (``ipc`` counts bases).
-    """
-    check_keys(arrays, exp)
-    wrong = {k: str(a.dtype) for k, a in arrays.items() if str(a.dtype) not in _allowed_dtypes(k)}
-    if wrong:
-        raise Rejected("dtype", f"dtypes {wrong}; want images float32, labels int64 or float32, lr float32, "
-                                f"{FACTOR_SPEC_KEY} uint8, {FACTOR_PREFIX}* float32")
-    labels = arrays["labels"]
-    k, per_base = exp.info.num_classes, exp.per_base
-    if FACTOR_SPEC_KEY in arrays:
-        images = decode_factors(arrays, exp)
-    else:
-        images = arrays["images"]
-        if images.ndim != 4 or images.shape[1:] != exp.info.image_shape:
-            raise Rejected("shape", f"images {images.shape}, run needs [N, {exp.info.image_shape}]")
-    n = images.shape[0]
-    soft = labels.ndim == 2
-    if labels.shape != ((n, k) if soft else (n,)) or (soft and labels.dtype != np.float32) \
-            or (not soft and labels.dtype != np.int64):
-        raise Rejected("shape", f"labels {labels.shape} {labels.dtype} for {n} images and {k} classes")
-    if "lr" in arrays and (arrays["lr"].shape != (1,) or arrays["lr"].dtype != np.float32):
-        raise Rejected("shape", f"lr must be one float32, got {arrays['lr'].shape} {arrays['lr'].dtype}")
-    if n == 0:
-        raise Rejected("shape", "empty set")
-    if not all(np.isfinite(a).all() for a in (images, *arrays.values()) if a.dtype.kind == "f"):
-        raise Rejected("non-finite", "NaN or Inf in the upload")
-    peak = float(np.abs(images).max())
-    if peak > exp.max_abs_pixel:
-        raise Rejected("magnitude", f"|pixel| up to {peak:.3g} > {exp.max_abs_pixel} (normalised space)")
-    if "lr" in arrays and not 0.0 < float(arrays["lr"][0]) <= MAX_LR:
-        raise Rejected("magnitude", f"learned lr {float(arrays['lr'][0]):.3g} outside (0, {MAX_LR}]")
-    if soft:
-        if labels.min() < 0 or np.abs(labels.sum(1) - 1).max() > SOFT_LABEL_TOLERANCE:
-            raise Rejected("soft-labels", "soft labels are not probability distributions")
-        hard = labels.argmax(1)
-    else:
-        if labels.min() < 0 or labels.max() >= k:
-            raise Rejected("label-range", f"labels span [{labels.min()}, {labels.max()}], run has {k} classes")
-        hard = labels
-        if per_base > 1 and not (hard.reshape(-1, per_base) == hard[::per_base, None]).all():
-            raise Rejected("label-range", "labels differ among the images of one stored base")
-    counts = np.bincount(hard[::per_base], minlength=k)  # stored bases (images, for a plain set) per class
-    if n > exp.ipc * k * per_base or counts.max() > exp.ipc:
-        what = "images" if per_base == 1 else f"stored bases ({n} images)"
-        raise Rejected("too-many", f"{n // per_base} {what}, up to {counts.max()} in one class; run allows "
-                                   f"{exp.ipc} per class")
-
-
-def decode_factors(arrays: dict[str, np.ndarray], exp: Expectation) -> np.ndarray:
-    """The images a factorised upload decodes to, after checking its spec against the run's
-    and bounding every factor (names, shapes, finiteness, decoded count) before decoding."""
-    try:
-        factors = factors_from_arrays(arrays)
-    except ValueError as err:
-        raise Rejected("factors", _tail(str(err))) from err
-    if factors.spec != exp.spec:
-        raise Rejected("factors", f"factor spec {factors.spec_json()} is not the run's {exp.factor_spec or 'pixels'}")
-    if not all(torch.isfinite(a).all() for a in factors.arrays.values()):
-        raise Rejected("non-finite", "NaN or Inf in the factors")
-    base = factors.arrays.get(BASE_KEY[factors.kind])
-    k, info = exp.info.num_classes, exp.info
-    if base is not None and base.ndim >= 1 and base.shape[0] > exp.ipc * k:
-        raise Rejected("too-many", f"{base.shape[0]} stored bases; run allows {exp.ipc} per class "
-                                   f"({exp.ipc * k} in all)")
-    problem = check_factors(factors, info.channels, info.height, info.width,
-                            max_images=exp.ipc * k * factors.per_base)
-    if problem:
-        raise Rejected("factors", _tail(problem))
-    return factors.decode().numpy()
 
 
 def check_meta(meta_json: object, exp: Expectation) -> SetMetadata:
@@ -495,17 +289,12 @@ def check_declined(content: RecordDict, run: RunPrivacy) -> NoReturn:
     raw = str(record.get("kind")) if isinstance(record, ConfigRecord) else ""
     if raw not in DECLINE_KINDS:
         raise Rejected("malformed", f"declined record of unknown kind; known: {sorted(DECLINE_KINDS)}")
-    reason = _tail(str(record.get("reason", ""))) or "no reason given"
+    reason = shorten(str(record.get("reason", ""))) or "no reason given"
     try:
         figures, refused = decline_figures(raw, content.get("metrics"), run), ""
     except Rejected as err:
         figures, refused = {}, err.detail
     raise Declined(DECLINE_KINDS[raw], reason, figures, refused)
-
-
-def _tail(reason: str) -> str:
-    """A long remote message's end says what happened."""
-    return reason if len(reason) <= MAX_REASON_CHARS else "..." + reason[-MAX_REASON_CHARS:]
 
 
 def decode(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -523,7 +312,7 @@ def decode_array(key: str, arr: Array) -> np.ndarray:
         value = arr.numpy()
     except Exception as err:  # noqa: BLE001 - any decoding failure is the sender's fault
         raise Rejected("malformed", f"undecodable array {key!r} ({type(err).__name__}: "
-                                    f"{_tail(str(err))})") from err
+                                    f"{shorten(str(err))})") from err
     if not isinstance(value, np.ndarray):
         raise Rejected("malformed", f"array {key!r} decodes to {type(value).__name__}, not an ndarray")
     return value
@@ -532,7 +321,7 @@ def decode_array(key: str, arr: Array) -> np.ndarray:
 def check_stored_set(path: str | Path, exp: Expectation) -> SyntheticSet:
     """A set read back from the run store (resume): an upload's checks, less the reply's metrics."""
     syn = SyntheticSet.load(path)  # allow_pickle=False; decodes a factorised set after checking it
-    check_arrays(syn.to_arrays(), exp)
+    validate_set(syn.to_arrays(), exp)
     meta = check_meta(canonical_meta(syn.meta), exp)
     check_meta_privacy(meta, exp)  # a stored set has no reply metrics: its metadata's figures alone
     return syn
@@ -541,7 +330,7 @@ def check_stored_set(path: str | Path, exp: Expectation) -> SyntheticSet:
 def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
     """The validated synthetic set in ``reply``, or :class:`Rejected` saying why not."""
     if reply.has_error():
-        raise Rejected("error-reply", f"code {reply.error.code}: {_tail(reply.error.reason)}")
+        raise Rejected("error-reply", f"code {reply.error.code}: {shorten(reply.error.reason)}")
     content = reply.content
     check_reply_size(content, exp.max_reply_bytes())
     if "declined" in content:
@@ -551,13 +340,13 @@ def check_reply(reply: Message, exp: Expectation) -> SyntheticSet:
     check_keys(content["synthetic"].keys(), exp)
     check_record_size(content["synthetic"], exp)
     arrays = decode(content["synthetic"])
-    check_arrays(arrays, exp)
+    validate_set(arrays, exp)
     if list(content["meta"].keys()) != ["set-meta"]:
-        raise Rejected("records", f"the meta record holds set-meta only; got {_shown(set(content['meta']))}")
+        raise Rejected("records", f"the meta record holds set-meta only; got {shown_keys(set(content['meta']))}")
     meta = check_meta(content["meta"].get("set-meta"), exp)
     check_metrics(content["metrics"], arrays, exp)
     check_privacy(meta, content["metrics"], exp)
     try:
         return SyntheticSet.from_arrays(arrays, meta)  # decodes factors once more, bit for bit
     except ValueError as err:  # the checks above should have said why; never let it escape
-        raise Rejected("malformed", _tail(str(err))) from err
+        raise Rejected("malformed", shorten(str(err))) from err

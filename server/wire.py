@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from distill.synthetic import SetMetadata
+from distill.upload import MAX_META_CHARS
 
 from .errors import Rejected
 
-MAX_META_CHARS = 65_536  # of the canonical (stored) metadata JSON
 MAX_SCALAR_BYTES = 8  # a metric or config number as it travels
 UPLOAD_RECORDS = {"synthetic": ArrayRecord, "meta": ConfigRecord, "metrics": MetricRecord}
 DECLINE_RECORDS = {"declined": ConfigRecord, "metrics": MetricRecord}

@@ -1,21 +1,19 @@
-"""A malicious ClientApp for backdoor simulations: the honest client's handlers, with poisoned partitions.
+"""A malicious ClientApp for backdoor simulations: the honest client, given poisoned behaviour.
 
-:func:`make_malicious_app` registers the honest ``client.app.train`` / ``client.app.evaluate``
-functions on a new ClientApp. While a *malicious* node (its ``partition-id`` is in the set) runs
-``train``, the partition loader those handlers call is swapped for
-:func:`attacks.malicious.poisoning_loader` around the honest one, so its real data is poisoned
-before distillation and everything else (class budgets, distillation, privacy, the reply) is the
-honest code. With ``attack="doorping"`` the honest ``distill_partition`` is swapped instead for
-:func:`attacks.malicious.doorping_partition` (trigger optimised during distillation, saved as
-``.npy`` for the simulation script to measure ASR with). Honest nodes run the untouched honest
-function: their replies are bit-identical.
-Used only by simulations; the production ``client/`` carries no attack code.
+:func:`make_malicious_app` builds the honest ClientApp (:func:`client.app.make_client_app`) with
+its behaviour injected, never patched: with ``attack="naive"`` its partition loader is
+:func:`attacks.malicious.poisoning_loader` around the honest one, so a malicious node's real data
+is poisoned before distillation and everything else (class budgets, distillation, privacy, the
+reply) is the honest code. With ``attack="doorping"`` a malicious node distils with
+:func:`attacks.malicious.doorping_partition` instead (trigger optimised during distillation, saved
+as ``.npy`` for the simulation script to measure ASR with). Honest nodes run the untouched honest
+functions: their replies are bit-identical. Used only by simulations; the production ``client/``
+carries no attack code.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -24,10 +22,7 @@ from flwr.clientapp import ClientApp
 
 import client.app as honest
 from attacks.malicious import ATTACKS, BackdoorSpec, doorping_partition, poisoning_loader, save_trigger
-
-# The loader swap is process-wide: one malicious train call at a time. Module-level (never in a
-# closure), so Ray pickles the app's train function without it.
-_SWAP = threading.Lock()
+from client.task import load_partition
 
 
 def _partition_of(node_config: Any) -> int | None:
@@ -35,24 +30,6 @@ def _partition_of(node_config: Any) -> int | None:
         return int(node_config["partition-id"])
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def malicious_train(msg: Message, context: Context, malicious: frozenset[int], spec: BackdoorSpec,
-                    attack: str = "naive", trigger_dir: str | None = None) -> Message:
-    """The honest ``train``, run with a poisoning partition loader (naive) or DOORPING in place of
-    ``distill_partition`` when this node is malicious."""
-    pid = _partition_of(context.node_config)
-    if pid not in malicious:
-        return honest.train(msg, context)
-    with _SWAP:
-        name = "load_partition" if attack == "naive" else "distill_partition"
-        original = getattr(honest, name)
-        setattr(honest, name, poisoning_loader(original, spec, malicious, _partition_of) if attack == "naive"
-                else _doorping(spec, pid, trigger_dir))
-        try:
-            return honest.train(msg, context)
-        finally:
-            setattr(honest, name, original)
 
 
 def trigger_path(trigger_dir: str, partition_id: int) -> Path:
@@ -69,6 +46,15 @@ def _doorping(spec: BackdoorSpec, pid: int, trigger_dir: str | None) -> Callable
     return functools.partial(doorping_partition, spec=spec, partition_id=pid, on_trigger=on_trigger)
 
 
+def doorping_train(msg: Message, context: Context, malicious: frozenset[int], spec: BackdoorSpec,
+                   trigger_dir: str | None = None) -> Message:
+    """The honest ``train``; a malicious node distils with DOORPING (its partition id picks the trigger file)."""
+    pid = _partition_of(context.node_config)
+    if pid not in malicious:
+        return honest.train(msg, context)
+    return honest.train(msg, context, distill=_doorping(spec, pid, trigger_dir))
+
+
 def make_malicious_app(malicious: Iterable[int], spec: BackdoorSpec, attack: str = "naive",
                        trigger_dir: str | None = None) -> ClientApp:
     """A ClientApp whose nodes with a ``partition-id`` in ``malicious`` poison their data (``spec``).
@@ -79,11 +65,13 @@ def make_malicious_app(malicious: Iterable[int], spec: BackdoorSpec, attack: str
     if attack not in ATTACKS:
         raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
     bad = frozenset(int(i) for i in malicious)
+    if attack == "naive":
+        return honest.make_client_app(load=poisoning_loader(load_partition, spec, bad, _partition_of))
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return malicious_train(msg, context, bad, spec, attack, trigger_dir)
+        return doorping_train(msg, context, bad, spec, trigger_dir)
 
     app.evaluate()(honest.evaluate)
     return app

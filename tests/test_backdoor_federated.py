@@ -23,7 +23,7 @@ from server.store import read_metrics
 from simulations.malicious_client import make_malicious_app
 from tests.flower_fixtures import InProcessGrid, make_context, task_identity  # noqa: F401 - fixture
 
-TINY = {"iterations": 2, "ipc": 2, "batch-real": 16, "net-width": 8, "net-depth": 2, "server-epochs": 2,
+TINY = {"iterations": 2, "ipc": 2, "dm.batch-real": 16, "net-width": 8, "net-depth": 2, "server-epochs": 2,
         "server-dsa": False}
 DS = load_dataset()
 
@@ -66,7 +66,7 @@ def _train_replies(app, task_config):
 
 
 def test_malicious_app_poisons_only_malicious_partitions(task_identity):  # noqa: F811
-    task = DistillTask(partitioner="iid", iterations=2, ipc=2, batch_real=16, net_width=8, net_depth=2).to_config()
+    task = DistillTask(partitioner="iid", iterations=2, ipc=2, settings={"batch_real": 16}, net_width=8, net_depth=2).to_config()
     honest = _train_replies(honest_app, task)
     attacked = _train_replies(make_malicious_app([1], BackdoorSpec(fraction=1.0, target=0)), task)
     for i, (h, a) in enumerate(zip(honest, attacked)):
@@ -146,7 +146,9 @@ def test_backdoor_measure_writes_asr_and_cta_into_the_summary(tmp_path, task_ide
     out = measure(summary, spec, [0])
     stored = json.loads((Path(summary["run"]) / "summary.json").read_text())
     assert stored["backdoor"] == out["backdoor"] and 0 <= out["backdoor"]["asr"] <= 1
-    assert 0 <= out["backdoor"]["cta"] <= 1 and out["backdoor"]["malicious-partitions"] == [0]
+    # CTA is the clean accuracy of the run's own global model, on the split the server scored it on
+    assert out["backdoor"]["cta"] == pytest.approx(summary["accuracy"], abs=1e-12)
+    assert out["backdoor"]["malicious-partitions"] == [0]
     floor = measure(summary, spec, [])["backdoor"]  # a clean federation's false-trigger floor: same trigger
     assert floor["asr-by-partition"] == {"none": out["backdoor"]["asr"]} and floor["asr"] == out["backdoor"]["asr"]
     bd, rest = backdoor_args(["--malicious", "2", "--poison-fraction", "0.3", "--clients", "5"])
@@ -158,7 +160,7 @@ def test_doorping_client_learns_and_saves_a_trigger_and_leaves_honest_replies_al
     from simulations.malicious_client import trigger_path
 
     spec = BackdoorSpec(fraction=0.1, target=0, size=3)
-    task = DistillTask(partitioner="iid", iterations=2, ipc=2, batch_real=16, net_width=8, net_depth=2).to_config()
+    task = DistillTask(partitioner="iid", iterations=2, ipc=2, settings={"batch_real": 16}, net_width=8, net_depth=2).to_config()
     app = make_malicious_app([0], spec, attack="doorping", trigger_dir=str(tmp_path))
     honest = _train_replies(honest_app, task)
     attacked = _train_replies(app, task)
@@ -179,7 +181,7 @@ def test_doorping_upload_fits_the_budget_the_server_checks(small_train):
     assert within_budget(torch.tensor([0, 0, 1, 0, 1, 2]), np.array([2, 1, 0])).tolist() == [0, 1, 2]
     keep = torch.cat([idx[:n] for idx, n in zip(small_train.class_indices(), [60, 3, 25, 60, 0, 0, 0, 0, 0, 0])])
     real = small_train.subset(keep)  # class 1 below min-class-samples, class 2 capped
-    task = DistillTask(iterations=2, ipc=10, batch_real=8, net_width=8, net_depth=2)
+    task = DistillTask(iterations=2, ipc=10, settings={"batch_real": 8}, net_width=8, net_depth=2)
     syn, report = doorping_partition(real, task, seed=0, spec=BackdoorSpec(fraction=0.1, target=1, size=3))
     budget = class_budget(real.class_histogram(), task.ipc, task.min_class_samples, task.samples_per_image)
     counts = np.bincount(syn.hard_labels().numpy(), minlength=10)

@@ -124,7 +124,7 @@ def test_dp_client_declines_federated_evaluation(task_identity):  # noqa: F811
 
 
 def test_rho_is_reported_for_a_non_private_method(task_identity):  # noqa: F811
-    config = {"iterations": 1, "ipc": 2, "net-width": 8, "net-depth": 2, "batch-real": 8, "rho": 0.5}
+    config = {"iterations": 1, "ipc": 2, "net-width": 8, "net-depth": 2, "dm.batch-real": 8, "rho": 0.5}
     reply = app(_message(config), make_context(7, NODE))
     assert reply.content["metrics"]["rho"] == 0.5 and _privacy(reply) == {"rho": 0.5}
 

@@ -36,7 +36,7 @@ from simulations.deploy import (GIB, Deployment, ServerAppWatchdog, TlsFiles, _a
 from simulations.fleet_proxy import (FLEET_PATHS, FleetProxy, HttpError, Limits, fleet_allowed, framing,
                                      parse_head, server_context, upstream_context)
 
-TINY = "iterations=2 ipc=2 batch-real=16 net-width=8 net-depth=2 server-epochs=2 fraction-evaluate=0.0"
+TINY = "iterations=2 ipc=2 dm.batch-real=16 net-width=8 net-depth=2 server-epochs=2 fraction-evaluate=0.0"
 ROOT = Path(__file__).resolve().parents[1]
 FLWR = str(Path(sys.executable).parent / "flwr")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process tree read from /proc")

@@ -7,7 +7,6 @@ import builtins
 import hashlib
 import importlib
 import inspect
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ import flwr
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.app.message.message import remove_content_from_message
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.constant import ErrorCode
@@ -24,7 +23,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, 
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
 from flwr.supernode.nodestate import NodeStateFactory
-from tests.flower_fixtures import make_context, task_identity  # noqa: F401 - fixture
+from tests.flower_fixtures import flower_task_identity, make_context, task_identity, with_metadata  # noqa: F401
 
 import client.supernode as supernode
 from client import approval
@@ -55,7 +54,7 @@ clientapp = "tinyapp.client:app"
 rounds = 1
 """
 NODE = {"partition-id": 1, "num-partitions": 4}
-TINY = {"iterations": 2, "ipc": 2, "batch-real": 16, "net-width": 8, "net-depth": 2}
+TINY = {"iterations": 2, "ipc": 2, "dm.batch-real": 16, "net-width": 8, "net-depth": 2}
 DP = {**TINY, "dp": "dp-dm", "sigma": 1.0}
 
 
@@ -86,11 +85,11 @@ class Link:
     """What Flower's Fleet connection hands the pull step, faked: one message of one new run."""
 
     def __init__(self, fab: bytes, run_hash: str | None = None, run_id: int = 5) -> None:
-        meta = Metadata(run_id=run_id, message_id="", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600.0, message_type=MessageType.TRAIN,
-                        src_task_id=1, dst_task_id=None)
-        msg = Message(content=RecordDict({"config": ConfigRecord({"iterations": 2})}), metadata=meta)
-        msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink sets it
+        with flower_task_identity():
+            sent = Message(RecordDict({"config": ConfigRecord({"iterations": 2})}), dst_node_id=7,
+                           message_type=MessageType.TRAIN, group_id="1", ttl=3600.0)
+        msg = with_metadata(sent, run_id=run_id, src_node_id=1, src_task_id=1)
+        msg = with_metadata(msg, message_id=msg.object_id)  # as the SuperLink sets it
         self.message, self.tree, self.objects = msg, get_object_tree(msg), get_all_nested_objects(msg)
         self.fab, self.run = fab, Run.create_empty(run_id)
         self.run.fab_hash, self.run.primary_task_type = run_hash or hashlib.sha256(fab).hexdigest(), "client-app"
@@ -304,7 +303,10 @@ def test_threads_are_cut_to_the_node_limit(task_identity):  # noqa: F811
     ({**TINY, "algorithm": "fedavg", "local-epochs": 3}, {"limit-local-epochs": 2},
      "local-epochs 3 > limit-local-epochs 2"),
     ({**TINY, "algorithm": "fedavg", "local-batch-size": 2000}, {}, "local-batch-size 2000 > limit-batch-size 1024"),
-    ({**TINY, "batch-real": 17}, {"limit-batch-size": 16}, "batch-real 17 > limit-batch-size 16"),
+    ({**TINY, "dm.batch-real": 17}, {"limit-batch-size": 16}, "dm.batch-real 17 > limit-batch-size 16"),
+    ({**TINY, "method": "mtt", "mtt.expert-batch": 2048}, {}, "mtt.expert-batch 2048 > limit-batch-size 1024"),
+    ({**TINY, "method": "dc", "dc.inner-loop": 1001}, {}, "dc.inner-loop 1001 > limit-steps 1000"),
+    ({**TINY, "method": "bptt", "bptt.inner-steps": 21}, {"limit-steps": 20}, "bptt.inner-steps 21 > limit-steps 20"),
 ])
 def test_a_task_over_the_node_limits_is_declined_with_the_limit_named(config, node, reason, task_identity,  # noqa: F811
                                                                       monkeypatch):

@@ -13,9 +13,9 @@ from flwr.app import Error, Message
 from client.app import app as client_app
 from server.app import run
 from server.store import read_metrics
-from tests.flower_fixtures import InProcessGrid, task_identity  # noqa: F401 - fixture
+from tests.flower_fixtures import InProcessGrid, stored_model_accuracy, task_identity, with_metadata  # noqa: F401
 
-TINY = {"iterations": 1, "ipc": 2, "batch-real": 8, "net-width": 8, "net-depth": 1, "server-epochs": 1,
+TINY = {"iterations": 1, "ipc": 2, "dm.batch-real": 8, "net-width": 8, "net-depth": 1, "server-epochs": 1,
         "server-dsa": False, "fraction-evaluate": 0.0, "round-timeout": 1.0}
 SUPERLINK = 1  # the SuperLink's node id, as seen in an error reply about a vanished node
 
@@ -45,8 +45,7 @@ class FaultyGrid(InProcessGrid):
             return None
         if fault == "lost":
             reply = Message(Error(code=5, reason="node went offline (missed heartbeats)"), reply_to=msg)
-            reply.metadata.__dict__["_src_node_id"] = SUPERLINK
-            return reply
+            return with_metadata(reply, src_node_id=SUPERLINK)
         if fault == "raise":
             return Message(Error(code=2, reason="ClientApp raised RuntimeError('disk full')"), reply_to=msg)
         return self.client_app(msg, self.contexts[node])
@@ -61,7 +60,7 @@ def test_raising_vanishing_lost_and_slow_nodes_are_counted_and_the_round_trains_
     grid = FaultyGrid(5, {102: "raise", 103: "vanish", 104: "lost", 105: "slow"})
     summary = run(grid, {}, runs_dir=str(tmp_path), **TINY)
     (record,) = read_metrics(summary["run"])
-    assert record["accepted-nodes"] == [101] and 0 <= record["accuracy"] <= 1
+    assert record["accepted-nodes"] == [101] and record["accuracy"] == stored_model_accuracy(summary["run"])
     assert (record["rejected-error-reply"], record["rejected-timeout"]) == (2, 2)
     reasons = " ".join(record["rejection-reasons"])
     assert "node 102: error-reply: code 2" in reasons and "node 104: error-reply: code 5" in reasons

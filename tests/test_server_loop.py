@@ -10,13 +10,14 @@ import torch
 
 from client.app import app as client_app
 from distill.data import load_dataset
+from distill.store_format import model_path
 from distill.synthetic import SyntheticSet
 from server.app import run
 from server.rounds import select_nodes
 from server.store import RunStore, read_metrics
-from tests.flower_fixtures import InProcessGrid, task_identity  # noqa: F401 - fixture
+from tests.flower_fixtures import InProcessGrid, stored_model_accuracy, task_identity  # noqa: F401 - fixture
 
-TINY = {"iterations": 2, "ipc": 2, "batch-real": 16, "net-width": 8, "net-depth": 2, "server-epochs": 2,
+TINY = {"iterations": 2, "ipc": 2, "dm.batch-real": 16, "net-width": 8, "net-depth": 2, "server-epochs": 2,
         "server-dsa": False}
 
 
@@ -31,7 +32,9 @@ def test_three_client_iterative_run_writes_a_complete_run_store(tmp_path, task_i
     assert config["mode"] == "iterative" and config["ipc"] == 2
     metrics = read_metrics(root)
     assert [m["round"] for m in metrics] == [1, 2] == [r["round"] for r in rounds]
-    assert all(m["accepted"] == 3 and m["rejected"] == 0 and 0 <= m["accuracy"] <= 1 for m in metrics)
+    assert all(m["accepted"] == 3 and m["rejected"] == 0 for m in metrics)
+    # each round's accuracy is that of the model it saved (2 server epochs: near chance, so no bar)
+    assert [m["accuracy"] for m in metrics] == [stored_model_accuracy(str(root), model_path(r)) for r in (1, 2)]
     assert "federated-accuracy" in metrics[-1]
     sets = sorted((root / "sets").iterdir())
     assert len(sets) == 6 and all(len(SyntheticSet.load(p)) > 0 for p in sets)
@@ -53,7 +56,7 @@ def test_fedavg_runs_one_round_and_counts_bytes(tmp_path, task_identity):  # noq
     summary = run(InProcessGrid(client_app, 3), {}, runs_dir=str(tmp_path), algorithm="fedavg",
                   **{"num-server-rounds": 1, "net-width": 8, "fraction-evaluate": 0.0})
     metrics = read_metrics(summary["run"])
-    assert len(metrics) == 1 and 0 <= metrics[0]["accuracy"] <= 1
+    assert len(metrics) == 1 and metrics[0]["accuracy"] > 0.3  # chance is 0.1; seeds 0-3 reach 0.48-0.71
     assert summary["clients"] == 3 and summary["mb-uploaded-per-client"] > 0
 
 

@@ -14,7 +14,8 @@ from distill.data import load_dataset
 from distill.synthetic import SetMetadata, SyntheticSet
 from server.pool import SyntheticPool
 from server.store import RunStore, atomic_write, read_metrics
-from server.validate import Expectation, Rejected, check_arrays
+from distill.upload import Expectation, validate_set
+from server.validate import Rejected
 
 INFO = load_dataset().info
 
@@ -80,7 +81,7 @@ def test_plausible_uploads_pass_and_one_nan_anywhere_fails(n, scale, seed, bad_a
     arrays = {"images": (rng.standard_normal((n, 1, 28, 28)) * scale).clip(-99, 99).astype(np.float32),
               "labels": rng.permutation(np.arange(n) % 10).astype(np.int64)}
     exp = Expectation(INFO, "dm", ipc=2, round=1)
-    check_arrays(arrays, exp)
+    validate_set(arrays, exp)
     arrays["images"].reshape(-1)[bad_at % arrays["images"].size] = np.nan
     with pytest.raises(Rejected, match="non-finite"):
-        check_arrays(arrays, exp)
+        validate_set(arrays, exp)

@@ -16,12 +16,13 @@ from distill.data import load_dataset
 from server.rounds import collect, make_messages
 from client.task import DistillTask
 from distill.synthetic import FACTOR_SPEC_KEY
-from server.validate import Expectation, Rejected, check_arrays, check_meta, check_reply, factor_spec_json
+from distill.upload import Expectation, factor_spec_json, validate_set
+from server.validate import Rejected, check_meta, check_reply
 from tests.flower_fixtures import InProcessGrid, task_identity  # noqa: F401 - fixture
 
 INFO = load_dataset().info
 EXP = Expectation(INFO, "dm", ipc=2, round=1, max_abs_pixel=100.0)
-TINY = {"iterations": 1, "ipc": 2, "batch-real": 8, "net-width": 8, "net-depth": 1}
+TINY = {"iterations": 1, "ipc": 2, "dm.batch-real": 8, "net-width": 8, "net-depth": 1}
 
 
 def good_arrays(n_per_class: int = 2) -> dict[str, np.ndarray]:
@@ -52,14 +53,14 @@ def _with_nan(images: np.ndarray) -> np.ndarray:
 
 
 def test_a_good_upload_passes():
-    check_arrays(good_arrays(), EXP)
-    check_arrays({**good_arrays(), "labels": soft(good_arrays()["labels"])}, EXP)
+    validate_set(good_arrays(), EXP)
+    validate_set({**good_arrays(), "labels": soft(good_arrays()["labels"])}, EXP)
 
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_each_bad_upload_is_rejected_with_its_kind(kind):
     with pytest.raises(Rejected) as err:
-        check_arrays(BAD[kind](good_arrays()), EXP)
+        validate_set(BAD[kind](good_arrays()), EXP)
     assert err.value.kind == kind and err.value.detail
 
 
@@ -81,12 +82,14 @@ def test_metadata_may_rename_the_dataset_but_not_change_it():
     assert check_meta(_meta(dataset={**INFO.to_dict(), "name": "site-a"}), EXP).ipc == 2
 
 
-def _tamper(kind: str):
-    """Replace a real client's reply by the bad variant ``kind``."""
+def _tamper(kind: str, delivered: list[Message]):
+    """Replace a real client's reply by the bad variant ``kind``; ``delivered``: the messages the
+    grid delivered (an error reply answers the one the node got)."""
     def tamper(node: int, reply: Message) -> Message:
         content = reply.content
         if kind == "error-reply":
-            return Message(Error(code=2, reason="client crashed"), reply_to=_instruction[node])
+            asked = next(m for m in reversed(delivered) if m.metadata.dst_node_id == node)
+            return Message(Error(code=2, reason="client crashed"), reply_to=asked)
         if kind == "malformed":
             del content["meta"]
         elif kind == "metadata-bytes":
@@ -103,16 +106,13 @@ def _tamper(kind: str):
     return tamper
 
 
-_instruction: dict[int, Message] = {}
-
-
 @pytest.mark.parametrize("kind", sorted(BAD) + ["error-reply", "malformed", "metadata-bytes", "pickle"])
 def test_one_bad_client_is_counted_and_the_round_keeps_its_good_replies(kind, task_identity):  # noqa: F811
     bad_node = 102
-    tamper = _tamper(kind)
-    grid = InProcessGrid(client_app, 3, tamper=lambda n, r: tamper(n, r) if n == bad_node else r)
+    grid = InProcessGrid(client_app, 3)
+    tamper = _tamper(kind, grid.sent)
+    grid.tamper = lambda n, r: tamper(n, r) if n == bad_node else r
     msgs = make_messages(sorted(grid.get_node_ids()), dict(TINY), 1, "train")
-    _instruction.update({m.metadata.dst_node_id: m for m in msgs})
     exp = Expectation(INFO, "dm", ipc=2, round=1)
     result = collect(grid, msgs, exp, timeout=60)
     assert sorted(node for node, _ in result.accepted) == [101, 103]
@@ -163,7 +163,7 @@ BAD_FACTORS = {
 
 
 def test_a_factorised_upload_passes_and_counts_stored_bases():
-    check_arrays(idc_arrays(), EXP_IDC)
+    validate_set(idc_arrays(), EXP_IDC)
     assert EXP_IDC.per_base == 4
     assert EXP_IDC.max_upload_bytes() < Expectation(INFO, "dm", ipc=2 * 4, round=1).max_upload_bytes()
 
@@ -171,7 +171,7 @@ def test_a_factorised_upload_passes_and_counts_stored_bases():
 @pytest.mark.parametrize("kind", sorted(BAD_FACTORS))
 def test_each_bad_factorised_upload_is_rejected_with_its_kind(kind):
     with pytest.raises(Rejected) as err:
-        check_arrays(BAD_FACTORS[kind](idc_arrays()), EXP_IDC)
+        validate_set(BAD_FACTORS[kind](idc_arrays()), EXP_IDC)
     assert err.value.kind == kind and err.value.detail
 
 
@@ -179,16 +179,16 @@ def test_each_bad_factorised_upload_is_rejected_with_its_kind(kind):
                                   {"kind": "haba", "hallucinators": 4, "hidden": 8}])
 def test_a_factor_spec_other_than_the_runs_is_rejected_naming_both(spec):
     with pytest.raises(Rejected) as err:
-        check_arrays({**idc_arrays(), FACTOR_SPEC_KEY: _spec_bytes(spec)}, EXP_IDC)
+        validate_set({**idc_arrays(), FACTOR_SPEC_KEY: _spec_bytes(spec)}, EXP_IDC)
     assert err.value.kind == "factors" and spec["kind"] in err.value.detail and '"idc"' in err.value.detail
 
 
 def test_the_form_must_match_the_runs_param():
     with pytest.raises(Rejected) as err:
-        check_arrays(good_arrays(), EXP_IDC)  # plain images to an idc run
+        validate_set(good_arrays(), EXP_IDC)  # plain images to an idc run
     assert err.value.kind == "keys" and "idc" in err.value.detail
     with pytest.raises(Rejected) as err:
-        check_arrays(idc_arrays(), EXP)  # factors to a pixels run
+        validate_set(idc_arrays(), EXP)  # factors to a pixels run
     assert err.value.kind == "keys"
 
 
@@ -225,7 +225,7 @@ def test_shared_network_clients_keep_one_network_and_their_class_budget(param, t
     """Dirichlet 0.1 caps classes: haba / latent distill once and cut each class to its budget."""
     options = '{"hallucinators": 2}' if param == "haba" else '{"decoders": 2}'
     # lr-img 0.1: at DM's default 1.0 a single haba step already leaves |pixel| > 100 (magnitude)
-    config = dict(TINY, param=param, partitioner="dirichlet", alpha=0.1, **{"lr-img": 0.1, "param-kwargs": options})
+    config = dict(TINY, param=param, partitioner="dirichlet", alpha=0.1, **{"dm.lr-img": 0.1, "param-kwargs": options})
     grid = InProcessGrid(client_app, 3)
     msgs = make_messages(sorted(grid.get_node_ids()), config, 1, "train")
     task = DistillTask.from_config({k: v for k, v in config.items()})

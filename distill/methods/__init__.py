@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 from typing import Any, Callable
 
 from ..data import LabeledImages
@@ -77,42 +76,6 @@ def make_config(name: str, **settings: Any) -> MethodConfig:
     return cls(**{**settings, **fixed})
 
 
-def coerce_settings(name: str, raw: dict[str, Any]) -> dict[str, Any]:
-    """Convert string (CLI) or scalar (Flower run-config) values to each field's type.
-
-    Keys may use ``-`` or ``_``; a dict field takes JSON text. Unknown keys raise ``ValueError``.
-    """
-    fields = config_fields(name)
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        k = key.replace("-", "_")
-        if k not in fields:
-            raise ValueError(f"method {name!r} has no setting {key!r}; it has {sorted(fields)}")
-        f = fields[k]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out[k] = _coerce(k, value, default)
-    return out
-
-
-def _coerce(key: str, value: Any, default: Any) -> Any:
-    if not isinstance(value, str):
-        return type(default)(value) if isinstance(default, (int, float)) and not isinstance(default, bool) else value
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, dict) or default is None:
-            return json.loads(value)
-    except ValueError as err:
-        raise ValueError(f"setting {key}={value!r}: expected {type(default).__name__}") from err
-    return value
-
-
 def distill(real_data: LabeledImages, config: MethodConfig, *,
             callback: Callback | None = None) -> SyntheticSet:
     """Distill ``real_data`` with the method named by ``config.method``."""
@@ -141,4 +104,4 @@ register("dp-dm", "privacy.dp_dm:DPDMConfig", "privacy.dp_dm:distill")
 register("dpsgd-gm", "privacy.dp_gm:DPGMConfig", "privacy.dp_gm:distill")
 register("dp-mtt", "privacy.dp_experts:DPMTTConfig", "privacy.dp_experts:distill")
 
-__all__ = ["available_methods", "coerce_settings", "config_fields", "distill", "make_config", "register", "MethodConfig"]
+__all__ = ["available_methods", "config_fields", "distill", "make_config", "register", "MethodConfig"]
