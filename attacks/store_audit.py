@@ -1,6 +1,8 @@
 """Audit a finished run store (``runs/<time>-<name>/``) offline, without Flower.
 
-What the store holds (``server/store.py``): ``config.json`` (the flat kebab-case run config),
+What the store holds (``server/store.py``; its file names and config format are
+:mod:`distill.store_format`, the code the server itself writes and resumes with): ``config.json``
+(the flat kebab-case run config, migrated to the current store format; a newer format is refused),
 ``sets/round<r>-node<id>.npz`` (accepted sets; ``meta.client`` is the partition id),
 ``global_model.pt`` (a ConvNet ``state_dict``), ``summary.json``. Targets here:
 
@@ -31,6 +33,7 @@ import torch
 from distill.data import LabeledImages, load_dataset
 from distill.networks import seeded_network
 from distill.partition import partition, split_held_out
+from distill.store_format import CONFIG_NAME, read_config, stored_sets
 from distill.synthetic import SyntheticSet
 
 from .membership import AttackResult, confidence_attack, distance_attack, loss_attack
@@ -49,13 +52,13 @@ class StoredRun:
 def read_store(root: str | Path) -> StoredRun:
     """Load a run store; sets via ``SyntheticSet.load`` (no pickle), the model with ``weights_only``."""
     root = Path(root)
-    if not (root / "config.json").is_file():
-        raise ValueError(f"{root} is not a run store: no config.json")
-    config = json.loads((root / "config.json").read_text())
+    if not (root / CONFIG_NAME).is_file():
+        raise ValueError(f"{root} is not a run store: no {CONFIG_NAME}")
+    config = read_config(root)
     sets = []
-    for path in sorted((root / "sets").glob("round*-node*.npz")):
+    for name, path in stored_sets(root):
         syn = SyntheticSet.load(path)
-        sets.append((int(path.stem.split("-")[0].removeprefix("round")), syn.meta.client, syn))
+        sets.append((name.round, syn.meta.client, syn))
     model = root / "global_model.pt"
     state = torch.load(model, weights_only=True, map_location="cpu") if model.is_file() else None
     summary_path = root / "summary.json"

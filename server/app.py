@@ -37,7 +37,7 @@ def run(grid: Grid, run_config: Mapping[str, Any], on_round: OnRound | None = No
         store, state = open_run(settings, test.info)
         return _finish(store, run_fedistill(grid, settings, store, test, on_round, on_reply, state))
     store = RunStore.create(settings.runs_dir, settings.name)
-    store.write_json("config.json", settings.to_dict())
+    store.write_config(settings.to_dict())
     log.info("fedistill: run store %s", store.root)
     if settings.task.algorithm == "fedavg":
         summary = run_fedavg(grid, settings, store, test, on_round)

@@ -15,7 +15,8 @@ The contract (docs/reliability.md):
   loaded); temp files of interrupted writes are deleted.
 - The global model is the checkpoint of the last complete round that trained
   (``models/roundRRR.pt``, ``torch.load(weights_only=True)``).
-- Settings come from the run's ``config.json``, not from the restarting command.
+- Settings come from the run's ``config.json``, not from the restarting command, read through
+  :func:`distill.store_format.read_config`: an older store format is migrated, a newer one refused.
 - DP runs resume too: a node's privacy ledger is a file on its own disk, not Flower run state,
   so a resumed run (a new Flower run) does not reset what the node has spent. Its stored sets'
   privacy figures are validated again like every other check (``check_stored_set``), and the
@@ -27,23 +28,21 @@ partition, round), so a seeded run resumed after round k ends as an uninterrupte
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from pathlib import Path
 
 from distill.data import DatasetInfo
 from distill.networks import network_for
+from distill.store_format import SetName, StoreFormatError, model_path, read_config, set_path, stored_sets
 
 from .pool import SyntheticPool
 from .rounds import RunState, expectation
 from .settings import RunSettings
-from .store import RunStore, model_path, set_path
+from .store import RunStore
 from .validate import check_stored_set
 from .wire import is_int
 
 log = logging.getLogger("fedistill.server")
-SET_NAME = re.compile(r"round(\d+)-node(-?\d+)\.npz")
 
 
 class ResumeError(RuntimeError):
@@ -54,25 +53,33 @@ def resume_settings(run_dir: str | Path) -> RunSettings:
     """The run's own settings (``config.json``), with ``resume`` pointing at it."""
     root = Path(run_dir)
     try:
-        stored = json.loads((root / "config.json").read_text())
-        settings = RunSettings.from_run_config({**stored, "resume": str(root)})
+        settings = RunSettings.from_run_config({**read_config(root), "resume": str(root)})
+    except StoreFormatError as err:  # its message names the store, its format and the supported ones
+        raise ResumeError(str(err)) from err
     except (OSError, ValueError, TypeError) as err:
         raise ResumeError(f"{root}: no readable config.json to resume from ({err})") from err
     if settings.task.algorithm != "fedistill":
-        raise ResumeError("resume continues fedistill runs; a FedAvg run restarts from scratch")
+        raise ResumeError(f"{root}: a FedAvg run store holds no synthetic sets; resume continues fedistill runs "
+                          "(a FedAvg run restarts from scratch)")
     return settings
 
 
-def open_run(settings: RunSettings, info: DatasetInfo) -> tuple[RunStore, RunState]:
-    """The run store and the state after its last complete round, ready for the next round."""
+def open_store(run_dir: str | Path) -> tuple[RunStore, list[dict]]:
+    """The run store and its complete rounds' lines, checked: rounds 1..k, the fields resume reads well typed."""
     try:
-        store = RunStore.open(settings.resume)
+        store = RunStore.open(run_dir)
     except (OSError, ValueError) as err:
-        raise ResumeError(f"{settings.resume}: unreadable metrics.jsonl ({err})") from err
+        raise ResumeError(f"{run_dir}: unreadable metrics.jsonl ({err})") from err
     metrics = store.metrics
     if [m.get("round") for m in metrics] != list(range(1, len(metrics) + 1)):
         raise ResumeError(f"{store.root}: metrics.jsonl rounds are not 1..{len(metrics)}")
     check_round_fields(store, metrics)
+    return store, metrics
+
+
+def open_run(settings: RunSettings, info: DatasetInfo) -> tuple[RunStore, RunState]:
+    """The run store and the state after its last complete round, ready for the next round."""
+    store, metrics = open_store(settings.resume)
     removed = store.remove_temp_files()
     moved = quarantine_interrupted_sets(store, metrics)
     quarantined: list[str] = []
@@ -98,13 +105,24 @@ def check_round_fields(store: RunStore, metrics: list[dict]) -> None:
                               f"{uploaded!r}")
 
 
+def accepted_pool(settings: RunSettings, info: DatasetInfo) -> tuple[SyntheticPool, list[str]]:
+    """The pool a resume of ``settings.resume`` starts from, and the sets quarantined on the way
+    (:func:`load_pool`: each set validated again against the run's own settings); nothing else in the
+    store changes (no temp files removed, no interrupted sets moved, no model restored). For scripts
+    that train on a stored pool (``simulations/retrain_pool.py``): a tampered set is never trained on.
+    """
+    store, metrics = open_store(settings.resume)
+    quarantined: list[str] = []
+    return load_pool(store, settings, info, metrics, quarantined), quarantined
+
+
 def quarantine_interrupted_sets(store: RunStore, metrics: list[dict]) -> list[Path]:
     """Move sets no complete round lists as accepted to ``sets/interrupted/`` (kept, not loaded)."""
-    listed = {set_path(m["round"], int(n)) for m in metrics for n in m.get("accepted-nodes", [])}
+    listed = {SetName(m["round"], int(n)) for m in metrics for n in m.get("accepted-nodes", [])}
     target = store.root / "sets" / "interrupted"
     moved = []
-    for path in sorted((store.root / "sets").glob("round*.npz")):
-        if f"sets/{path.name}" not in listed:
+    for name, path in stored_sets(store.root):
+        if name not in listed:
             target.mkdir(exist_ok=True)
             moved.append(path.replace(target / path.name))
     return moved

@@ -5,6 +5,9 @@ Every write goes through :meth:`RunStore.write` (:func:`distill.atomic.atomic_wr
 never half of one. A round's metrics line is written after its sets and model: a round
 is complete exactly when its line is in ``metrics.jsonl`` (server/resume.py relies on it).
 Models are plain ``state_dict`` files read back with ``torch.load(weights_only=True)``.
+File names and the format of ``config.json`` live in :mod:`distill.store_format` (Flower-free, so
+the offline audits read stores with the same code): :meth:`RunStore.write_config` stamps the format,
+:func:`read_config` migrates older stores on the way in.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from distill.atomic import atomic_write
+from distill.store_format import CONFIG_NAME, model_path, read_config, set_path, stamp_config
 from distill.synthetic import SyntheticSet
 
 from .validate import Rejected, RunPrivacy, check_recorded
@@ -77,6 +81,14 @@ class RunStore:
     def write_json(self, name: str, data: dict[str, Any]) -> Path:
         return self.write(name, lambda f: json.dump(data, f, indent=2, sort_keys=True))
 
+    def write_config(self, run_config: dict[str, Any]) -> Path:
+        """``config.json``: the flat run-config, stamped with the store format this code writes."""
+        return self.write_json(CONFIG_NAME, stamp_config(run_config))
+
+    def read_config(self) -> dict[str, Any]:
+        """The run-config in the current format (:func:`distill.store_format.read_config`)."""
+        return read_config(self.root)
+
     def append_metrics(self, record: dict[str, Any]) -> Path:
         """Add one round's line (the whole file is rewritten atomically: it stays small)."""
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*self._metrics, record])
@@ -85,7 +97,7 @@ class RunStore:
         return path
 
     def save_set(self, syn: SyntheticSet, round_: int, node_id: int) -> Path:
-        """``sets/roundRRR-nodeN.npz`` in :meth:`SyntheticSet.load`'s format (no pickles)."""
+        """``sets/roundRRR-nodeN.npz`` (:func:`set_path`) in :meth:`SyntheticSet.load`'s format (no pickles)."""
         payload = dict(syn.to_arrays(), meta_json=np.asarray(canonical_meta(syn.meta)))
         return self.write(set_path(round_, node_id), lambda f: np.savez(f, **payload), mode="wb")
 
@@ -111,14 +123,6 @@ class RunStore:
     @property
     def metrics(self) -> list[dict[str, Any]]:
         return list(self._metrics)
-
-
-def set_path(round_: int, node_id: int) -> str:
-    return f"sets/round{round_:03d}-node{node_id}.npz"
-
-
-def model_path(round_: int) -> str:
-    return f"models/round{round_:03d}.pt"
 
 
 def read_metrics(root: str | Path) -> list[dict[str, Any]]:

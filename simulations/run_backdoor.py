@@ -15,7 +15,6 @@ store's ``summary.json`` under ``backdoor``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -60,7 +59,7 @@ def measure(summary: dict[str, Any], spec: Any, malicious: list[int], attack: st
     from simulations.malicious_client import trigger_path
 
     store = RunStore(summary["run"])
-    settings = base.RunSettings.from_run_config(json.loads((store.root / "config.json").read_text()))
+    settings = base.RunSettings.from_run_config(store.read_config())  # migrated to the current store format
     _, test = split_holdout(cached_dataset(settings.task.dataset).test, settings.defense_config())  # as the server
     out: dict[str, Any] = {"attack": attack, "spec": spec.to_dict(), "malicious-partitions": malicious,
                            "asr": None, "cta": None}

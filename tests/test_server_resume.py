@@ -21,6 +21,7 @@ import torch
 from client.app import app as client_app
 from client.private import dp_config
 from client.task import DistillTask
+from distill.store_format import FORMAT_KEY, set_path
 from distill.synthetic import SyntheticSet
 from privacy import privacy_plan
 from server.app import run
@@ -30,7 +31,7 @@ from tests.flower_fixtures import InProcessGrid, task_identity  # noqa: F401 - f
 
 ROOT = Path(__file__).resolve().parents[1]
 # Iterative, so round 2's clients embed with round 1's model: resuming must restore it exactly.
-CONFIG = {"mode": "iterative", "num-server-rounds": 2, "iterations": 1, "ipc": 2, "batch-real": 8,
+CONFIG = {"mode": "iterative", "num-server-rounds": 2, "iterations": 1, "ipc": 2, "dm.batch-real": 8,
           "net-width": 8, "net-depth": 1, "server-epochs": 1, "server-dsa": False, "fraction-train": 0.5,
           "min-train-nodes": 2, "min-available-nodes": 3, "fraction-evaluate": 0.5}
 TIMING = {"elapsed-seconds", "train-seconds", "client-seconds-max", "resumed-after-round"}
@@ -146,6 +147,61 @@ def test_a_tampered_accepted_set_is_quarantined_with_its_reason_and_the_run_goes
     assert read_metrics(root)[1]["resume-quarantined"] == summary["resume-quarantined"]
 
 
+def test_a_format_1_store_resumes_to_the_uninterrupted_result(tmp_path, tmp_path_factory,
+                                                              task_identity):  # noqa: F811
+    """A store written before config.json carried its format (format 1: DM's ``lr-img`` and
+    ``batch-real`` flat) resumes: its config is migrated on the way in (``batch-real`` 8 becomes
+    ``dm.batch-real``; lost, round 2 would distill with the default 256 and differ), and left as it is."""
+    ref = reference(tmp_path_factory)
+    root = _copy_killed_after_round_1(ref, tmp_path / "run")
+    current = json.loads((root / "config.json").read_text())
+    assert current[FORMAT_KEY] == 2 and current["dm.batch-real"] == 8
+    old = {k: v for k, v in current.items() if k != FORMAT_KEY and "." not in k}  # no namespaced keys in format 1
+    (root / "config.json").write_text(json.dumps({**old, "lr-img": 1.0, "batch-real": 8}))
+    written = (root / "config.json").read_bytes()
+
+    summary = run(InProcessGrid(client_app, 3), {}, resume=str(root))
+
+    assert summary["resumed-after-rounds"] == [1]
+    assert comparable(read_metrics(root)) == comparable(read_metrics(ref))
+    mine, theirs = set_files(root), set_files(ref)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k].images, theirs[k].images) for k in mine)
+    assert (root / "config.json").read_bytes() == written, "the store's own config.json is not rewritten"
+
+
+def test_retrain_pool_trains_only_on_the_validated_accepted_sets(tmp_path, tmp_path_factory, capsys,
+                                                                 task_identity):  # noqa: F811
+    """simulations/retrain_pool.py loads the pool as a resume does: a tampered set that still loads
+    (pixels x 1e6) is quarantined, not trained on, and a set no complete round accepted is ignored."""
+    import shutil
+
+    from simulations.retrain_pool import main
+
+    ref = reference(tmp_path_factory)
+    root = tmp_path / "run"
+    shutil.copytree(ref, root)
+    latest = {}  # node -> set file, over the rounds' accepted nodes: what the pool should hold
+    for m in read_metrics(root):
+        latest.update({int(n): root / set_path(m["round"], int(n)) for n in m["accepted-nodes"]})
+    node, victim = max(latest.items(), key=lambda item: item[1].name)  # a round-2 set
+    with np.load(victim, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    np.savez(victim, **{**arrays, "images": arrays["images"] * 1e6})
+    assert len(SyntheticSet.load(victim)) == len(arrays["images"]), "the tampered set still loads"
+    shutil.copy(min(latest.values()), root / set_path(2, 999))  # a set no round lists as accepted
+    earlier = [root / set_path(1, node)] if node in read_metrics(root)[0]["accepted-nodes"] else []
+    expected = [p for p in latest.values() if p != victim] + earlier
+
+    assert main([str(root), "--set", "server-epochs=1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+
+    assert [q.split(": ")[0] for q in out["quarantined"]] == [f"sets/{victim.name}"]
+    assert (root / "sets" / "quarantined" / victim.name).exists() and not victim.exists()
+    assert out["pool-sets"] == len(expected) and out["pool-images"] == sum(len(SyntheticSet.load(p)) for p in expected)
+    assert 0.0 <= out["accuracy"] <= 1.0 and out["settings"] == ["server-epochs=1"]
+    assert (root / set_path(2, 999)).exists(), "retraining moves no set it does not quarantine"
+
+
 def test_a_tampered_checkpoint_stops_the_resume(tmp_path, tmp_path_factory, task_identity):  # noqa: F811
     """Without the last model the resumed run cannot equal an uninterrupted one: it refuses."""
     root = _copy_killed_after_round_1(reference(tmp_path_factory), tmp_path / "run")
@@ -243,7 +299,7 @@ def test_a_stored_dp_set_with_forged_privacy_figures_is_quarantined(forge, tmp_p
     np.savez(path, **{**arrays, "meta_json": np.asarray(json.dumps(meta))})
     summary = run(InProcessGrid(client_app, 3, node_config=policy, run_id=2), {}, resume=str(root))
     (entry,) = summary["resume-quarantined"]
-    assert entry.startswith(f"sets/{path.name}: Rejected: privacy: ")
+    assert entry.startswith(f"sets/{path.name}: InvalidSet: privacy: ")
     assert (root / "sets" / "quarantined" / path.name).exists() and not path.exists()
 
 
