@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .data import DatasetInfo
-from .factors import Factors, check_factors
+from .factors import Factors, check_factors, kind_class
 from .npzfile import load_npz_safely, save_npz_atomic
 
 ARRAY_KEYS = ("images", "labels")
@@ -178,9 +178,10 @@ class SyntheticSet:
 def concat_sets(parts: list[SyntheticSet], meta: SetMetadata) -> SyntheticSet:
     """One set from several under ``meta`` (a client distilling class groups in separate calls).
 
-    Plain sets concatenate their images. IDC sets with one spec concatenate their stored grids,
-    so the result still stores (and counts) factors. Sets with shared learned networks (haba,
-    latent) are refused: each part trained its own networks, and one set has one of each.
+    Plain sets concatenate their images. Factorised sets with one spec and no shared networks
+    (IDC) concatenate their stored bases, so the result still stores (and counts) factors. Sets
+    with shared learned networks (haba, latent) are refused: each part trained its own networks,
+    and one set has one of each.
     """
     if not parts:
         raise ValueError("nothing to concatenate")
@@ -192,11 +193,11 @@ def concat_sets(parts: list[SyntheticSet], meta: SetMetadata) -> SyntheticSet:
     if kinds == {None}:
         return SyntheticSet(torch.cat([p.images for p in parts]), labels, meta, parts[0].lr)
     first = parts[0].factors
-    if len(kinds) > 1 or first is None or first.kind != "idc":
-        raise ValueError("only plain sets, or IDC sets with one spec, can be concatenated; "
-                         f"got factor specs {sorted(map(str, kinds))}")
-    base = torch.cat([p.factors.arrays["base"] for p in parts])  # type: ignore[union-attr]
-    return SyntheticSet.from_factors(Factors(first.spec, {"base": base}), labels, meta, parts[0].lr)
+    if len(kinds) > 1 or first is None or kind_class(first.kind).shared_networks or len(first.arrays) != 1:
+        raise ValueError("only plain sets, or factorised sets with one spec and no shared networks (idc), can be "
+                         f"concatenated; got factor specs {sorted(map(str, kinds))}")
+    base = torch.cat([p.factors.arrays[first.base_key] for p in parts])  # type: ignore[union-attr]
+    return SyntheticSet.from_factors(Factors(first.spec, {first.base_key: base}), labels, meta, parts[0].lr)
 
 
 def factors_from_arrays(arrays: dict[str, np.ndarray]) -> Factors:

@@ -109,8 +109,6 @@ def factor_spec_json(param: str, options: dict | None, info: DatasetInfo) -> str
 
     Built the way a client builds it (a parameterisation over a blank image), so the two agree.
     """
-    if param == "pixels":
-        return ""
     init = torch.zeros(real_per_base(param, options), *info.image_shape)
     factors = make_parameterization(init, 0.0, torch.Generator(), param, options).factors()
     return factors.spec_json() if factors is not None else ""
