@@ -1,18 +1,19 @@
 """Test helpers for the Flower app: a task identity and an in-process Grid (no Ray, no SuperLink).
 
 Kept out of conftest.py so other suites are unaffected; test modules import what they use.
-``TaskIdentity`` is Flower-internal: it is touched here and nowhere else.
+Two Flower internals are touched, here and nowhere else: ``TaskIdentity`` (to build instructions
+outside a runtime) and, in :func:`with_metadata`, ``Message``'s ``metadata=`` keyword (to give a
+message the id a SuperLink would). Everything else uses Flower's public ``flwr.app`` API.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator
 
 import pytest
-from flwr.app import DEFAULT_TTL, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -39,6 +40,29 @@ def task_identity():
     """Let tests build instruction Messages outside a Flower runtime."""
     with flower_task_identity() as identity:
         yield identity
+
+
+def with_metadata(msg: Message, **changes) -> Message:
+    """A copy of ``msg`` (same content or error) whose metadata has ``changes`` (``message_id``,
+    ``src_node_id``, ``reply_to_message_id``, ...).
+
+    Flower 1.42 has no public way to give a message an id: the documented ``Message`` signatures
+    build an instruction or a reply with ``message_id=""`` ("set by the SuperLink"), and
+    ``Metadata.message_id`` has no setter (Flower's own ``InMemoryGrid.push_messages`` writes
+    ``metadata.__dict__["_message_id"]``). The public ``flwr.app.Metadata`` constructor does take
+    ``message_id``; the one non-public step is handing that metadata to ``Message(metadata=...)``,
+    the keyword Flower keeps for its own deserialisation (``flwr.app.message.message.make_message``).
+    Re-check on a Flower upgrade.
+    """
+    meta = msg.metadata
+    fields = dict(run_id=meta.run_id, message_id=meta.message_id, src_node_id=meta.src_node_id,
+                  dst_node_id=meta.dst_node_id, reply_to_message_id=meta.reply_to_message_id,
+                  group_id=meta.group_id, created_at=meta.created_at, ttl=meta.ttl,
+                  message_type=meta.message_type, src_task_id=meta.src_task_id, dst_task_id=meta.dst_task_id)
+    if unknown := sorted(set(changes) - set(fields)):
+        raise TypeError(f"no metadata fields {unknown}; Metadata has {sorted(fields)}")
+    body = {"error": msg.error} if msg.has_error() else {"content": msg.content}
+    return Message(metadata=Metadata(**{**fields, **changes}), **body)
 
 
 def make_context(node_id: int, node_config: dict, run_id: int = 1) -> Context:
@@ -91,13 +115,15 @@ class InProcessGrid(LocalGrid):
         return [reply] if reply is not None else []
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Each node gets a copy of its message carrying a fresh id, as a SuperLink delivers it;
+        ``sent`` keeps the delivered copies."""
         ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.sent.append(msg)
-            self.mailbox[msg.metadata.message_id] = [r for r in self._answer(msg, msg.metadata.dst_node_id)
-                                                     if r is not None]
-            ids.append(msg.metadata.message_id)
+            delivered = with_metadata(msg, message_id=uuid.uuid4().hex)
+            self.sent.append(delivered)
+            msg_id = delivered.metadata.message_id
+            self.mailbox[msg_id] = [r for r in self._answer(delivered, delivered.metadata.dst_node_id) if r is not None]
+            ids.append(msg_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -109,13 +135,9 @@ class InProcessGrid(LocalGrid):
 
 
 def unsolicited_reply(msg: Message, content: RecordDict) -> Message:
-    """A reply from ``msg``'s node to a message nobody sent (a made-up id), built with Flower's
-    public ``Metadata``: what a node would push to answer a stale or foreign instruction."""
-    meta = msg.metadata
-    forged = Metadata(run_id=meta.run_id, message_id="", src_node_id=meta.dst_node_id, dst_node_id=meta.src_node_id,
-                      reply_to_message_id=uuid.uuid4().hex, group_id=meta.group_id, created_at=time.time(),
-                      ttl=DEFAULT_TTL, message_type=meta.message_type)
-    return Message(content=content, metadata=forged)
+    """A reply from ``msg``'s node to a message nobody sent (a made-up id): what a node would push
+    to answer a stale or foreign instruction."""
+    return with_metadata(Message(content, reply_to=msg), reply_to_message_id=uuid.uuid4().hex)
 
 
 class HostileGrid(InProcessGrid):
@@ -147,3 +169,21 @@ class HostileGrid(InProcessGrid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(super().pull_messages(message_ids))
         return sorted(replies, key=lambda r: r.metadata.src_node_id) if self.order_by_node else replies
+
+
+def stored_model_accuracy(run_dir: str, name: str = "global_model.pt") -> float:
+    """Test accuracy of a model in a run store, rebuilt from the store's config and scored on the
+    split the server scores it on: what a run's recorded ``accuracy`` must equal."""
+    from client.task import cached_dataset
+    from distill.networks import network_for
+    from distill.train import accuracy_and_loss
+    from server.defenses import split_holdout
+    from server.settings import RunSettings
+    from server.store import RunStore
+
+    store = RunStore(run_dir)
+    settings = RunSettings.from_run_config(store.read_config())
+    _, test = split_holdout(cached_dataset(settings.task.dataset).test, settings.defense_config())
+    net = network_for(test.info, width=settings.task.net_width, depth=settings.task.net_depth)
+    net.load_state_dict(store.load_model(name))
+    return accuracy_and_loss(net, test)[0]

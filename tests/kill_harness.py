@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tiniest iterative run whose round 2 depends on round 1 (its model, its sampling): 3 nodes,
 # 2 sampled per round, 2 rounds, 12 store writes.
 CONFIG: dict[str, Any] = {
-    "mode": "iterative", "num-server-rounds": 2, "iterations": 1, "ipc": 2, "batch-real": 8, "net-width": 8,
+    "mode": "iterative", "num-server-rounds": 2, "iterations": 1, "ipc": 2, "dm.batch-real": 8, "net-width": 8,
     "net-depth": 1, "server-epochs": 1, "server-dsa": False, "fraction-train": 0.5, "min-train-nodes": 2,
     "min-available-nodes": 3, "fraction-evaluate": 0.5, "seed": 0,
     "round-timeout": 60.0}  # a client that raises sends nothing: fail in a minute, not in 30

@@ -32,6 +32,8 @@ from flwr.proto.recorddict_pb2 import MetricRecord as ProtoMetricRecord
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents, validate_object_content
 
+from tests.flower_fixtures import with_metadata
+
 RECORD_KINDS = {"synthetic": "ArrayRecord", "metrics": "MetricRecord"}  # any other name: a ConfigRecord
 METRIC_TYPES: list[type] = [int, float]
 CONFIG_TYPES: list[type] = [bool, int, float, str, bytes]  # bool first: it is an int too
@@ -128,8 +130,7 @@ def inflate(message_id: str, objects: Objects) -> Message:
     """What the ServerApp's Grid does with a pulled reply (``flwr.superlink.grid.http_grid``)."""
     message = inflate_object_from_contents(message_id, dict(objects), keep_object_contents=True)
     assert isinstance(message, Message)
-    message.metadata.__dict__["_message_id"] = message_id
-    return message
+    return with_metadata(message, message_id=message_id)
 
 
 def raw_reply(instruction: Message, content: Mapping[str, Any] | Error) -> Message:

@@ -2,6 +2,7 @@ import torch
 
 from distill import TrainConfig, distill, evaluate, make_config, random_real_subset
 from distill.cli import main as cli_main
+from distill.synthetic import SyntheticSet
 
 from .conftest import SMALL_NET
 
@@ -18,18 +19,30 @@ def test_random_real_subset_is_ipc_per_class(mnist):
 
 
 def test_soft_labels_train(mnist, small_train):
-    soft = torch.nn.functional.one_hot(small_train.labels[:50], 10).float()
-    cfg = TrainConfig(epochs=2, arch="mlp", dsa=False)
-    result = evaluate(small_train.images[:50], soft, mnist.test, cfg, seeds=(0,))
-    assert 0.0 <= result.mean <= 1.0
+    """A network learns from label distributions: 10 images per class, smoothed one-hot targets.
+
+    Seeds 0-5 over several 10-per-class subsets reach 0.47-0.59 (0.41 with 5 per class); a
+    pipeline that drops or scrambles soft labels stays near chance (0.1).
+    """
+    idx = torch.cat([i[:10] for i in small_train.class_indices()])
+    x, y = small_train.images[idx], small_train.labels[idx]
+    soft = torch.full((len(y), 10), 0.1 / 9)
+    soft[torch.arange(len(y)), y] = 0.9
+    cfg = TrainConfig(epochs=30, arch="mlp", dsa=False)
+    result = evaluate(x, soft, mnist.test, cfg, seeds=(0, 1))
+    assert result.mean > 0.3  # chance is 0.1
 
 
 def test_cli_distill_evaluate_show(tmp_path, capsys):
     out = tmp_path / "s.npz"
-    assert cli_main(["distill", "--ipc", "1", "--iterations", "1", "--set", "batch_real=16",
-                     "--set", 'arch_kwargs={"width": 8, "depth": 1}', "--out", str(out)]) == 0
+    assert cli_main(["distill", "--ipc", "1", "--iterations", "1", "--set", "dm.batch-real=16",
+                     "--set", "net-width=8", "--set", "net-depth=1", "--out", str(out)]) == 0
+    assert len(SyntheticSet.load(out)) == 10
     assert cli_main(["evaluate", str(out), "--epochs", "2", "--seeds", "1", "--arch", "mlp", "--json"]) == 0
     assert cli_main(["show", str(out)]) == 0
     assert (tmp_path / "s.png").stat().st_size > 100
+    capsys.readouterr()
+    assert cli_main(["distill", "--set", "dm.nope=1", "--out", str(out)]) == 2
+    assert "'dm.nope'" in capsys.readouterr().err
     assert cli_main(["distill", "--set", "nope=1", "--out", str(out)]) == 2
-    assert "no setting" in capsys.readouterr().err
+    assert "'nope'" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"iterations": 2, "ipc": 2, "batch-real": 16, "net-width": 8, "net-depth": 2, "server-epochs": 2}
+TINY = {"iterations": 2, "ipc": 2, "dm.batch-real": 16, "net-width": 8, "net-depth": 2, "server-epochs": 2}
 
 
 def test_ray_simulation_with_two_clients_writes_a_run_store(tmp_path, monkeypatch):

@@ -33,9 +33,10 @@ from hypothesis import strategies as st
 from distill.data import load_dataset
 from distill.synthetic import FACTOR_SPEC_KEY, SetMetadata
 from server.rounds import collect, make_messages
-from server.validate import KINDS, Expectation, Rejected, check_reply, factor_spec_json
+from distill.upload import Expectation, factor_spec_json
+from server.validate import KINDS, Rejected, check_reply
 from server.wire import check_reply_size
-from tests.flower_fixtures import LocalGrid, task_identity  # noqa: F401 - fixture
+from tests.flower_fixtures import LocalGrid, task_identity, with_metadata  # noqa: F401 - fixture
 from tests.raw_reply import Objects, inflate, raw_reply, wire_objects
 
 INFO = load_dataset().info
@@ -538,16 +539,14 @@ class ScriptedGrid(LocalGrid):
         return sorted(self.script)
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            ids.append(msg.metadata.message_id)
+        delivered = [with_metadata(msg, message_id=uuid.uuid4().hex) for msg in messages]  # as a SuperLink does
+        for msg in delivered:
             reply = self.script[msg.metadata.dst_node_id](msg)
             self.replies[msg.metadata.message_id] = [reply] if reply is not None else []
-        if messages:
-            first = messages[0]
+        if delivered:
+            first = delivered[0]
             self.replies[first.metadata.message_id] += [extra(first) for extra in self.extras]
-        return ids
+        return [msg.metadata.message_id for msg in delivered]
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         return [r for i in message_ids for r in self.replies.pop(i, [])]
@@ -739,8 +738,7 @@ def test_duplicate_and_unsolicited_replies_are_rejected_and_good_ones_kept(task_
     """A second reply and an unsolicited one are refused; two nodes claiming one client id are both
     kept (sets are keyed by node id) and the repeated claim is logged."""
     twice = lambda m: reply_for(m, good_content(100))  # noqa: E731
-    stranger = instruction(999)
-    stranger.metadata.__dict__["_message_id"] = "never-sent"
+    stranger = with_metadata(instruction(999), message_id="never-sent")
     grid = ScriptedGrid({100: twice, 101: lambda m: reply_for(m, good_content(101, client="same")),
                          102: lambda m: reply_for(m, good_content(102, client="same")),
                          103: lambda m: reply_for(m, good_content(103))},
@@ -781,8 +779,7 @@ class WireGrid(ScriptedGrid):
 
     def push_messages(self, messages: Iterable[Message]) -> list[str]:
         ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        for msg in (with_metadata(m, message_id=uuid.uuid4().hex) for m in messages):
             ids.append(msg.metadata.message_id)
             if (sent := self.wire_script[msg.metadata.dst_node_id](msg)) is not None:
                 self.wire[msg.metadata.message_id] = sent

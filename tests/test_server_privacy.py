@@ -13,13 +13,14 @@ from client.private import dp_config
 from client.task import DistillTask
 from distill.data import load_dataset
 from distill.synthetic import SetMetadata
+from distill.store_format import model_path
 from privacy import epsilon_of, privacy_plan
 from server.app import run
 from server.rounds import RoundResult, RunState, _validated, round_record
 from server.store import client_privacy, privacy_summary, read_metrics
 from server.validate import (DECLINE_KINDS, KINDS, Declined, Expectation, Rejected, RunPrivacy, check_declined,
                              check_figures, check_privacy, check_recorded)
-from tests.flower_fixtures import InProcessGrid, task_identity  # noqa: F401 - fixture
+from tests.flower_fixtures import InProcessGrid, stored_model_accuracy, task_identity  # noqa: F401 - fixture
 
 INFO = load_dataset().info
 EXP = Expectation(INFO, "dp-dm", ipc=2, round=1, dp="dp-dm", delta=1e-5, rho=0.0)
@@ -241,7 +242,8 @@ def test_dp_run_records_per_client_epsilon_and_budget_declines(tmp_path, task_id
                   **{"num-server-rounds": 2, "privacy-budget": one_round}, **TINY)
     assert summary["status"] == "ok" and summary["dp"] == "dp-dm"
     first, second = read_metrics(summary["run"])
-    assert first["accepted"] == 3 and first["rejected"] == 0 and 0 <= first["accuracy"] <= 1
+    assert first["accepted"] == 3 and first["rejected"] == 0
+    assert first["accuracy"] == stored_model_accuracy(summary["run"], model_path(1))
     assert all(f["status"] == "accepted" and f["epsilon-total"] == one_round and f["delta"] == 1e-5
                and f["accountant"] == "rdp" for f in first["privacy"].values())
     assert second["accepted"] == 0 and second["rejected-declined-budget"] == 3
