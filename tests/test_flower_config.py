@@ -19,11 +19,14 @@ def test_pyproject_run_config_matches_the_code_defaults():
 
 
 def test_components_point_at_the_apps():
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
     from client.app import app as client_app
     from server.app import app as server_app
     comps = PYPROJECT["tool"]["flwr"]["app"]["components"]
     assert comps == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
-    assert client_app is not None and server_app is not None
+    assert isinstance(client_app, ClientApp) and isinstance(server_app, ServerApp)
     assert "federations" not in PYPROJECT["tool"]["flwr"]  # they live in $FLWR_HOME/config.toml
 
 
