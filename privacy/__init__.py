@@ -4,8 +4,8 @@ The DP methods (``dp-dm``, ``dpsgd-gm``, ``dp-mtt``) are listed in :mod:`distill
 entries (``"privacy.dp_dm:DPDMConfig"``, ...), imported on first use: no import of this package is
 needed to use them, and ``distill`` never imports it eagerly. No Flower import here.
 
->>> from distill.methods import make_config
->>> cfg = make_config("dp-dm", ipc=1, iterations=10, epsilon=2.0)
+>>> from distill.task import DistillTask, method_config
+>>> cfg = method_config(DistillTask(dp="dp-dm", ipc=1, iterations=10, epsilon=2.0), seed=0)
 >>> plan = privacy_plan(cfg)
 >>> plan.mode, plan.accountant, plan.epsilon <= 2.0
 ('target-epsilon', 'rdp', True)

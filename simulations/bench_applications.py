@@ -15,6 +15,9 @@ PNG plots under ``--out``.
         --sets mtt=bench_results/distill/mtt_ipc10.npz dsa=bench_results/distill/dsa_ipc10.npz
     python simulations/bench_applications.py --preset medium --parts crossarch --no-baselines \
         --seeds 0 --sets kip=bench_results/distill/kip_ipc10.npz   # only the saved set, one seed
+
+The budgets are experiment files, conf/applications/<preset>.toml (conf/README.md); ``--config
+PATH`` runs one of your own.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,65 +38,35 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill import load_dataset, make_config, random_real_subset  # noqa: E402
+from distill import load_dataset, random_real_subset  # noqa: E402
 from distill.continual import ContinualConfig, run_continual  # noqa: E402
 from distill.crossarch import DEFAULT_ARCHS, CrossArchReport, cross_arch_evaluate  # noqa: E402
 from distill.data import DatasetInfo, LabeledImages  # noqa: E402
-from distill.methods import distill  # noqa: E402
+from distill.methods import MethodConfig, config_fields, distill  # noqa: E402
 from distill.nas import GROUND_TRUTH, NASReport, convnet_grid, nas_proxy  # noqa: E402
 from distill.synthetic import SyntheticSet  # noqa: E402
+from distill.task import method_config  # noqa: E402
 from distill.train import TrainConfig  # noqa: E402
+from simulations.experiments import (ApplicationsExperiment, add_experiment_args,  # noqa: E402
+                                     chosen_experiment, method_task)
 
 PARTS = ("crossarch", "nas", "continual")
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Every budget of one run; recorded in the JSON so a figure says how it was made."""
-
-    ipc: int = 10
-    dm_iterations: int = 600
-    dm_settings: dict = field(default_factory=dict)
-    net: dict = field(default_factory=dict)  # ConvNet options, distillation and evaluation alike
-    test_per_class: int | None = None        # None: the whole test split
-    seeds: tuple[int, ...] = (0, 1, 2)
-    arch_epochs: dict = field(default_factory=lambda: {"convnet": 300, "mlp": 300, "lenet": 300,
-                                                       "alexnet": 100, "resnet18": 100})
-    crossarch_random: bool = True            # the random-real baseline beside DM
-    nas_grid: dict = field(default_factory=dict)  # convnet_grid options
-    nas_proxy_epochs: int = 100
-    nas_pool_epochs: int = 3
-    nas_pool_size: int | None = None         # None: the whole training pool
-    nas_seeds: tuple[int, ...] = (0,)
-    cl_buffers: tuple[str, ...] = ("distill", "random", "herding")
-    cl_dm_iterations: int = 200
-    cl_dm_settings: dict = field(default_factory=dict)
-    cl_epochs: int = 300
-    cl_seeds: tuple[int, ...] = (0,)
+Preset = ApplicationsExperiment
 
 
-PRESETS = {
-    # Smoke run: every code path, tiny budgets, small networks; numbers mean nothing.
-    "quick": Preset(dm_iterations=10, dm_settings={"batch_real": 64}, net={"width": 32},
-                    test_per_class=20, seeds=(0,),
-                    arch_epochs={"convnet": 5, "mlp": 10, "lenet": 10, "alexnet": 1, "resnet18": 1},
-                    crossarch_random=False,
-                    nas_grid={"depths": (1, 2), "widths": (16,), "norms": ("instancenorm", "none"),
-                              "activations": ("relu", "sigmoid"), "poolings": ("avgpool",)},
-                    nas_proxy_epochs=5, nas_pool_epochs=1, nas_pool_size=1000,
-                    cl_buffers=("distill", "random"), cl_dm_iterations=5,
-                    cl_dm_settings={"batch_real": 32}, cl_epochs=5),
-    # The issue's comparisons at budgets one 2-core CPU hour allows (3,163 s measured): width-32
-    # ConvNets throughout, 2 evaluation seeds, shorter training; the whole test split and the
-    # whole pool as ground truth.
-    "medium": Preset(dm_iterations=200, net={"width": 32}, seeds=(0, 1),
-                     arch_epochs={"convnet": 300, "mlp": 300, "lenet": 300, "alexnet": 100, "resnet18": 50},
-                     nas_proxy_epochs=100, nas_pool_epochs=2,
-                     cl_dm_iterations=100, cl_epochs=200),
-    # The issue's figures on a 2-core CPU; estimated (not measured) from per-epoch costs:
-    # DM ~20 min, cross-architecture ~80 min, NAS (36 ConvNets) ~50 min, continual ~60 min.
-    "default": Preset(),
-}
+def dm_config(p: Preset, device: str, continual: bool = False) -> MethodConfig:
+    """The DM config of the crossarch/nas set (``[methods.dm]``) or of the continual memories
+    (``[cl-methods.dm]``), at the experiment's IPC and network, seed 0."""
+    task, node = method_task("dm", p.net, (p.cl_methods if continual else p.methods).get("dm", {}), ipc=p.ipc)
+    return method_config(task, seed=0, device=device, **node)
+
+
+def continual_settings(config: MethodConfig) -> dict[str, Any]:
+    """``config`` as ContinualConfig's method settings: every field but those the protocol sets
+    (ipc = k, seed) and those the method fixes."""
+    return {k: getattr(config, k) for k in config_fields(config.method) if k not in ("ipc", "seed")}
 
 
 def run_crossarch(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], test: LabeledImages,
@@ -101,7 +75,7 @@ def run_crossarch(sets: dict[str, tuple[torch.Tensor, torch.Tensor]], test: Labe
     out = {}
     for name, (x, y) in sets.items():
         out[name] = cross_arch_evaluate(x, y, test, cfg, archs=DEFAULT_ARCHS, seeds=p.seeds,
-                                        arch_kwargs={"convnet": dict(p.net)}, epochs=dict(p.arch_epochs))
+                                        arch_kwargs={"convnet": p.arch_kwargs}, epochs=dict(p.arch_epochs))
         print(out[name].markdown(name), flush=True)
     return out
 
@@ -124,10 +98,9 @@ def run_cl(train: LabeledImages, test: LabeledImages, p: Preset, device: str) ->
     for buffer in p.cl_buffers:
         runs = []
         for seed in p.cl_seeds:
-            settings = {"iterations": p.cl_dm_iterations, "device": device, "arch_kwargs": dict(p.net),
-                        **p.cl_dm_settings}
+            settings = continual_settings(dm_config(p, device, continual=True))
             cfg = ContinualConfig(k=p.ipc, buffer=buffer, method="dm", method_settings=settings, seed=seed,
-                                  train=TrainConfig(epochs=p.cl_epochs, device=device, arch_kwargs=dict(p.net)))
+                                  train=TrainConfig(epochs=p.cl_epochs, device=device, arch_kwargs=p.arch_kwargs))
             runs.append(run_continual(train, test, cfg).to_dict())
         per_step = [statistics.mean(r["accuracies"][i] for r in runs) for i in range(len(runs[0]["accuracies"]))]
         finals, averages = [r["final"] for r in runs], [r["average"] for r in runs]
@@ -238,7 +211,7 @@ def plots(report: dict, out: Path, preset: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    add_experiment_args(p, "applications", default="default")
     p.add_argument("--quick", action="store_true", help="smoke run (--preset quick)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which applications to run")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -254,8 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--no-baselines needs --sets: there would be nothing to evaluate")
     if args.no_baselines and "continual" in args.parts:
         p.error("--no-baselines applies to crossarch and nas; the continual part distills its own buffers")
-    preset_name = "quick" if args.quick else args.preset
-    preset = PRESETS[preset_name]
+    if args.quick:
+        if args.config:
+            p.error("--quick is --preset quick; it does not go with --config")
+        args.preset = "quick"
+    try:
+        preset_name, preset = chosen_experiment(args, "applications", default="default")
+    except ValueError as err:
+        p.error(str(err))
     if args.seeds is not None:
         preset = replace(preset, seeds=tuple(args.seeds))
     out = Path(args.out)
@@ -274,9 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = dict(extra)
     if {"crossarch", "nas"} & set(args.parts) and not args.no_baselines:
         t0 = time.perf_counter()
-        cfg = make_config("dm", ipc=preset.ipc, iterations=preset.dm_iterations, seed=0, device=args.device,
-                          arch_kwargs=dict(preset.net), **preset.dm_settings)
-        syn = distill(data.train, cfg)
+        syn = distill(data.train, dm_config(preset, args.device))
         report["dm"] = {"iterations": syn.meta.iterations, "seconds": time.perf_counter() - t0}
         rand = random_real_subset(data.train, preset.ipc, seed=0)
         sets = {"dm": (syn.images, syn.hard_labels()), "random": (rand.images, rand.labels), **extra}

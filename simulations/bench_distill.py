@@ -8,7 +8,13 @@ against the reference code.
 
     python simulations/bench_distill.py --quick                       # one-minute smoke run
     python simulations/bench_distill.py --preset cpu --ipc 1 10       # ~20 min per method/IPC
+    python simulations/bench_distill.py --preset cpu --methods frepo --set frepo.lr-img=0.03
+    python simulations/bench_distill.py --config my_budgets.toml     # an experiment file of your own
     python simulations/bench_distill.py --speed-only --reference-dir ../DatasetCondensation
+
+The budgets are experiment files, conf/distill/<preset>.toml (conf/README.md). ``--set KEY=VALUE``
+takes run-config keys over the file: a plain key (``iterations=5``, ``net-width=64``) for every
+method, a dotted one (``frepo.lr-img=0.03``, ``mtt.iterations=400``) for one method.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,70 +37,36 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill import load_dataset, make_config, random_real_subset  # noqa: E402
-from distill.methods import distill  # noqa: E402
+from distill import load_dataset, random_real_subset  # noqa: E402
+from distill.methods import MethodConfig, distill  # noqa: E402
 from distill.synthetic import SetMetadata, SyntheticSet  # noqa: E402
+from distill.task import method_config, parse_assignments, split_keys  # noqa: E402
 from distill.train import TrainConfig, evaluate  # noqa: E402
 from distill.visualize import save_grid  # noqa: E402
+from simulations.experiments import (DistillExperiment, add_experiment_args, chosen_experiment,  # noqa: E402
+                                     TASK_KEYS, load_experiment, method_task)
 
 METHODS = ("random", "dm", "dc", "dsa", "kip", "rfad", "frepo", "bptt", "mtt", "cafe")
+REFERENCE_NET = {"net-width": 128, "net-depth": 3}  # the reference code's ConvNet (speed comparison)
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Iterations and method settings per (method, ipc), and the evaluator."""
-
-    iterations: dict[tuple[str, int], int]
-    settings: dict[str, dict] = field(default_factory=dict)
-    gm_loops: dict[int, tuple[int, int]] = field(default_factory=dict)
-    eval_epochs: dict[int, int] = field(default_factory=dict)
-    pool_epochs: int = 20
-
-    def iters(self, method: str, ipc: int) -> int:
-        return self.iterations.get((method, ipc), self.iterations.get((method, 0), 0))
+def method_overrides(assignments: list[str], method: str) -> dict[str, Any]:
+    """What ``--set`` changes for ``method``: plain task keys (every method), then ``method``'s
+    dotted ones, kebab-case (``frepo.lr_img`` is ``frepo.lr-img``). An unknown method prefix or
+    plain key raises ``ValueError``; an unknown method setting, once the job's task is built."""
+    kebab = [key.replace("_", "-") + sep + value for key, sep, value in (str(a).partition("=") for a in assignments)]
+    plain, nested = split_keys(parse_assignments(kebab))
+    if stray := sorted(set(plain) - set(TASK_KEYS)):
+        raise ValueError(f"--set {stray}: a plain key is one of {list(TASK_KEYS)}; "
+                         "a method's own setting is dotted, e.g. dm.lr-img=0.5")
+    return {**plain, **nested.get(method, {})}
 
 
-PRESETS = {
-    # Smoke run: every code path, tiny budgets.
-    "quick": Preset(
-        iterations={("dm", 0): 3, ("dc", 0): 1, ("dsa", 0): 1,
-                    ("kip", 0): 3, ("rfad", 0): 3, ("frepo", 0): 3, ("bptt", 0): 2,
-                    ("mtt", 0): 2, ("cafe", 0): 1},
-        settings={"dm": {"batch_real": 64}, "dc": {"batch_real": 32}, "dsa": {"batch_real": 32},
-                  "kip": {"batch_real": 64}, "rfad": {"batch_real": 64, "n_models": 2},
-                  "frepo": {"batch_real": 64}, "bptt": {"batch_real": 64, "inner_steps": 5, "truncate": 5},
-                  "mtt": {"num_experts": 1, "expert_train_epochs": 2, "max_start_epoch": 0, "expert_epochs": 1,
-                          "syn_steps": 2, "expert_cache": "bench_results/experts-quick"},
-                  "cafe": {"batch_real": 64, "outer_loop": 1, "inner_loop": 1}},
-        gm_loops={1: (1, 1), 10: (2, 2), 50: (2, 2)},
-        eval_epochs={1: 20, 10: 20, 50: 10}, pool_epochs=1),
-    # About 20 minutes per method and IPC on a 2-core CPU (measured iteration costs).
-    "cpu": Preset(
-        iterations={("dm", 1): 600, ("dm", 10): 600, ("dm", 50): 400,
-                    ("dc", 1): 200, ("dsa", 1): 200, ("dc", 10): 40, ("dsa", 10): 40,
-                    ("dc", 50): 15, ("dsa", 50): 15,
-                    ("kip", 1): 4000, ("kip", 10): 2000, ("kip", 50): 500,
-                    ("rfad", 1): 1500, ("rfad", 10): 600, ("rfad", 50): 120,
-                    ("frepo", 1): 5000, ("frepo", 10): 1500, ("frepo", 50): 300,
-                    ("bptt", 1): 600, ("bptt", 10): 150, ("bptt", 50): 25,
-                    ("mtt", 1): 300, ("mtt", 10): 200, ("mtt", 50): 60,
-                    ("cafe", 1): 100, ("cafe", 10): 40, ("cafe", 50): 15},
-        settings={"dc": {"batch_real": 64}, "dsa": {"batch_real": 64},
-                  "bptt": {"inner_steps": 10, "truncate": 5}, "cafe": {"batch_real": 256},
-                  # Experts and student at width 32: at width 128 the 30 expert epochs alone ran over
-                  # 10 min on a shared core without finishing. The evaluator stays width 128.
-                  "mtt": {"arch_kwargs": {"width": 32}}},
-        gm_loops={1: (1, 1), 10: (10, 10), 50: (10, 10)},
-        eval_epochs={1: 1000, 10: 1000, 50: 500}, pool_epochs=20),
-    # The papers' settings (GPU): DM 20k iterations, DC/DSA 1000, 1000 evaluation epochs.
-    # DC/DSA loops as in Zhao et al. (outer, inner): IPC 1 (1, 1), IPC 10 (10, 50), IPC 50 (50, 10).
-    "paper": Preset(
-        iterations={("dm", 0): 20000, ("dc", 0): 1000, ("dsa", 0): 1000,
-                    ("kip", 0): 5000, ("rfad", 0): 5000, ("frepo", 0): 20000, ("bptt", 0): 5000,
-                    ("mtt", 0): 5000, ("cafe", 0): 1000},
-        gm_loops={1: (1, 1), 10: (10, 50), 50: (50, 10)},
-        eval_epochs={1: 1000, 10: 1000, 50: 1000}, pool_epochs=50),
-}
+def job_config(exp: DistillExperiment, method: str, ipc: int, overrides: dict[str, Any] | None = None,
+               **node: Any) -> MethodConfig:
+    """The method config of one (method, ipc) job: the file's table at ``ipc``, then ``overrides``."""
+    task, file_node = method_task(method, exp.net, exp.method_table(method, ipc), overrides or {}, ipc=ipc)
+    return method_config(task, seed=0, **{**file_node, **node})
 
 
 def peak_rss_mb() -> float:
@@ -103,30 +75,26 @@ def peak_rss_mb() -> float:
 
 def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, out_dir: Path,
             time_limit: float | None = None, overrides: dict | None = None,
-            eval_epochs: int | None = None) -> dict:
+            eval_epochs: int | None = None, exp: DistillExperiment | None = None) -> dict:
     """Distill (or subsample) and evaluate one (method, ipc); runs inside its own process."""
-    preset = PRESETS[preset_name]
+    exp = exp or load_experiment(preset_name, "distill")
     data = load_dataset()
     base_rss = peak_rss_mb()  # torch + data loaded, before any distillation
-    iterations = preset.iters(method, ipc)
+    iterations = 0
     stamps: list[float] = []
     start = time.perf_counter()
     if method == "random":
         subset = random_real_subset(data.train, ipc, seed=0)
         syn = SyntheticSet(subset.images, subset.labels, SetMetadata(data.info, "random", ipc))
     else:
-        settings = dict(preset.settings.get(method, {}))
-        if method in ("dc", "dsa") and ipc in preset.gm_loops:
-            settings["outer_loop"], settings["inner_loop"] = preset.gm_loops[ipc]
-        settings.update(overrides or {})
-        iterations = int(settings.pop("iterations", iterations))  # --set m.iterations=N beats the preset
-        config = make_config(method, ipc=ipc, iterations=iterations, seed=0, device=device,
-                             time_limit_s=time_limit, **settings)
+        config = job_config(exp, method, ipc, overrides, device=device, time_limit_s=time_limit)
+        iterations = config.iterations
         syn = distill(data.train, config, callback=lambda it, loss: stamps.append(time.perf_counter()))
     distill_s = time.perf_counter() - start
     distill_rss = peak_rss_mb()  # ru_maxrss only grows: this is the distillation's peak
     steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
-    eval_cfg = TrainConfig(epochs=eval_epochs or preset.eval_epochs.get(ipc, 300), device=device)
+    epochs = eval_epochs or exp.epochs_at(ipc)
+    eval_cfg = TrainConfig(device=device) if epochs is None else TrainConfig(epochs=epochs, device=device)
     result = evaluate(syn.images, syn.labels, data.test, eval_cfg, seeds=tuple(range(seeds)))
     name = f"{method}_ipc{ipc}"
     syn.save(out_dir / f"{name}.npz")
@@ -142,9 +110,9 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
     }
 
 
-def run_pool(preset_name: str, seeds: int, device: str) -> dict:
+def run_pool(exp: DistillExperiment, seeds: int, device: str) -> dict:
     data = load_dataset()
-    cfg = TrainConfig(epochs=PRESETS[preset_name].pool_epochs, device=device)
+    cfg = TrainConfig(epochs=exp.pool_epochs, device=device)
     start = time.perf_counter()
     result = evaluate(data.train.images, data.train.labels, data.test, cfg, seeds=tuple(range(seeds)))
     return {"method": "whole pool", "ipc": None, "acc_mean": result.mean, "acc_std": result.std,
@@ -165,7 +133,8 @@ def speed_comparison(reference_dir: str, ipcs: list[int], iterations: int, round
         for r in range(rounds):
             stamps: list[float] = []
             t0 = time.perf_counter()
-            cfg = make_config("dm", ipc=ipc, iterations=iterations, seed=r, device=device)
+            task, _ = method_task("dm", REFERENCE_NET, {"iterations": iterations}, ipc=ipc)
+            cfg = method_config(task, seed=r, device=device)
             distill(data.train, cfg, callback=lambda it, loss: stamps.append(time.perf_counter()))
             ours += [b - a for a, b in zip([t0] + stamps[:-1], stamps)][1:]  # drop warm-up step
             for i in range(iterations):
@@ -182,7 +151,8 @@ def speed_comparison(reference_dir: str, ipcs: list[int], iterations: int, round
 
 def spawn_job(method: str, ipc: int, args: argparse.Namespace, out: Path) -> dict | None:
     """Run one (method, ipc) in its own process; append its row to ``results.jsonl`` as it lands."""
-    cmd = [sys.executable, __file__, "--job", method, str(ipc), "--preset", args.preset,
+    chosen = ["--config", args.config] if args.config else ["--preset", args.preset]
+    cmd = [sys.executable, __file__, "--job", method, str(ipc), *chosen,
            "--eval-seeds", str(args.eval_seeds), "--device", args.device, "--out", str(out)]
     if args.time_limit is not None:
         cmd += ["--time-limit", str(args.time_limit)]
@@ -202,22 +172,6 @@ def spawn_job(method: str, ipc: int, args: argparse.Namespace, out: Path) -> dic
     return row
 
 
-def parse_overrides(assignments: list[str], method: str) -> dict:
-    """``--set dm.lr_img=0.5`` style overrides that apply to ``method``; values parse as JSON if they can."""
-    settings = {}
-    for item in assignments:
-        key, sep, value = item.partition("=")
-        target, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise SystemExit(f"--set expects METHOD.KEY=VALUE, got {item!r}")
-        if target == method:
-            try:
-                settings[name] = json.loads(value)
-            except json.JSONDecodeError:
-                settings[name] = value
-    return settings
-
-
 def table(results: list[dict]) -> str:
     lines = ["| method | IPC | iterations | accuracy % (mean +- std) | s / iteration | peak RSS MB |",
              "| --- | --- | --- | --- | --- | --- |"]
@@ -231,7 +185,7 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    add_experiment_args(p, "distill", default="cpu")
     p.add_argument("--quick", action="store_true", help="smoke run: --preset quick, IPC 1 and 10, 1 seed")
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -243,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-only", action="store_true", help="only the DM speed comparison")
     p.add_argument("--time-limit", type=float, default=None,
                    help="wall-clock seconds per distillation; the report gives the iterations run")
-    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                   help="override one method setting, e.g. --set frepo.lr_img=0.03 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run-config key over the experiment file: iterations=5 (every method), "
+                        "frepo.lr-img=0.03 or mtt.iterations=400 (one method); repeatable")
     p.add_argument("--eval-epochs", type=int, default=None,
                    help="override the preset's evaluation epochs (e.g. 1 for a memory-only probe)")
     p.add_argument("--parallel", type=int, default=1,
@@ -254,13 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job", nargs=2, metavar=("METHOD", "IPC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
+        if args.config:
+            p.error("--quick is --preset quick; it does not go with --config")
         args.preset, args.ipc, args.eval_seeds = "quick", [1, 10], 1
+    try:  # the file, and every job's config built before any work: a bad file or --set fails here
+        args.preset, exp = chosen_experiment(args, "distill", default="cpu")
+        for method in [args.job[0]] if args.job else args.methods:
+            for ipc in [int(args.job[1])] if args.job else args.ipc:
+                if method != "random":
+                    job_config(exp, method, ipc, method_overrides(args.set, method))
+    except ValueError as err:
+        p.error(str(err))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     if args.job:  # child process: one (method, ipc), result as JSON on the last stdout line
-        print(json.dumps(run_job(args.job[0], int(args.job[1]), args.preset, args.eval_seeds, args.device, out,
-                                 args.time_limit, parse_overrides(args.set, args.job[0]), args.eval_epochs)))
+        method = args.job[0]
+        print(json.dumps(run_job(method, int(args.job[1]), args.preset, args.eval_seeds, args.device, out,
+                                 args.time_limit, method_overrides(args.set, method), args.eval_epochs, exp)))
         return 0
 
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
@@ -273,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.speed_only:
         jobs = [(method, ipc) for ipc in args.ipc for method in args.methods]
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-            pool_row = None if args.no_pool else pool.submit(run_pool, args.preset, args.eval_seeds, args.device)
+            pool_row = None if args.no_pool else pool.submit(run_pool, exp, args.eval_seeds, args.device)
             rows = list(pool.map(lambda job: spawn_job(*job, args, out), jobs))
             results = [r for r in rows if r is not None]
             if pool_row is not None:

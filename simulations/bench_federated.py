@@ -9,7 +9,12 @@ what it finished.
 
     python simulations/bench_federated.py                        # everything (~1 h on 2 cores)
     python simulations/bench_federated.py --splits 0.1 --fedavg-rounds 20 --no-100
+    python simulations/bench_federated.py --set net-width=64 --set ipc=20 --tag -ipc20
     python simulations/bench_federated.py --plot-only            # redraw from the JSON
+
+The runs and splits are an experiment file, conf/federated/default.toml (conf/README.md); each
+run is ``simulations/run.py --clients N --set KEY=VALUE ...`` with the file's run-config keys,
+then ``--set``'s.
 """
 
 from __future__ import annotations
@@ -22,11 +27,43 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from distill.task import parse_assignments  # noqa: E402
+from simulations.experiments import (FederatedExperiment, add_experiment_args, check_run_config,  # noqa: E402
+                                     chosen_experiment)
+
 OUT = ROOT / "docs" / "benchmarks"
-SPLITS = {"iid": ["--partitioner", "iid"], "0.5": ["--alpha", "0.5"], "0.1": ["--alpha", "0.1"]}
+SPLITS = ("iid", "0.5", "0.1")  # the plot's panels, in this order, where results have them
+
+
+def set_args(run_config: Mapping[str, Any]) -> list[str]:
+    """run.py's ``--set KEY=VALUE`` arguments for ``run_config`` (read back by ``parse_assignments``)."""
+    text = {True: "true", False: "false"}
+    return [a for k, v in run_config.items()
+            for a in ("--set", f"{k}={text[v] if isinstance(v, bool) else v}")]
+
+
+def jobs(exp: FederatedExperiment, splits: list[str], methods: list[str], sets: Mapping[str, Any],
+         tag: str = "", large: bool = True, rounds: Mapping[str, int] | None = None
+         ) -> list[tuple[str, int, dict[str, Any]]]:
+    """``(name, clients, run-config)`` of every run: each (split, method), then the large run.
+
+    A run's run-config is the file's ``run-config``, its split's keys, its run's keys (with
+    ``rounds`` as their ``num-server-rounds``), then ``sets``.
+    """
+    runs = {m: {**r, **({"num-server-rounds": rounds[m]} if rounds and m in rounds else {})}
+            for m, r in exp.runs.items()}
+    out = [(f"{m}{tag}-{s}", exp.clients, {**exp.run_config, **exp.splits[s], **runs[m], **sets})
+           for s in splits for m in methods]
+    if large:
+        out.append((f"{exp.large_run}{exp.large_clients}-{exp.large_split}", exp.large_clients,
+                    {**exp.run_config, **exp.splits[exp.large_split], **runs[exp.large_run], **sets}))
+    return out
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -85,13 +122,13 @@ def run_one(name: str, args: list[str], runs_dir: Path) -> dict[str, Any]:
             "pool-images": metrics[-1].get("pool-images")}
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(results: dict[str, Any], path: Path, panels: tuple[str, ...] | list[str] = SPLITS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    splits = [s for s in SPLITS if any(f"{m}-{s}" in results for m in ("oneshot", "iterative", "fedavg"))]
+    splits = [s for s in panels if any(f"{m}-{s}" in results for m in ("oneshot", "iterative", "fedavg"))]
     fig, axes = plt.subplots(1, len(splits), figsize=(max(7.5, 4.2 * len(splits)), 3.8), sharey=True, squeeze=False)
     styles = {"iterative": ("fedistill iterative", "s-", "C1"), "oneshot": ("fedistill one-shot", "*", "C0"),
               "oneshot-ipc20": ("fedistill one-shot, IPC 20", "P", "C3"), "fedavg": ("FedAvg", ".-", "C2")}
@@ -121,37 +158,47 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=list(SPLITS))
-    p.add_argument("--methods", nargs="*", default=["oneshot", "iterative", "fedavg"],
-                   choices=["oneshot", "iterative", "fedavg"])
-    p.add_argument("--fedavg-rounds", type=int, default=50)
-    p.add_argument("--iterative-rounds", type=int, default=3)
-    p.add_argument("--no-100", action="store_true", help="skip the 100-client one-shot run")
+    add_experiment_args(p, "federated", default="default")
+    p.add_argument("--splits", nargs="+", default=None, help="splits of the file to run (default: all)")
+    p.add_argument("--methods", nargs="*", default=None, help="runs of the file to run (default: all)")
+    p.add_argument("--fedavg-rounds", type=int, default=None, help="the fedavg run's rounds (default: the file's)")
+    p.add_argument("--iterative-rounds", type=int, default=None,
+                   help="the iterative run's rounds (default: the file's)")
+    p.add_argument("--no-100", action="store_true", help="skip the large (100-client) run")
     p.add_argument("--out", type=Path, default=OUT / "federated.json")
     p.add_argument("--plot-only", action="store_true")
     p.add_argument("--tag", default="", help="suffix of the result keys' method part, e.g. -ipc20 for a variant row")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="run-config passed to every run (e.g. a smoke test: --set iterations=2)")
     args = p.parse_args(argv)
+    try:
+        _, exp = chosen_experiment(args, "federated", default="default")
+        sets = parse_assignments(args.set)
+    except ValueError as err:
+        p.error(str(err))
+    for flag, chosen, known in (("--splits", args.splits, exp.splits), ("--methods", args.methods, exp.runs)):
+        if chosen is not None and (unknown := sorted(set(chosen) - set(known))):
+            p.error(f"{flag} {unknown}: the experiment has {sorted(known)}")
+    rounds = {m: n for m, n in (("fedavg", args.fedavg_rounds), ("iterative", args.iterative_rounds)) if n is not None}
+    planned = jobs(exp, list(exp.splits) if args.splits is None else args.splits,
+                   list(exp.runs) if args.methods is None else args.methods, sets, args.tag,
+                   large=not args.no_100, rounds=rounds)
+    try:  # every run's settings, checked before the first federation starts
+        for name, _, run_config in planned:
+            check_run_config(name, run_config)
+    except ValueError as err:
+        p.error(str(err))
 
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     if not args.plot_only:
         runs_dir = ROOT / "bench_results" / "federated" / "runs"
-        plan = {"oneshot": ["--mode", "one-shot"],
-                "iterative": ["--mode", "iterative", "--rounds", str(args.iterative_rounds)],
-                "fedavg": ["--algorithm", "fedavg", "--rounds", str(args.fedavg_rounds)]}
-        extra = [a for kv in args.set for a in ("--set", kv)]
-        common = ["--clients", "10", "--set", "fraction-evaluate=0", *extra]
-        jobs = [(f"{m}{args.tag}-{s}", plan[m] + SPLITS[s] + common) for s in args.splits for m in args.methods]
-        if not args.no_100:
-            jobs.append(("oneshot100-0.5", ["--mode", "one-shot", "--alpha", "0.5", "--clients", "100",
-                                            "--set", "fraction-evaluate=0", *extra]))
-        for name, job_args in jobs:
+        for name, clients, run_config in planned:
+            job_args = ["--clients", str(clients), *set_args(run_config)]
             results[name] = dict(run_one(name, job_args, runs_dir), settings=list(args.set))
             results["_machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
-    plot(results, args.out.with_suffix(".png"))
+    plot(results, args.out.with_suffix(".png"), list(exp.splits))
     for name, r in sorted(results.items()):
         if name.startswith("_"):
             continue

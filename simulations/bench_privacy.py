@@ -10,6 +10,9 @@ markdown table and a PNG plot (accuracy vs epsilon).
     python simulations/bench_privacy.py --quick          # smoke run, ~2 min on 2 CPU cores
     python simulations/bench_privacy.py --preset medium  # about an hour on 2 quiet CPU cores (width-64 nets)
     python simulations/bench_privacy.py                  # the full run: hours on CPU
+
+The budgets are experiment files, conf/privacy/<preset>.toml (conf/README.md); ``--config PATH``
+runs one of your own.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,10 +35,13 @@ if str(ROOT) not in sys.path:
 
 from distill import load_dataset  # noqa: E402
 from distill.data import LabeledImages  # noqa: E402
-from distill.methods import distill, make_config  # noqa: E402
+from distill.methods import distill  # noqa: E402
 from distill.networks import seeded_network  # noqa: E402
+from distill.task import method_config  # noqa: E402
 from distill.train import TrainConfig, accuracy, evaluate, train_network  # noqa: E402
 from privacy.dpsgd_baseline import DPSGDConfig, train_dpsgd  # noqa: E402
+from simulations.experiments import (PrivacyExperiment, add_experiment_args, chosen_experiment,  # noqa: E402
+                                     load_experiment, method_task, preset_names)
 
 EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
 # Run order: the rows the targets are judged on first (epsilon 8 against no DP, then KIP-rho), so
@@ -44,53 +51,30 @@ RHO_AFTER = math.inf
 RHOS = (0.0, 0.5, 0.9)
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Budgets of one benchmark run."""
-
-    per_class: int = 0          # real training images per class (0: all 800)
-    test_size: int = 0          # test images (0: all 2000)
-    ipc: int = 10
-    net: dict = field(default_factory=dict)  # distillation network (ConvNet kwargs)
-    dm_steps: int = 1000
-    dm_sample_rate: float = 0.04
-    gm_iterations: int = 30
-    gm_outer: int = 10
-    gm_inner: int = 10
-    gm_sample_rate: float = 0.04
-    rho_iterations: int = 1000
-    nodp_batch_real: int = 256  # real images per class per step of the non-private DM rows
-    eval_net: dict = field(default_factory=lambda: {"width": 128})
-    eval_epochs: int = 300
-    eval_seeds: tuple[int, ...] = (0, 1, 2)
-    dpsgd_epochs: int = 15
-    dpsgd_net: dict = field(default_factory=lambda: {"width": 32})
-
-
-PRESETS = {
-    "full": Preset(),
-    # What fits in about an hour on 2 quiet CPU cores: 300 real images per class, width-64
-    # ConvNets for distillation and evaluation (a width-128 evaluation alone takes ~5 minutes
-    # per seed here), shorter runs, two evaluation seeds; the same rows as "full".
-    "medium": Preset(per_class=300, net={"width": 64}, dm_steps=400, gm_iterations=10, gm_outer=5, gm_inner=5,
-                     rho_iterations=200, nodp_batch_real=64, eval_net={"width": 64}, eval_seeds=(0, 1)),
-    "quick": Preset(per_class=100, test_size=500, ipc=10, net={"width": 16, "depth": 2}, dm_steps=20,
-                    dm_sample_rate=0.1, gm_iterations=2, gm_outer=2, gm_inner=1, gm_sample_rate=0.1,
-                    rho_iterations=20, eval_net={"width": 16, "depth": 2}, eval_epochs=20,
-                    eval_seeds=(0,), dpsgd_epochs=2, dpsgd_net={"width": 16, "depth": 2}),
-}
+Preset = PrivacyExperiment
+# name -> experiment, as conf/privacy/ holds them (bench_before_after.py reads PRESETS["medium"])
+PRESETS = {name: load_experiment(name, "privacy") for name in preset_names("privacy")}
 
 
 def _evaluate(images: torch.Tensor, labels: torch.Tensor, test: LabeledImages, p: Preset) -> list[float]:
-    cfg = TrainConfig(arch_kwargs=p.eval_net, epochs=p.eval_epochs)
+    cfg = TrainConfig(arch_kwargs={"width": p.eval_net_width, "depth": p.eval_net_depth}, epochs=p.eval_epochs)
     return list(evaluate(images, labels, test, cfg, seeds=p.eval_seeds).accuracies)
+
+
+def row_config(method: str, settings: dict[str, Any], p: Preset) -> Any:
+    """A row's method config: ``method``'s table in the file, then the row's own run-config keys
+    (``epsilon``, ``init``, ``rho``...; a ``seed`` is the config's seed, 0 when absent)."""
+    settings = dict(settings)
+    seed = int(settings.pop("seed", 0))
+    task, node = method_task(method, p.net, p.methods.get(method, {}), settings, ipc=p.ipc)
+    return method_config(task, seed=seed, **node)
 
 
 def distilled_row(name: str, method: str, eps: float, settings: dict, train: LabeledImages,
                   test: LabeledImages, p: Preset) -> dict:
     """Distill, evaluate, and record what the set cost (epsilon and sigma from its metadata)."""
     start = time.perf_counter()
-    syn = distill(train, make_config(method, ipc=p.ipc, arch_kwargs=p.net, **settings))
+    syn = distill(train, row_config(method, settings, p))
     seconds = time.perf_counter() - start
     accs = _evaluate(syn.images, syn.labels, test, p)
     priv = dict(syn.meta.privacy)
@@ -103,16 +87,17 @@ def dpsgd_row(eps: float, train: LabeledImages, test: LabeledImages, p: Preset) 
     """The baseline: the network trained on the real data, with DP-SGD (or plain SGD at inf)."""
     start = time.perf_counter()
     accs, priv = [], {}
+    dpsgd_net = {"width": p.dpsgd_net_width, "depth": p.dpsgd_net_depth}
     for seed in p.eval_seeds:
         if math.isinf(eps):
             info = train.info
             net = seeded_network("convnet", info.channels, info.num_classes, (info.height, info.width),
-                                 seed=seed, **p.dpsgd_net)
+                                 seed=seed, **dpsgd_net)
             train_network(net, train.images, train.labels,
-                          TrainConfig(arch_kwargs=p.dpsgd_net, epochs=p.dpsgd_epochs, dsa=False), seed=seed)
+                          TrainConfig(arch_kwargs=dpsgd_net, epochs=p.dpsgd_epochs, dsa=False), seed=seed)
         else:
             res = train_dpsgd(train, DPSGDConfig(epsilon=eps, epochs=p.dpsgd_epochs,
-                                                 arch_kwargs=p.dpsgd_net, seed=seed))
+                                                 arch_kwargs=dpsgd_net, seed=seed))
             net = res.net
             priv = {k: v for k, v in asdict(res).items() if k != "net"}
         accs.append(accuracy(net, test))
@@ -127,17 +112,12 @@ def run(p: Preset, log, epsilons: tuple[float, ...] = EPSILON_ORDER) -> list[dic
     test = data.test if p.test_size <= 0 else data.test.subset(torch.arange(p.test_size))
     rows = []
     for eps in epsilons:
-        if math.isinf(eps):
-            dm = ("dm (no DP)", "dm", {"init": "noise", "iterations": p.dm_steps,
-                                       "batch_real": p.nodp_batch_real})
-            gm = ("dsa (no DP)", "dsa", {"init": "noise", "iterations": p.gm_iterations,
-                                         "outer_loop": p.gm_outer, "inner_loop": p.gm_inner})
+        if math.isinf(eps):  # the non-private counterparts, from noise as the DP rows
+            dm = ("dm (no DP)", "dm", {"init": "noise"})
+            gm = ("dsa (no DP)", "dsa", {"init": "noise"})
         else:
-            dm = ("dp-dm", "dp-dm", {"epsilon": eps, "iterations": p.dm_steps,
-                                     "sample_rate": p.dm_sample_rate})
-            gm = ("dpsgd-gm", "dpsgd-gm", {"epsilon": eps, "iterations": p.gm_iterations,
-                                           "outer_loop": p.gm_outer, "inner_loop": p.gm_inner,
-                                           "sample_rate": p.gm_sample_rate})
+            dm = ("dp-dm", "dp-dm", {"epsilon": eps})
+            gm = ("dpsgd-gm", "dpsgd-gm", {"epsilon": eps})
         for name, method, settings in (dm, gm):
             rows.append(distilled_row(name, method, eps, settings, train, test, p))
             log(rows[-1])
@@ -146,8 +126,8 @@ def run(p: Preset, log, epsilons: tuple[float, ...] = EPSILON_ORDER) -> list[dic
         if eps == RHO_AFTER:
             for rho in RHOS:
                 rows.append(distilled_row(f"dm rho={rho}", "dm", math.inf,
-                                          {"init": "real", "rho": rho, "iterations": p.rho_iterations,
-                                           "batch_real": p.nodp_batch_real}, train, test, p))
+                                          {"init": "real", "rho": rho, "iterations": p.rho_iterations},
+                                          train, test, p))
                 log(rows[-1])
     return sorted(rows, key=lambda r: (r["row"].startswith("dm rho"), r["target_epsilon"]))
 
@@ -217,9 +197,8 @@ def _jsonable(x):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny subsets and budgets")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="full",
-                        help="full (hours on CPU), medium (about an hour), quick (same as --quick)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny subsets and budgets (--preset quick)")
+    add_experiment_args(parser, "privacy", default="full")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_privacy",
                         help="folder for results.json, table.md and accuracy_vs_epsilon.png")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
@@ -229,8 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    preset_name = "quick" if args.quick else args.preset
-    preset = PRESETS[preset_name]
+    if args.quick:
+        if args.config:
+            parser.error("--quick is --preset quick; it does not go with --config")
+        args.preset = "quick"
+    try:
+        preset_name, preset = chosen_experiment(args, "privacy", default="full")
+    except ValueError as err:
+        parser.error(str(err))
     args.out.mkdir(parents=True, exist_ok=True)
 
     def log(row: dict) -> None:  # each row also lands on disk at once: a cut-off run keeps it

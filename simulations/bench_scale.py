@@ -10,6 +10,8 @@ pool, not the messages, so it should grow with the pool.
 
     python simulations/bench_scale.py                       # 10, 100, 1000 clients
     python simulations/bench_scale.py --clients 10 100 --set iterations=5
+
+The counts and settings are an experiment file, conf/scale/default.toml (conf/README.md).
 """
 
 from __future__ import annotations
@@ -23,25 +25,30 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from simulations.bench_federated import run_one  # noqa: E402
-
-SCALE_CONFIG = ("ipc=1", "iterations=20", "min-class-samples=1", "samples-per-image=1", "server-epochs=20",
-                "fraction-evaluate=0", "holdout-fraction=0")
+from distill.task import parse_assignments  # noqa: E402
+from simulations.bench_federated import run_one, set_args  # noqa: E402
+from simulations.experiments import add_experiment_args, check_run_config, chosen_experiment  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    add_experiment_args(p, "scale", default="default")
+    p.add_argument("--clients", type=int, nargs="+", default=None, help="client counts (default: the file's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="run-config on top of the scale settings (repeatable)")
+                   help="run-config on top of the file's (repeatable)")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "scale.json")
     args = p.parse_args(argv)
-    settings = [*SCALE_CONFIG, *args.set]
+    try:
+        _, exp = chosen_experiment(args, "scale", default="default")
+        run_config = {**exp.run_config, **parse_assignments(args.set)}
+        check_run_config("--set", run_config)
+    except ValueError as err:
+        p.error(str(err))
+    settings = set_args(run_config)[1::2]  # "key=value", as the rows record them
     results: dict[str, dict] = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs_dir = args.out.parent / "scale_runs"
-    for n in args.clients:
-        job = ["--mode", "one-shot", "--partitioner", "iid", "--clients", str(n),
-               *[a for kv in settings for a in ("--set", kv)]]
+    for n in args.clients or exp.clients:
+        job = ["--clients", str(n), *set_args(run_config)]
         row = run_one(f"scale{n}", job, runs_dir)
         results[str(n)] = dict(row, settings=settings)
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@
 #
 #   OUT=/tmp/out TIME_LIMIT=240 bash simulations/device_sweep.sh
 #   OUT=/tmp/out DEVICE=cpu PRESET=quick PARALLEL=1 TIME_LIMIT=5 bash simulations/device_sweep.sh   # dry run
+# PRESET names a file under conf/distill/ (conf/README.md).
 set -u
 OUT=${OUT:-bench_results/device}
 TIME_LIMIT=${TIME_LIMIT:-240}
@@ -31,7 +32,7 @@ timeout 200 $PY simulations/cuda_smoke.py --device "$DEVICE" --out "$WORK/cuda_s
   > "$WORK/cuda_smoke.log" 2>&1 &
 bench matching --methods random dm dc dsa --ipc 1 10 50 --parallel "$PARALLEL"
 bench meta --methods kip rfad frepo bptt --ipc 1 10 50 --parallel "$PARALLEL" --no-pool
-bench frepo_lr --methods frepo --ipc 1 10 --parallel 2 --no-pool --set frepo.lr_img=0.03
+bench frepo_lr --methods frepo --ipc 1 10 --parallel 2 --no-pool --set frepo.lr-img=0.03
 wait
 nvidia-smi --query-gpu=memory.used --format=csv >> "$WORK/gpu.txt" 2>&1
 tar -czf "$OUT/sweep.tgz" -C "$(dirname "$WORK")" sweep

@@ -16,7 +16,6 @@ fixed in code through :func:`server.app.make_server_app`.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import logging
 import os
@@ -32,9 +31,11 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
 
-from client.task import DP_MODES, NODE_DATASETS_ENV  # noqa: E402
+from client.task import NODE_DATASETS_ENV  # noqa: E402
+from distill.task import ALGORITHMS, DP_MODES, DistillTask, parse_assignments  # noqa: E402
 from distill.methods import available_methods  # noqa: E402
-from server.settings import RunSettings  # noqa: E402
+from distill.partition import PARTITIONERS  # noqa: E402
+from server.settings import MODES, RunSettings  # noqa: E402
 
 
 PRIVACY_FLAGS = ("dp", "epsilon", "delta", "clip", "sigma", "rho", "privacy-budget")  # same name as the key
@@ -42,29 +43,34 @@ PARAM_FLAGS = ("param", "param-kwargs")  # same name as the key
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line. A flag left out is not sent: the run-config's default holds
+    (server/settings.py, distill/task.py), so every default lives in one place."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=10, help="number of virtual clients (SuperNodes)")
-    p.add_argument("--algorithm", choices=("fedistill", "fedavg"), default="fedistill")
-    p.add_argument("--mode", choices=("one-shot", "iterative"), default="one-shot",
-                   help="fedistill: one round, or FedDM-style rounds with the global model as embedder")
-    p.add_argument("--rounds", type=int, default=3, help="rounds for iterative fedistill and FedAvg")
-    p.add_argument("--dataset", default="mnist10k", help="mnist10k (bundled), a torchvision name or an .npz path")
-    p.add_argument("--partitioner", choices=("iid", "dirichlet", "shards"), default="dirichlet")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more skew)")
-    p.add_argument("--method", default="dm", choices=[m for m in available_methods() if m not in DP_MODES],
-                   help="distillation method (DP methods: --dp)")
-    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class per client")
-    p.add_argument("--iterations", type=int, default=None, help="distillation iterations per client")
-    p.add_argument("--param", choices=("pixels", "idc", "haba", "latent"), default=None,
+    p.add_argument("--algorithm", choices=ALGORITHMS, help=f"default: {DistillTask.algorithm}")
+    p.add_argument("--mode", choices=MODES,
+                   help="fedistill: one round (one-shot), or FedDM-style rounds with the global model as embedder "
+                        f"(iterative); default: {RunSettings.mode}")
+    p.add_argument("--rounds", type=int, help="rounds for iterative fedistill and FedAvg (num-server-rounds)")
+    p.add_argument("--dataset", help=f"mnist10k (bundled), a torchvision name or an .npz path; "
+                                     f"default: {DistillTask.dataset}")
+    p.add_argument("--partitioner", choices=PARTITIONERS,
+                   help=f"how the data is split; default: {DistillTask.partitioner}")
+    p.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller = more skew)")
+    p.add_argument("--method", choices=[m for m in available_methods() if m not in DP_MODES],
+                   help=f"distillation method (DP methods: --dp); default: {DistillTask.method}")
+    p.add_argument("--ipc", type=int, help="synthetic images per class per client")
+    p.add_argument("--iterations", type=int, help="distillation iterations per client")
+    p.add_argument("--param", choices=("pixels", "idc", "haba", "latent"),
                    help="what clients store and upload: pixels, or a factorised set (--ipc then counts stored "
                         "bases per class; docs/distill.md 'Parameterisations')")
-    p.add_argument("--param-kwargs", default=None, metavar="JSON",
+    p.add_argument("--param-kwargs", metavar="JSON",
                    help='the parameterisation\'s options as a JSON object, e.g. \'{"factor": 2}\'')
-    p.add_argument("--seed", type=int, default=0, help="run seed (client seeds derive from it)")
-    p.add_argument("--cpus-per-client", type=int, default=1,
-                   help="Ray CPUs per virtual client; also torch threads per client")
-    p.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where the run store directory goes")
-    p.add_argument("--name", default="", help="run name (default: algorithm-mode)")
+    p.add_argument("--seed", type=int, dest="seed_flag", metavar="SEED", help="run seed (client seeds derive from it)")
+    p.add_argument("--cpus-per-client", type=int, dest="client_threads", metavar="N",
+                   help="Ray CPUs per virtual client; also torch threads per client (client-threads)")
+    p.add_argument("--runs-dir", help="where the run store directory goes (default: runs/ in this repository)")
+    p.add_argument("--name", help="run name (default: algorithm-mode)")
     dp = p.add_argument_group("privacy (docs/privacy.md); unset flags keep the run-config defaults")
     dp.add_argument("--dp", choices=DP_MODES, help="example-level DP method (replaces --method)")
     dp.add_argument("--epsilon", type=float, help="target epsilon per round and client (with sigma 0)")
@@ -80,40 +86,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="continue an interrupted fedistill run from its run store (its config.json decides "
                         "every setting; pass the same --clients); docs/reliability.md")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # What the run will use, for the callers that read them (Ray's CPUs per client are its torch
+    # threads; run_backdoor.py's trigger seed is the run seed): the flag, else the run-config's.
+    args.seed = _effective(args.seed_flag, args.set, "seed")
+    args.cpus_per_client = _effective(args.client_threads, args.set, "client-threads")
+    return args
 
 
-def _value(text: str) -> Any:
-    """``--set`` values: Python literals (numbers, true/false) or plain strings."""
-    lowered = {"true": "True", "false": "False"}.get(text.lower(), text)
+def _effective(flag: Any, assignments: list[str], key: str) -> Any:
+    """``flag``, else ``key`` as ``--set`` gives it, else the task's default (a bad ``--set`` is
+    reported by :func:`overrides_from_args`)."""
+    default = getattr(DistillTask, key.replace("-", "_"))
+    if flag is not None:
+        return flag
     try:
-        return ast.literal_eval(lowered)
-    except (ValueError, SyntaxError):
-        return text
+        return parse_assignments(assignments).get(key, default)
+    except ValueError:
+        return default
+
+
+# flag -> run-config key, where they differ; every other flag is its key with "_" -> "-"
+FLAG_KEYS = {"rounds": "num-server-rounds", "name": "run-name", "seed_flag": "seed"}
+FLAGS = ("algorithm", "mode", "rounds", "dataset", "partitioner", "alpha", "method", "ipc", "iterations",
+              "seed_flag", "client_threads", "runs_dir", "name")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The run-config the CLI arguments amount to (kebab-case keys)."""
+    """The run-config the CLI arguments amount to (kebab-case keys): only the flags given, then ``--set``."""
     out: dict[str, Any] = {
-        "algorithm": args.algorithm, "mode": args.mode, "num-server-rounds": args.rounds,
-        "dataset": args.dataset, "partitioner": args.partitioner, "alpha": args.alpha, "method": args.method,
-        "ipc": args.ipc, "seed": args.seed, "client-threads": args.cpus_per_client,
-        "runs-dir": args.runs_dir, "run-name": args.name,
+        # the run-config's runs-dir, under this repository rather than the working directory
+        "runs-dir": str(ROOT / RunSettings.runs_dir),
         # wait until every virtual client has registered before sampling
         "min-available-nodes": args.clients, "min-train-nodes": min(2, args.clients),
     }
-    if args.iterations is not None:
-        out["iterations"] = args.iterations
-    for key in PRIVACY_FLAGS + PARAM_FLAGS:
-        if getattr(args, key.replace("-", "_")) is not None:
-            out[key] = getattr(args, key.replace("-", "_"))
+    for dest in FLAGS + tuple(k.replace("-", "_") for k in PRIVACY_FLAGS + PARAM_FLAGS):
+        if getattr(args, dest, None) is not None:
+            out[FLAG_KEYS.get(dest, dest.replace("_", "-"))] = getattr(args, dest)
     if args.resume:
         out["resume"] = args.resume
-    for item in args.set:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set needs KEY=VALUE, got {item!r}")
-        out[key.strip()] = _value(val.strip())
+    try:
+        out.update(parse_assignments(args.set))
+    except ValueError as err:
+        raise SystemExit(str(err)) from err
     return out
 
 
