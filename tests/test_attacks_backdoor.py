@@ -12,7 +12,7 @@ from distill.networks import seeded_network
 from distill.train import TrainConfig, train_network
 
 from .conftest import SMALL_NET
-from .test_methods import FAST
+from .test_method_contract import FAST
 
 
 @pytest.mark.parametrize("corner", ["bottom-right", "top-left"])
