@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
@@ -34,10 +36,15 @@ class SyntheticPool:
         return sum(len(s) for s in self._sets.values())
 
     def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images and labels in node order; hard labels become one-hot if any set is soft."""
+        """All images and labels, the sets in the order of their contents' digests; hard labels
+        become one-hot if any set is soft.
+
+        Not node order: Flower's simulation draws new node ids at every start, so the same sets
+        would be trained on in another order, and give another global model, from run to run.
+        """
         if not self._sets:
             raise ValueError("the pool is empty: no accepted synthetic sets yet")
-        sets = [s for _, s in self.items()]
+        sets = sorted(self._sets.values(), key=_digest)
         images = torch.cat([s.images for s in sets])
         if any(s.soft_labels for s in sets):
             k = sets[0].meta.dataset.num_classes
@@ -45,3 +52,13 @@ class SyntheticPool:
         else:
             labels = torch.cat([s.labels for s in sets])
         return images, labels
+
+
+def _digest(syn: SyntheticSet) -> str:
+    """A set's identity by content: its images and labels, bytes and shapes."""
+    h = hashlib.sha256()
+    for t in (syn.images, syn.labels):
+        array = t.detach().cpu().contiguous().numpy()
+        h.update(f"{array.dtype}{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
