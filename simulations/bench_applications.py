@@ -227,10 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--no-baselines needs --sets: there would be nothing to evaluate")
     if args.no_baselines and "continual" in args.parts:
         p.error("--no-baselines applies to crossarch and nas; the continual part distills its own buffers")
-    if args.quick:
-        if args.config:
-            p.error("--quick is --preset quick; it does not go with --config")
-        args.preset = "quick"
     try:
         preset_name, preset = chosen_experiment(args, "applications", default="default")
     except ValueError as err:

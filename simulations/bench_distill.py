@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--job", nargs=2, metavar=("METHOD", "IPC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        if args.config:
-            p.error("--quick is --preset quick; it does not go with --config")
-        args.preset, args.ipc, args.eval_seeds = "quick", [1, 10], 1
+        args.ipc, args.eval_seeds = [1, 10], 1
     try:  # the file, and every job's config built before any work: a bad file or --set fails here
         args.preset, exp = chosen_experiment(args, "distill", default="cpu")
         for method in [args.job[0]] if args.job else args.methods:

@@ -208,10 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.quick:
-        if args.config:
-            parser.error("--quick is --preset quick; it does not go with --config")
-        args.preset = "quick"
     try:
         preset_name, preset = chosen_experiment(args, "privacy", default="full")
     except ValueError as err:

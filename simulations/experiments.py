@@ -376,7 +376,12 @@ def add_experiment_args(parser: Any, kind: str, default: str) -> None:
 
 
 def chosen_experiment(args: Any, kind: str, default: str) -> tuple[str, Any]:
-    """(name, experiment) of ``--preset`` / ``--config`` (the file's stem names a ``--config``)."""
+    """(name, experiment) of ``--preset`` / ``--config`` (the file's stem names a ``--config``);
+    a script's ``--quick`` is ``--preset quick``. ``ValueError`` for a bad file or combination."""
+    if getattr(args, "quick", False):
+        if getattr(args, "config", None):
+            raise ValueError("--quick is --preset quick; it does not go with --config")
+        args.preset = "quick"
     if getattr(args, "config", None):
         return Path(args.config).stem, load_experiment(args.config, kind)
     name = args.preset or default
