@@ -34,6 +34,7 @@ os.environ.setdefault("FLWR_HOME", str(ROOT / ".flwr"))
 from client.task import NODE_DATASETS_ENV  # noqa: E402
 from distill.task import ALGORITHMS, DP_MODES, DistillTask, parse_assignments  # noqa: E402
 from distill.methods import available_methods  # noqa: E402
+from distill.params import available_parameterisations  # noqa: E402
 from distill.partition import PARTITIONERS  # noqa: E402
 from server.settings import MODES, RunSettings  # noqa: E402
 
@@ -61,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"distillation method (DP methods: --dp); default: {DistillTask.method}")
     p.add_argument("--ipc", type=int, help="synthetic images per class per client")
     p.add_argument("--iterations", type=int, help="distillation iterations per client")
-    p.add_argument("--param", choices=("pixels", "idc", "haba", "latent"),
+    p.add_argument("--param", choices=available_parameterisations(),
                    help="what clients store and upload: pixels, or a factorised set (--ipc then counts stored "
                         "bases per class; docs/distill.md 'Parameterisations')")
     p.add_argument("--param-kwargs", metavar="JSON",
