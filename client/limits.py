@@ -25,7 +25,8 @@ Node-config keys (defaults in brackets):
   of an iteration.
 
 A task over ``limit-iterations``, ``limit-ipc``, ``limit-local-epochs``, ``limit-batch-size`` or
-``limit-steps`` is declined (kind "policy", the reason names the limit). A global model must have exactly the tensors of the network the node builds for the task
+``limit-steps`` is declined (kind "policy", the reason names the limit). A global model must have
+exactly the tensors of the network the node builds for the task
 (:func:`client.local.expected_state`): the same names, shapes and dtypes, finite values; anything
 else is declined before it is loaded.
 """

@@ -102,20 +102,6 @@ def split_held_out(part: np.ndarray, run_seed: int, partition_id: int,
     return np.sort(idx[n_hold:]), np.sort(idx[:n_hold])
 
 
-def class_budget(histogram: np.ndarray, ipc: int, min_class_samples: int,
-                 samples_per_image: int) -> np.ndarray:
-    """Synthetic images per class: 0 below ``min_class_samples``, else at most ``n_c // samples_per_image``.
-
-    A class held by a handful of samples would otherwise become near-copies of those
-    samples (most of all with real initialisation); this keeps at least
-    ``samples_per_image`` real samples behind every synthetic image.
-    """
-    hist = np.asarray(histogram, dtype=np.int64)
-    budget = np.minimum(ipc, hist // samples_per_image)
-    budget[hist < min_class_samples] = 0
-    return budget
-
-
 def _check(labels: np.ndarray, num_clients: int) -> None:
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")

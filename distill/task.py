@@ -242,7 +242,7 @@ class DistillTask:
             raise ValueError(f"partitioner must be one of {PARTITIONERS}, got {self.partitioner!r}")
         if self.method not in available_methods():  # at the server, before any client is asked
             raise ValueError(f"unknown method {self.method!r}; known: {available_methods()}")
-        wrong = [k for k in INTEGER_FIELDS if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool)]
+        wrong = [k for k in INTEGER_FIELDS if type(getattr(self, k)) is not int]  # bools are not counts
         if wrong:
             raise ValueError(f"{[k.replace('_', '-') for k in wrong]} must be integers: {self}")
         if self.ipc < 1 or self.min_class_samples < 1 or self.samples_per_image < 1:

@@ -24,6 +24,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 
 from distill.synthetic import FACTOR_PREFIX, FACTOR_SPEC_KEY, SetMetadata, SyntheticSet
 from distill.task import DP_ACCOUNTANTS as ACCOUNTANTS  # the wire schema: no Opacus on the server
+from distill.task import class_budget
 from distill.upload import Expectation, RunPrivacy, allowed_dtypes, check_keys, shorten, shown_keys, validate_set
 
 from .errors import Declined, Rejected
@@ -117,10 +118,9 @@ def check_class_counts(metrics: MetricRecord, hist: np.ndarray, labels: np.ndarr
         raise Rejected("metadata", f"num-examples {metrics['num-examples']} != {int(hist.sum())} in the histogram")
     if exp.min_class_samples is None or exp.samples_per_image is None:
         return
-    budget = np.minimum(exp.ipc, hist // exp.samples_per_image)
-    budget[hist < exp.min_class_samples] = 0
-    derived = {"classes-capped": int(((budget > 0) & (budget < exp.ipc)).sum()),
-               "classes-skipped": int(((hist > 0) & (budget == 0)).sum())}
+    allowed = class_budget(hist, exp.ipc, exp.min_class_samples, exp.samples_per_image)  # the client's own rule
+    budget = allowed.counts
+    derived = {"classes-capped": len(allowed.capped), "classes-skipped": len(allowed.skipped)}
     wrong = [f"{key} {metrics[key]} (histogram says {v})" for key, v in derived.items()
              if key in metrics and metrics[key] != v]
     if wrong:

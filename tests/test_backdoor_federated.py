@@ -176,14 +176,14 @@ def test_doorping_client_learns_and_saves_a_trigger_and_leaves_honest_replies_al
 def test_doorping_upload_fits_the_budget_the_server_checks(small_train):
     """Non-IID: capped classes are cut to their budget and reported as the honest path reports them."""
     from attacks.malicious import doorping_partition, within_budget
-    from distill.partition import class_budget
+    from distill.task import class_budget
 
     assert within_budget(torch.tensor([0, 0, 1, 0, 1, 2]), np.array([2, 1, 0])).tolist() == [0, 1, 2]
     keep = torch.cat([idx[:n] for idx, n in zip(small_train.class_indices(), [60, 3, 25, 60, 0, 0, 0, 0, 0, 0])])
     real = small_train.subset(keep)  # class 1 below min-class-samples, class 2 capped
     task = DistillTask(iterations=2, ipc=10, settings={"batch_real": 8}, net_width=8, net_depth=2)
     syn, report = doorping_partition(real, task, seed=0, spec=BackdoorSpec(fraction=0.1, target=1, size=3))
-    budget = class_budget(real.class_histogram(), task.ipc, task.min_class_samples, task.samples_per_image)
+    budget = class_budget(real.class_histogram(), task.ipc, task.min_class_samples, task.samples_per_image).counts
     counts = np.bincount(syn.hard_labels().numpy(), minlength=10)
     assert (counts <= budget).all() and counts[1] == 0  # the target has no budget here: not uploaded
     assert report["classes-skipped"] == [1] and report["classes-capped"] == [int(c) for c in np.flatnonzero(
