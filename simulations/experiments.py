@@ -21,12 +21,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: Flower's own TOML reader
+    import tomli as tomllib  # type: ignore[no-redef]
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
