@@ -45,13 +45,14 @@ from privacy.policy import NodePolicy
 from . import private
 from .limits import NodeLimits, checked_state, network_refusal, record_refusal
 from .local import build_network, evaluate_model, expected_state, train_local
-from .task import dataset_refusal, distill_partition, load_partition
+from .task import dataset_refusal, distill_partition, load_partition, node_method_settings
 
 log = logging.getLogger("fedistill.client")
 
 # What a ClientApp can be given instead of the honest behaviour (a simulation's malicious client):
 # ``load(task, node_config, public_only=False) -> (train, held_out)`` and
-# ``distill(real, task, seed, embedder_state=None) -> (set, report)``.
+# ``distill(real, task, seed, embedder_state=None, node=None) -> (set, report)`` (``node``: the
+# node-side method settings, :func:`client.task.node_method_settings`).
 Loader = Callable[..., tuple[LabeledImages, LabeledImages]]
 Distiller = Callable[..., tuple[SyntheticSet, dict[str, Any]]]
 
@@ -139,7 +140,8 @@ def train(msg: Message, context: Context, *, load: Loader | None = None,
         metrics = MetricRecord({"num-examples": len(real),
                                 "bytes-uploaded": sum(a.numpy().nbytes for a in arrays.values())})
         return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
-    syn, report = distill(real, task, seed, embedder_state=global_state)
+    syn, report = distill(real, task, seed, embedder_state=global_state,
+                          node=node_method_settings(task, context.node_config))
     syn = syn.with_meta(client=str(_partition_id(context)))
     metrics = {
         "num-examples": int(report["examples"]),

@@ -10,7 +10,8 @@ Node-config keys (defaults in brackets):
 
 - ``limit-threads`` [the CPUs this process may use]: torch threads; a task asking for more is
   run with this many (not declined).
-- ``limit-iterations`` [20000, the DM paper's longest schedule]: distillation iterations.
+- ``limit-iterations`` [20000, the DM paper's longest schedule]: distillation iterations, and a DP
+  method's noisy queries (DP gradient matching's iterations x outer loops, DP experts' steps).
 - ``limit-ipc`` [50, the largest budget of the literature's benchmarks]: images (or stored bases)
   per class.
 - ``limit-model-mib`` [64]: the network the task asks the node to build (``net-width``,
@@ -18,11 +19,12 @@ Node-config keys (defaults in brackets):
 - ``limit-local-epochs`` [50]: a FedAvg round's passes over the local data (``local-epochs``),
   FedAvg's counterpart of ``limit-iterations``.
 - ``limit-batch-size`` [1024]: every batch size among the method's settings (``dm.batch-real``,
-  ``dc.batch-train``, ``mtt.expert-batch``...) and, in a FedAvg round, ``local-batch-size``: a
-  batch's activations are what costs memory.
+  ``dc.batch-train``, ``mtt.expert-batch``, ``dpsgd-gm.chunk``...) and, in a FedAvg round,
+  ``local-batch-size``: a batch's activations are what costs memory.
 - ``limit-steps`` [1000]: every other integer setting of the method (inner loops and steps,
   experts and their epochs, models, pool sizes...; seeds aside), each of which multiplies the work
-  of an iteration.
+  of an iteration; and an expert buffer's snapshots (``num-experts x (expert-train-epochs + 1)``),
+  all held in memory.
 
 A task over ``limit-iterations``, ``limit-ipc``, ``limit-local-epochs``, ``limit-batch-size`` or
 ``limit-steps`` is declined (kind "policy", the reason names the limit). A global model must have
@@ -42,7 +44,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from distill.task import DistillTask
+from distill.task import DistillTask, method_config
 
 PREFIX = "limit-"
 DEFAULT_ITERATIONS = 20_000
@@ -51,6 +53,7 @@ DEFAULT_MODEL_MIB = 64
 DEFAULT_LOCAL_EPOCHS = 50
 DEFAULT_BATCH_SIZE = 1024
 DEFAULT_STEPS = 1000
+BATCH_SETTINGS = ("chunk",)  # examples per per-example-gradient chunk: a batch too, by another name
 NPY_HEADER_SLACK = 4096  # what np.save adds to an array's bytes (the header), with room to spare
 MiB = 2**20
 
@@ -103,11 +106,18 @@ class NodeLimits:
     def refusal(self, task: DistillTask) -> str | None:
         """Why the task's size is over this node's limits, or None."""
         asked = [("iterations", "iterations", task.iterations, self.iterations), ("ipc", "ipc", task.ipc, self.ipc)]
+        prefix = f"{task.distill_method}."
         for key, value in sorted(task.settings.items()):
             if isinstance(value, int) and not isinstance(value, bool) and not key.endswith("seed"):
-                name = f"{task.distill_method}.{key.replace('_', '-')}"
-                asked.append((name, "batch-size", value, self.batch_size) if "batch" in key
+                name = prefix + key.replace("_", "-")
+                asked.append((name, "batch-size", value, self.batch_size) if key in BATCH_SETTINGS or "batch" in key
                              else (name, "steps", value, self.steps))
+        if {"num_experts", "expert_train_epochs"} <= set(task.settings):  # the expert buffer, held in memory
+            snapshots = task.settings["num_experts"] * (task.settings["expert_train_epochs"] + 1)
+            asked.append((f"{prefix}num-experts x ({prefix}expert-train-epochs + 1)", "steps", snapshots, self.steps))
+        if task.dp != "none":  # a DP method's noisy queries (DP gradient matching's loops, DP experts' steps)
+            asked.append(("the DP method's noisy queries", "iterations", method_config(task, seed=0).queries,
+                          self.iterations))
         if task.algorithm == "fedavg":  # only FedAvg's local update reads these
             asked += [("local-epochs", "local-epochs", task.local_epochs, self.local_epochs),
                       ("local-batch-size", "batch-size", task.local_batch_size, self.batch_size)]

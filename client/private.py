@@ -45,7 +45,7 @@ from privacy.policy import NodePolicy, PolicyDeclined
 from privacy.randomness import noise_generator
 
 from .limits import NodeLimits
-from .task import dataset_refusal
+from .task import dataset_refusal, node_method_settings
 
 LEDGER_DIR_ENV = "FEDISTILL_LEDGER_DIR"
 COUNTS_RELEASE = "class-counts"
@@ -99,15 +99,16 @@ def admit(task: DistillTask, policy: NodePolicy | None,
 
 
 def dp_config(task: DistillTask, seed: int, embedder_state: dict | None = None, accountant: str | None = None,
-              released_counts: tuple[float, ...] | None = None) -> DPConfig:
+              released_counts: tuple[float, ...] | None = None, node: Mapping[str, Any] | None = None) -> DPConfig:
     """The DP method's config for one round (:func:`distill.task.method_config`): noise init and
-    secret noise, always; ``accountant`` is the node's ledger's when it has one."""
+    secret noise, always; ``accountant`` is the node's ledger's when it has one; ``node`` the
+    node-side method settings (:func:`client.task.node_method_settings`)."""
     if task.dp == "none":
         raise ValueError("dp_config needs a task with dp set")
     if accountant is not None and accountant != task.accountant:
         task = replace(task, accountant=accountant)
-    config = method_config(task, seed=seed, embedder_state=embedder_state, insecure_reproducible_noise=False,
-                           released_counts=released_counts)
+    config = method_config(task, seed=seed, embedder_state=embedder_state, **(node or {}),
+                           insecure_reproducible_noise=False, released_counts=released_counts)
     assert isinstance(config, DPConfig)
     return config
 
@@ -197,7 +198,8 @@ def private_round(task: DistillTask, node_config: Mapping[str, Any], *, run_id: 
     ledger = open_ledger(task, node_config, policy, run_id, node_id)
     kept = ledger.release(COUNTS_RELEASE)
     counts = tuple(kept["counts"]) if isinstance(kept, dict) and "counts" in kept else None
-    config = dp_config(task, seed, embedder_state, ledger.base.accountant, counts)
+    config = dp_config(task, seed, embedder_state, ledger.base.accountant, counts,
+                       node=node_method_settings(task, node_config))
     plan = privacy_plan(config)
     run = PrivacyLedger(config.accountant, task.delta, effective_budget(task, node_config))
     try:
@@ -214,6 +216,7 @@ def private_round(task: DistillTask, node_config: Mapping[str, Any], *, run_id: 
         counts = tuple(float(c) for c in released.tolist())
         ledger.keep_release(COUNTS_RELEASE, {"sigma": config.count_sigma, "counts": list(counts)})
     syn = distill(real, replace(config, sigma=plan.sigma, released_counts=counts))
-    syn = syn.with_meta(round=task.round, seed=config.seed, privacy=plan.meta(count_sigma=config.count_sigma))
+    count_sigma = float(kept["sigma"]) if isinstance(kept, dict) and "sigma" in kept else config.count_sigma
+    syn = syn.with_meta(round=task.round, seed=config.seed, privacy=plan.meta(count_sigma=count_sigma))
     metrics: dict[str, Any] = {"bytes-uploaded": syn.nbytes(), **privacy_metrics(plan, charge.run, run.budget)}
     return syn, metrics

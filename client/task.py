@@ -19,7 +19,7 @@ import torch
 
 from distill.data import BUNDLED, Dataset, LabeledImages, dataset_key, load_dataset, load_npz, public_stats
 from distill.factors import BASE_KEY, Factors
-from distill.methods import distill
+from distill.methods import config_fields, distill
 from distill.params import parameterisation
 from distill.partition import partition, split_held_out
 from distill.task import DistillTask, method_config, task_budget
@@ -152,6 +152,16 @@ def declared_statistics(name: str, node_config: Mapping[str, Any], public_only: 
                          "data-std and num-classes in the node-config (the node never computes them from private "
                          "data)")
     return None, None
+
+
+def node_method_settings(task: DistillTask, node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the node, not the server, decides for the task's method (:data:`distill.task.NODE_ONLY`):
+    where an expert buffer (MTT, DP-MTT) is kept, the node-config's ``expert-cache`` directory, or
+    no file at all (in memory). A server never makes a node write files."""
+    if "expert_cache" not in config_fields(task.distill_method):
+        return {}
+    directory = str(node_config.get("expert-cache", "")).strip()
+    return {"expert_cache": directory or None}
 
 
 def distill_partition(real: LabeledImages, task: DistillTask, seed: int, embedder_state: dict | None = None,

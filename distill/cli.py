@@ -15,9 +15,9 @@ import sys
 import time
 
 from .data import BUNDLED, load_dataset
-from .methods import available_methods, distill
+from .methods import MethodConfig, available_methods, config_fields, distill
 from .synthetic import SyntheticSet
-from .task import DistillTask, declared_method_keys, method_config, parse_assignments
+from .task import DistillTask, _default, declared_method_keys, method_config, parse_assignments
 from .train import TrainConfig, evaluate
 from .visualize import save_grid
 
@@ -33,22 +33,31 @@ TASK_KEYS = ("ipc", "iterations", "init", "seed", "net-width", "net-depth", "rho
              "epsilon", "delta", "clip", "sigma", "sample-rate", "accountant")
 
 
-def central_task(args: argparse.Namespace) -> DistillTask:
-    """The task ``python -m distill distill`` runs: the flags, then ``--set`` (run-config keys, the
-    method's own dotted: ``dm.lr-img=0.5``), over the task's defaults."""
-    flags = {"method": args.method, "ipc": args.ipc, "iterations": args.iterations, "init": args.init,
-             "seed": args.seed}
-    config = {k: v for k, v in flags.items() if v is not None}
+def central_config(args: argparse.Namespace) -> MethodConfig:
+    """The method config ``python -m distill distill`` runs: the flags, then ``--set`` (run-config
+    keys, the method's own dotted: ``dm.lr-img=0.5``), through the task like any client's.
+
+    What is left unset is the method's own default, not a federation's: a central distillation
+    runs the method config's iterations (200) on the library's ConvNet (width 128) unless
+    ``--iterations`` / ``--set net-width=...`` say otherwise.
+    """
     sets = parse_assignments(args.set)
     if plain := sorted(k for k in sets if "." not in k and k not in TASK_KEYS):
         raise ValueError(f"--set {plain}: a central distillation takes {list(TASK_KEYS)} and <method>.<setting>")
-    return DistillTask.from_config({**config, **sets})
+    flags = {"method": args.method, "ipc": args.ipc, "iterations": args.iterations, "init": args.init,
+             "seed": args.seed}
+    given = {**{k: v for k, v in flags.items() if v is not None}, **sets}
+    private = str(given.get("dp", "none")) != "none"
+    method = str(given["dp"] if private else given.get("method", DistillTask.method))
+    defaults = {k: _default(f) for k, f in config_fields(method).items() if k in ("iterations", "init")}
+    task = DistillTask.from_config({**defaults, **given})
+    network = {} if {"net-width", "net-depth"} & set(given) else {"arch_kwargs": {}}  # the library's ConvNet
+    return method_config(task, seed=task.seed, device=args.device, progress=True, **network)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, root=args.data_root)
-    task = central_task(args)
-    config = method_config(task, seed=task.seed, device=args.device, progress=True)
+    config = central_config(args)
     start = time.perf_counter()
     syn = distill(data.train, config)
     seconds = time.perf_counter() - start

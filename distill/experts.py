@@ -205,15 +205,18 @@ def cache_path(data: LabeledImages, config: ExpertConfig, tag: str = "sgd",
 
 
 def load_or_train_experts(data: LabeledImages, config: ExpertConfig, *, trainer: ExpertTrainer = sgd_trainer,
-                          tag: str = "sgd", directory: str | Path | None = None,
+                          tag: str = "sgd", directory: str | Path | None = None, persist: bool = True,
                           device: str = "cpu") -> ExpertBuffer:
     """The cached buffer for (data, config, tag), training and caching it on a miss.
 
     A custom ``trainer`` needs its own ``tag`` (e.g. ``"dp-eps1"``), so that its experts and
-    plain SGD ones never share a cache entry.
+    plain SGD ones never share a cache entry. ``persist=False`` neither reads nor writes a
+    cache: the buffer lives in memory (a federated client whose node named no cache directory).
     """
     if trainer is not sgd_trainer and tag == "sgd":
         raise ValueError("a custom expert trainer needs its own cache tag, not 'sgd'")
+    if not persist:
+        return train_experts(data, config, trainer=trainer, device=device)
     path = cache_path(data, config, tag, directory)
     if path.exists():
         return ExpertBuffer.load(path)

@@ -43,12 +43,13 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from .methods import MethodConfig, available_methods, config_fields, make_config
+from .methods import MethodConfig, available_methods, config_fields, make_config, private_methods
 from .partition import PARTITIONERS
 
 ALGORITHMS = ("fedistill", "fedavg")
-# ``dp`` values: no DP, or the name of a DP method (privacy/, a lazy entry of distill.methods).
-DP_METHODS = ("dpsgd-gm", "dp-dm", "dp-mtt")
+# ``dp`` values: no DP, or the name of a DP method (privacy/, a lazy entry of distill.methods,
+# registered private). The tuples are the registry's at import; checks ask the registry itself.
+DP_METHODS = tuple(private_methods())
 DP_MODES = ("none", *DP_METHODS)
 DP_ACCOUNTANTS = ("rdp", "prv")
 RUN_KEY = re.compile(r"[A-Za-z0-9._:-]{0,200}")  # printed in a node's ledger: no control characters
@@ -136,8 +137,24 @@ def coerce_settings(method: str, raw: Mapping[str, Any]) -> dict[str, Any]:
         if snake not in known:
             names = ", ".join(sorted(k.replace("_", "-") for k in known))
             raise ValueError(f"unknown setting '{method}.{key}'; {method} has: {names}")
-        out[snake] = coerce(f"{method}.{key}", value, _default(known[snake]))
+        out[snake] = in_range(f"{method}.{key}", coerce(f"{method}.{key}", value, _default(known[snake])))
     return out
+
+
+MAX_TEXT = 200  # characters of a text setting (a DSA strategy, a kernel's name)
+
+
+def in_range(key: str, value: Any) -> Any:
+    """``value``, or ``ValueError`` where no method could mean it: an integer setting is a count
+    (>= 0), a learning rate is > 0, a text is short. The method's config checks the rest."""
+    name = key.rsplit(".", 1)[-1].replace("-", "_")
+    if type(value) is int and value < 0:
+        raise ValueError(f"setting {key}={value}: a count, must be >= 0")
+    if isinstance(value, float) and (name.startswith("lr") or name.endswith("_lr")) and not value > 0:
+        raise ValueError(f"setting {key}={value}: a learning rate, must be > 0")
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise ValueError(f"setting {key}: {len(value)} characters, at most {MAX_TEXT}")
+    return value
 
 
 def parse_assignments(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -278,9 +295,9 @@ class DistillTask:
 
     def _check_privacy(self) -> None:
         """Refuse privacy settings that cannot run, before any message goes out."""
-        if self.dp not in DP_MODES:
-            raise ValueError(f"dp must be one of {DP_MODES}, got {self.dp!r}")
-        if self.method in DP_METHODS:
+        if self.dp != "none" and self.dp not in private_methods():
+            raise ValueError(f"dp must be 'none' or one of {private_methods()}, got {self.dp!r}")
+        if self.method in private_methods():
             raise ValueError(f"method {self.method!r} is a DP method: set dp={self.method!r} instead "
                              "(the client then accounts its spending across rounds)")
         if self.dp != "none" and self.algorithm != "fedistill":
@@ -365,7 +382,7 @@ def config_from_settings(method: str, settings: Mapping[str, Any]) -> MethodConf
     defaults = {k: _default(f) for k, f in config_fields(method).items()}  # the method's, not a federation's
     task_fields = {k: values.pop(k, defaults[k]) for k in [*COMMON, *DP_SPEC] if k in defaults}
     node = {k: values.pop(k, defaults[k]) for k in NODE_ONLY if k in values or k in ("arch", "arch_kwargs")}
-    kind = {"dp": method} if method in DP_METHODS else {"method": method}
+    kind = {"dp": method} if method in private_methods() else {"method": method}
     task = DistillTask(**kind, **task_fields, settings=values)
     return method_config(task, seed=int(node.pop("seed", 0)), **node)
 

@@ -13,10 +13,12 @@ needed to use them, and ``distill`` never imports it eagerly. No Flower import h
 
 from __future__ import annotations
 
+from distill.methods import private_methods
+
 from .accounting import ACCOUNTANTS, BudgetExceeded, PrivacyLedger, Spend, calibrate_sigma, epsilon_of
 from .config import DPConfig, PrivacyPlan, privacy_plan, spends_from_meta
 
-DP_METHODS = ("dp-dm", "dpsgd-gm", "dp-mtt")
+DP_METHODS = tuple(private_methods())  # the registry's, registered private=True in distill.methods
 
 __all__ = ["ACCOUNTANTS", "BudgetExceeded", "DPConfig", "DP_METHODS", "PrivacyLedger", "PrivacyPlan",
            "Spend", "calibrate_sigma", "epsilon_of", "privacy_plan", "spends_from_meta"]

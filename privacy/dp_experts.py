@@ -119,7 +119,7 @@ def distill(real: LabeledImages, config: DPMTTConfig, *, callback: Callback | No
         warnings.filterwarnings("ignore", "Full backward hook is firing")
         buffer = load_or_train_experts(real, config.expert_config(), trainer=trainer,
                                        tag=config.cache_tag(plan_dp.sigma), directory=config.expert_cache or None,
-                                       device=config.device)
+                                       persist=config.expert_cache is not None, device=config.device)
     # From here on only the buffer and the noisy layout are used: post-processing.
     syn = distill_from_experts(layout, config, buffer, callback=callback)
     return syn.with_meta(privacy=plan_dp.meta(count_sigma=config.count_sigma))

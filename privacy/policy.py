@@ -28,9 +28,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from distill.methods import private_methods
+
 from .accounting import ACCOUNTANTS
 
-DP_METHOD_NAMES = ("dp-dm", "dpsgd-gm", "dp-mtt")
+DP_METHOD_NAMES = tuple(private_methods())  # the registry's DP methods (distill.methods, private=True)
 PREFIX = "policy-"
 FILE_KEY = "privacy-policy"
 

@@ -6,7 +6,7 @@ memory; plus the whole-pool accuracy with the same evaluator. Each (method, IPC)
 own subprocess so its peak RSS is its own. ``--reference-dir`` adds the DM speed comparison
 against the reference code.
 
-    python simulations/bench_distill.py --quick                       # one-minute smoke run
+    python simulations/bench_distill.py --quick                       # smoke run of every method, ~8 min on 2 cores
     python simulations/bench_distill.py --preset cpu --ipc 1 10       # ~20 min per method/IPC
     python simulations/bench_distill.py --preset cpu --methods frepo --set frepo.lr-img=0.03
     python simulations/bench_distill.py --config my_budgets.toml     # an experiment file of your own

@@ -87,6 +87,16 @@ def test_ledger_file_composes_rounds_like_one_accountant(task_identity):  # noqa
     assert _ledger_spends(ctx) == every
 
 
+def test_reused_counts_carry_the_noise_they_were_released_with(task_identity):  # noqa: F811
+    """Round 2 asks another count-sigma, but reuses round 1's released counts: its metadata says
+    the sigma those counts were released with, not the one the server asked for now."""
+    ctx = make_context(7, NODE)
+    first = app(_message({**DP, "dp-dm.count-sigma": 10.0}, 1), ctx)
+    second = app(_message({**DP, "dp-dm.count-sigma": 3.0}, 2), ctx)
+    assert _privacy(first)["count_sigma"] == _privacy(second)["count_sigma"] == 10.0
+    assert len(spends_from_meta(_privacy(second))) == 1  # no second count release was made
+
+
 @pytest.mark.parametrize("rounds_paid, slack", [(2, 0.0), (1, 1e-6)])
 def test_budget_declines_exactly_when_the_next_round_would_exceed_it(rounds_paid, slack,
                                                                      task_identity):  # noqa: F811

@@ -307,6 +307,10 @@ def test_threads_are_cut_to_the_node_limit(task_identity):  # noqa: F811
     ({**TINY, "method": "mtt", "mtt.expert-batch": 2048}, {}, "mtt.expert-batch 2048 > limit-batch-size 1024"),
     ({**TINY, "method": "dc", "dc.inner-loop": 1001}, {}, "dc.inner-loop 1001 > limit-steps 1000"),
     ({**TINY, "method": "bptt", "bptt.inner-steps": 21}, {"limit-steps": 20}, "bptt.inner-steps 21 > limit-steps 20"),
+    ({**TINY, "method": "mtt", "mtt.num-experts": 100, "mtt.expert-train-epochs": 100}, {},
+     "mtt.num-experts x (mtt.expert-train-epochs + 1) 10100 > limit-steps 1000"),
+    ({**DP, "dp": "dp-mtt", "sample-rate": 1e-5}, {}, "the DP method's noisy queries 3000000 > limit-iterations"),
+    ({**DP, "dp": "dpsgd-gm", "dpsgd-gm.chunk": 2000}, {}, "dpsgd-gm.chunk 2000 > limit-batch-size 1024"),
 ])
 def test_a_task_over_the_node_limits_is_declined_with_the_limit_named(config, node, reason, task_identity,  # noqa: F811
                                                                       monkeypatch):

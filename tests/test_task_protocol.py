@@ -25,21 +25,42 @@ def test_every_registered_method_has_its_table():
     assert set(DP_METHODS) <= set(available_methods())
 
 
+ALTERNATIVES = {"dsa_strategy": ["crop_flip"], "kernel": ["ntk", "nngp"], "loss": ["mse", "platt"]}
+
+
+def _changed(key: str, default: object) -> list[object]:
+    """Values other than ``default`` to try for a setting, in the run-config's types."""
+    if isinstance(default, bool):
+        return [not default]
+    if isinstance(default, int):
+        return [default + 1, default - 1, 2 * default + 2]
+    if isinstance(default, float):
+        return [default * 2 if default else 0.5, default / 2, default + 1.0]
+    return [v for v in ALTERNATIVES.get(key, []) if v != default]
+
+
 @pytest.mark.parametrize("method", available_methods())
 def test_every_setting_reaches_the_method_config(method):
-    """Each declared default, sent as the CLI would (a string), comes back typed in the method config."""
+    """Each declared setting, set alone to a value other than its default (as the CLI sends it, a
+    string), comes back typed in the method config: none is dropped on the way."""
     table = declared_method_keys()[method]
     assert table, f"{method} declares no settings"
-    as_strings = {f"{method}.{k}": (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in table.items()}
-    task = _task_for(method, **as_strings)
-    config = method_config(task, seed=3)
-    assert config.method == method and config.seed == 3
-    for key in table:
+    unreachable = []
+    for key, default in table.items():
         snake = key.replace("-", "_")
-        default = {f.name: f for f in dataclasses.fields(config)}[snake]
-        expected = default.default if default.default is not dataclasses.MISSING else default.default_factory()
-        assert getattr(config, snake) == expected, key
-    assert DistillTask.from_config(task.to_config()) == task  # the wire form round-trips
+        for value in _changed(snake, default):
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            try:
+                task = _task_for(method, **{f"{method}.{key}": text})
+            except ValueError:
+                continue  # out of this setting's range: try the next value
+            config = method_config(task, seed=3)
+            assert getattr(config, snake) == value and getattr(config, snake) != default, key
+            assert DistillTask.from_config(task.to_config()) == task  # the wire form round-trips
+            break
+        else:
+            unreachable.append(key)
+    assert not unreachable, f"{method}: no other value reaches {unreachable} (add one to ALTERNATIVES)"
 
 
 @pytest.mark.parametrize("method,key,value,field,want", [
@@ -70,8 +91,13 @@ def test_settings_of_other_methods_are_checked_and_not_sent():
     ({"method": "kip", "kip.kernal": "ntk"}, "kernel"),
     ({"method": "dm", "dm.lr-img": "fast"}, "expected float"),
     ({"method": "dm", "dm.dsa": 1}, "expected bool"),
-    ({"method": "dm", "dm.lr-img": -1.0}, "lr_img"),
+    ({"method": "dm", "dm.lr-img": -1.0}, "a learning rate"),
     ({"lr-img": 0.5}, "unknown run-config keys"),   # the format-1 flat key: namespaced now
+    ({"method": "dm", "dm.dsa-strategy": "zzz"}, "unknown DSA operations"),
+    ({"method": "dm", "dm.momentum": -1.0}, "momentum"),
+    ({"method": "dc", "dc.batch-train": -1}, "a count"),
+    ({"method": "kip", "kip.lr-labels": 0.0}, "a learning rate"),
+    ({"dp": "dp-dm", "dp-dm.dsa-strategy": "x" * 300}, "at most 200"),
 ])
 def test_unknown_or_bad_settings_fail_at_the_server_with_the_known_names(config, names):
     with pytest.raises(ValueError, match=names):
@@ -115,3 +141,49 @@ def test_a_flat_method_spec_builds_the_same_config_through_the_task(method):
     spec = {"ipc": 2, "iterations": 3, "arch_kwargs": {"width": 8, "depth": 1}, "seed": 5}
     assert config_from_settings(method, spec) == make_config(method, **spec)
     assert config_from_settings(method, {}) == make_config(method)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_a_method_is_registered_private_exactly_when_its_config_is_a_dp_config(method):
+    """A DP method left unmarked would run as method= on the non-private path: no ledger, exact counts."""
+    from distill.methods import make_config, private_methods
+    from privacy import DPConfig
+
+    assert isinstance(make_config(method), DPConfig) == (method in private_methods())
+    assert (method in DP_METHODS) == (method in private_methods())
+
+
+def test_a_client_keeps_experts_in_memory_unless_its_node_names_a_cache(tmp_path, monkeypatch, small_train):
+    """The server cannot make a node write files: MTT's expert buffer goes to disk only where the
+    node-config names a directory (expert-cache), never to the default cache."""
+    from client.task import distill_partition, node_method_settings
+
+    monkeypatch.setenv("FEDISTILL_EXPERT_CACHE", str(tmp_path / "default"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    task = DistillTask.from_config({"method": "mtt", "ipc": 1, "iterations": 1, "net-width": 8, "net-depth": 1,
+                                    "min-class-samples": 1, "mtt.num-experts": 1, "mtt.expert-train-epochs": 2,
+                                    "mtt.max-start-epoch": 0, "mtt.expert-epochs": 1, "mtt.syn-steps": 2,
+                                    "mtt.expert-seed": 11})
+    assert node_method_settings(task, {}) == {"expert_cache": None}
+    distill_partition(small_train, task, seed=0, node=node_method_settings(task, {}))
+    assert not any(p.is_file() for p in tmp_path.rglob("*")), "a file was written without the node's consent"
+    node = node_method_settings(task, {"expert-cache": str(tmp_path / "mine")})
+    distill_partition(small_train, task, seed=0, node=node)
+    assert len(list((tmp_path / "mine").glob("*.npz"))) == 1
+    assert node_method_settings(DistillTask(), {"expert-cache": "x"}) == {}  # DM keeps no buffer
+
+
+@pytest.mark.parametrize("argv,method,settings", [
+    ([], "dm", {}),
+    (["--method", "kip", "--set", "kip.kernel=ntk"], "kip", {"kernel": "ntk"}),
+    (["--set", "dp=dp-dm", "--set", "epsilon=2"], "dp-dm", {"epsilon": 2.0}),
+    (["--set", "net-width=64", "--set", "dm.lr-img=0.5"], "dm", {"arch_kwargs": {"width": 64, "depth": 3},
+                                                                  "lr_img": 0.5}),
+])
+def test_python_m_distill_runs_the_methods_own_defaults_plus_what_was_set(argv, method, settings):
+    """A central distillation is not a federation's task: unset, it is the method config's default."""
+    from distill.cli import build_parser, central_config
+    from distill.methods import make_config
+
+    config = central_config(build_parser().parse_args(["distill", *argv, "--out", "x.npz"]))
+    assert config == make_config(method, progress=True, **settings)

@@ -22,25 +22,35 @@ Lazy = str  # "module:attribute", imported on first use
 
 # name -> (config class, fixed config values, distill function); a lazy entry holds "module:attr" strings
 _REGISTRY: dict[str, tuple[type[MethodConfig] | Lazy, dict[str, Any], DistillFn | Lazy]] = {}
+_PRIVATE: set[str] = set()  # names registered private=True
 
 
 def register(name: str, config_cls: type[MethodConfig] | Lazy, fn: DistillFn | Lazy, *, force: bool = False,
-             **fixed: Any) -> None:
+             private: bool = False, **fixed: Any) -> None:
     """Make a method available by name; ``fixed`` pins config fields (e.g. DSA = DC + ``dsa=True``).
 
     ``config_cls`` and ``fn`` may be ``"module:attribute"`` strings, imported when the method is first
     used: a package that builds on ``distill`` (``privacy``) lists its methods here without
     ``distill`` importing it, and without its users importing it for a side effect. A name
     registered already raises ``ValueError`` unless ``force`` (a silent overwrite would change
-    what a config means).
+    what a config means). ``private``: an example-level DP method (:func:`private_methods`).
     """
     if name in _REGISTRY and not force:
         raise ValueError(f"method {name!r} is registered already; pass force=True to replace it")
     _REGISTRY[name] = (config_cls, {"method": name, **fixed}, fn)
+    _PRIVATE.discard(name)
+    if private:
+        _PRIVATE.add(name)
 
 
 def available_methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def private_methods() -> list[str]:
+    """The methods registered ``private=True``: example-level DP (a client runs them under its
+    privacy ledger and policy, a task names them with ``dp=``, never ``method=``)."""
+    return sorted(_PRIVATE)
 
 
 def _resolve(target: Any) -> Any:
@@ -100,8 +110,8 @@ register("mtt", mtt.MTTConfig, mtt.distill)
 register("cafe", cafe.CAFEConfig, cafe.distill)
 # Example-level DP methods live in privacy/ (which builds on distill, never the reverse): named
 # here, imported on first use (Opacus with them).
-register("dp-dm", "privacy.dp_dm:DPDMConfig", "privacy.dp_dm:distill")
-register("dpsgd-gm", "privacy.dp_gm:DPGMConfig", "privacy.dp_gm:distill")
-register("dp-mtt", "privacy.dp_experts:DPMTTConfig", "privacy.dp_experts:distill")
+register("dp-dm", "privacy.dp_dm:DPDMConfig", "privacy.dp_dm:distill", private=True)
+register("dpsgd-gm", "privacy.dp_gm:DPGMConfig", "privacy.dp_gm:distill", private=True)
+register("dp-mtt", "privacy.dp_experts:DPMTTConfig", "privacy.dp_experts:distill", private=True)
 
-__all__ = ["available_methods", "config_fields", "distill", "make_config", "register", "MethodConfig"]
+__all__ = ["available_methods", "private_methods", "config_fields", "distill", "make_config", "register", "MethodConfig"]

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..augment import DEFAULT_STRATEGY
+from ..augment import DEFAULT_STRATEGY, DSA
 from ..data import LabeledImages
 from ..networks import seeded_network
 from ..parameterize import (RHO_COMPOSES, Parameterization, check_options, decoded_per_base,
@@ -81,6 +81,15 @@ class MatchingConfig(MethodConfig):
         super().__post_init__()
         if not self.lr_img > 0 or self.batch_real < 1:
             raise ValueError(f"lr_img must be > 0 and batch_real >= 1, got {self.lr_img}, {self.batch_real}")
+        check_matching(self.momentum, self.dsa_strategy)
+
+
+def check_matching(momentum: float, dsa_strategy: str) -> None:
+    """SGD momentum in [0, 1) and a DSA strategy of known operations: refused when the config is
+    built (at the server, for a federated task), not when the optimiser is."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    DSA(dsa_strategy)  # raises on unknown operations
 
 
 @dataclass

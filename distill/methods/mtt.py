@@ -30,7 +30,7 @@ from ..augment import DEFAULT_STRATEGY, DSA
 from ..data import LabeledImages
 from ..experts import ExpertBuffer, ExpertConfig, ParamLayout, load_or_train_experts
 from ..synthetic import SyntheticSet
-from .base import Callback, MethodConfig, OuterLoop, finish, generator, init_synthetic, make_network
+from .base import Callback, MethodConfig, OuterLoop, check_matching, finish, generator, init_synthetic, make_network
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ class MTTConfig(MethodConfig):
     learnable student lr's start; ``batch_syn`` of 0: every student step sees the whole set;
     ``lr_img``/``lr_lr``: SGD (momentum ``momentum``) on the pixels and on log(student lr);
     ``expert_seed``: the buffer's seed (apart from ``seed``, so that
-    every distillation seed and round reuses one buffer); ``expert_cache``: buffer directory ("" = ``$FEDISTILL_EXPERT_CACHE`` or ``~/.cache/fedistill/experts``).
+    every distillation seed and round reuses one buffer); ``expert_cache``: buffer directory ("" =
+    ``$FEDISTILL_EXPERT_CACHE`` or ``~/.cache/fedistill/experts``; None: no file, the buffer
+    stays in memory, as on a federated node that names no ``expert-cache``).
     """
 
     iterations: int = 200
@@ -62,7 +64,7 @@ class MTTConfig(MethodConfig):
     dsa: bool = True
     dsa_strategy: str = DEFAULT_STRATEGY
     expert_seed: int = 0
-    expert_cache: str = ""
+    expert_cache: str | None = ""
     method: str = "mtt"
 
     def __post_init__(self) -> None:
@@ -74,6 +76,7 @@ class MTTConfig(MethodConfig):
                              f"exceeds expert_train_epochs = {self.expert_train_epochs}")
         if not (self.lr_img > 0 and self.lr_lr > 0 and self.student_lr > 0 and self.expert_lr > 0):
             raise ValueError(f"learning rates must be > 0: {self}")
+        check_matching(self.momentum, self.dsa_strategy)
         if self.batch_syn < 0 or self.expert_batch < 1 or not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"need batch_syn >= 0, expert_batch >= 1, momentum in [0, 1): {self}")
 
@@ -111,7 +114,7 @@ def student_endpoint(net: torch.nn.Module, layout: ParamLayout, start: torch.Ten
 
 def distill(real: LabeledImages, config: MTTConfig, *, callback: Callback | None = None) -> SyntheticSet:
     buffer = load_or_train_experts(real, config.expert_config(), directory=config.expert_cache or None,
-                                   device=config.device)
+                                   persist=config.expert_cache is not None, device=config.device)
     return distill_from_experts(real, config, buffer, callback=callback)
 
 
