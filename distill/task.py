@@ -132,8 +132,12 @@ def coerce_settings(method: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     defaults; ``ValueError`` names an unknown key together with the method's known ones."""
     known = method_settings(method)
     out = {k: _default(f) for k, f in known.items()}
+    spellings: dict[str, str] = {}
     for key, value in raw.items():
         snake = str(key).replace("-", "_")
+        if snake in spellings:
+            raise ValueError(f"setting {method}.{key} is given twice (also as {method}.{spellings[snake]})")
+        spellings[snake] = str(key)
         if snake not in known:
             names = ", ".join(sorted(k.replace("_", "-") for k in known))
             raise ValueError(f"unknown setting '{method}.{key}'; {method} has: {names}")

@@ -98,6 +98,7 @@ def test_settings_of_other_methods_are_checked_and_not_sent():
     ({"method": "dc", "dc.batch-train": -1}, "a count"),
     ({"method": "kip", "kip.lr-labels": 0.0}, "a learning rate"),
     ({"dp": "dp-dm", "dp-dm.dsa-strategy": "x" * 300}, "at most 200"),
+    ({"method": "dm", "dm.lr-img": 0.5, "dm.lr_img": 2.0}, "given twice"),
 ])
 def test_unknown_or_bad_settings_fail_at_the_server_with_the_known_names(config, names):
     with pytest.raises(ValueError, match=names):
