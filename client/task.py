@@ -11,14 +11,15 @@ import os
 import time
 from dataclasses import replace
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-from distill.data import BUNDLED, Dataset, LabeledImages, dataset_key, load_dataset, load_npz, public_stats
+from distill.data import (BUNDLED, Dataset, LabeledImages, dataset_key, load_dataset, load_npz, public_stats,
+                          source_name)
 from distill.factors import BASE_KEY, Factors
+from distill.imagefolder import ARCHIVE_SUFFIXES, FolderOptions, is_image_folder, load_image_folder
 from distill.methods import config_fields, distill
 from distill.params import parameterisation
 from distill.partition import partition, split_held_out
@@ -56,12 +57,18 @@ def node_datasets(node_config: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(named)
 
 
+def _is_path(name: str) -> bool:
+    """A dataset given as a file or folder (an ``.npz``, an image folder's archive, anything with a
+    path separator), not by name."""
+    return name.endswith((".npz", *ARCHIVE_SUFFIXES)) or "/" in name or os.sep in name
+
+
 def _same_dataset(asked: str, named: str) -> bool:
     """Paths compare as normalised absolute paths (nothing is opened), names as dataset keys."""
-    if asked.endswith(".npz") or named.endswith(".npz"):
+    if _is_path(asked) or _is_path(named):
         def norm(p: str) -> str:
             return os.path.normpath(os.path.abspath(os.path.expanduser(p)))
-        return asked.endswith(".npz") and named.endswith(".npz") and norm(asked) == norm(named)
+        return _is_path(asked) and _is_path(named) and norm(asked) == norm(named)
     return dataset_key(asked) == dataset_key(named)
 
 
@@ -69,13 +76,13 @@ def dataset_refusal(task: DistillTask, node_config: Mapping[str, Any]) -> str | 
     """Why this node will not load the task's ``dataset``, or None.
 
     A node with ``data-path`` loads that file and never the task's dataset. A partition node
-    loads the bundled sample, or a dataset (name or ``.npz`` path) it names itself
+    loads the bundled sample, or a dataset (name, ``.npz`` or image folder) it names itself
     (:func:`node_datasets`); the server cannot point it at any other file or download.
     """
     if "data-path" in node_config:
         return None
     asked = str(task.dataset)
-    if not asked.endswith(".npz") and dataset_key(asked) == BUNDLED:
+    if not _is_path(asked) and dataset_key(asked) == BUNDLED:
         return None
     if any(_same_dataset(asked, named) for named in node_datasets(node_config)):
         return None
@@ -87,8 +94,9 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any],
                    public_only: bool = False) -> tuple[LabeledImages, LabeledImages]:
     """This node's (train, held-out) data.
 
-    With ``data-path`` in ``node_config`` (a real deployment) the node's own ``.npz`` is used:
-    its train split is distilled and its test split is the held-out set. ``data-name`` (e.g.
+    With ``data-path`` in ``node_config`` (a real deployment) the node's own ``.npz`` or image
+    folder is used (:func:`_own_data`): its train split is distilled and its test split is the
+    held-out set. ``data-name`` (e.g.
     ``mnist``) names the dataset it holds, which fixes its normalisation; without it the file's
     stem does, and an unknown stem means stats of the file's own train split, which the server
     rejects unless they equal its own. Otherwise the
@@ -101,10 +109,7 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any],
     never computed from the private data, which would release them outside the accountant.
     """
     if "data-path" in node_config:
-        name = str(node_config.get("data-name") or Path(str(node_config["data-path"])).stem)
-        stats, classes = declared_statistics(name, node_config, public_only)
-        local = load_npz(str(node_config["data-path"]), name, stats=stats, num_classes=classes)
-        return local.train, local.test
+        return _own_data(str(node_config["data-path"]), node_config, public_only)
     if (refused := dataset_refusal(task, node_config)) is not None:
         raise DatasetRefused(refused)
     try:
@@ -114,15 +119,34 @@ def load_partition(task: DistillTask, node_config: Mapping[str, Any],
                          f"got {sorted(node_config)}") from err
     if not 0 <= pid < n:
         raise ValueError(f"partition-id {pid} outside [0, {n})")
-    if public_only and str(task.dataset).endswith(".npz") and public_stats(Path(task.dataset).stem) is None:
+    if public_only and _is_path(str(task.dataset)) and public_stats(source_name(task.dataset)) is None:
         raise ValueError(f"dataset {task.dataset!r}: under DP the normalisation must be public, and this file is "
-                         "no known dataset (name it after one, e.g. mnist.npz, or give the node its data-path with "
+                         "no known dataset (name it after one, e.g. mnist.npz or cifar10.tar.gz, or give the node "
+                         "its data-path with "
                          "declared data-mean, data-std and num-classes)")
     part = _partition_indices(task.dataset, n, task.partitioner, task.alpha, task.shards_per_client,
                               task.seed)[pid]
     train_idx, held_idx = split_held_out(part, task.seed, pid, task.holdout_fraction)
     data = cached_dataset(task.dataset).train
     return data.subset(train_idx), data.subset(held_idx)
+
+
+def _own_data(path: str, node_config: Mapping[str, Any], public_only: bool) -> tuple[LabeledImages, LabeledImages]:
+    """A node's own data (``data-path``): an ``.npz``, or an image folder (a directory or archive)
+    whose labels follow the node-config's ``data-classes`` (comma-separated) when given, so that
+    every node agrees on them even where its folders lack a class."""
+    name = str(node_config.get("data-name") or source_name(path))
+    stats, classes = declared_statistics(name, node_config, public_only)
+    if not is_image_folder(path):
+        local = load_npz(path, name, stats=stats, num_classes=classes)
+        return local.train, local.test
+    declared = str(node_config.get("data-classes", "")).strip()
+    options = FolderOptions(classes=tuple(c.strip() for c in declared.split(",")) if declared else None)
+    local = load_image_folder(path, name, options=options, stats=stats)
+    if classes is not None and classes != local.info.num_classes:
+        raise ValueError(f"node-config num-classes {classes}, but {path} has {local.info.num_classes} classes "
+                         "(declare them in data-classes)")
+    return local.train, local.test
 
 
 def declared_statistics(name: str, node_config: Mapping[str, Any], public_only: bool

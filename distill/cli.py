@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list methods and their settings").set_defaults(fn=cmd_methods)
 
     d = sub.add_parser("distill", help="distill a dataset centrally into a saved set")
-    d.add_argument("--dataset", default=BUNDLED, help="mnist10k (bundled), mnist, fashionmnist, cifar10, svhn, or an .npz path")
+    d.add_argument("--dataset", default=BUNDLED,
+                   help="mnist10k (bundled), mnist, fashionmnist, cifar10, svhn, an .npz path, or an image folder "
+                        "(a directory or .tar.gz of <class>/<image>)")
     d.add_argument("--data-root", default=None, help="download/cache directory for torchvision datasets")
     d.add_argument("--method", choices=[m for m in available_methods() if not m.startswith("dp")],
                    help="default: the task's (dm); for a DP method use --set dp=dp-dm")

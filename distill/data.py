@@ -25,6 +25,9 @@ NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
 NORMALISATION[BUNDLED] = NORMALISATION["mnist"]
+# The same data under the names its files carry (../shared/data): full MNIST, CIFAR-10 as JPEG.
+NORMALISATION["mnist70k"] = NORMALISATION["mnist"]
+NORMALISATION["cifar10jpeg"] = NORMALISATION["cifar10"]
 TORCHVISION_NAMES = ("mnist", "fashionmnist", "cifar10", "svhn")
 
 
@@ -141,10 +144,10 @@ def from_arrays(name: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.
     mean, std = stats
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"normalisation stats for {len(mean)} channels, images have {channels}")
-    k = int(num_classes if num_classes is not None else max(y_train.max(), y_test.max()) + 1)
+    k = int(num_classes if num_classes is not None else max(y_train.max(), y_test.max(initial=0)) + 1)
     info = DatasetInfo(name, k, channels, x_train.shape[1], x_train.shape[2], tuple(mean), tuple(std))
     for split, y in (("y_train", y_train), ("y_test", y_test)):
-        if y.min() < 0 or y.max() >= k:
+        if len(y) and (y.min() < 0 or y.max() >= k):
             raise ValueError(f"{split} has labels outside [0, {k})")
 
     def split(x: np.ndarray, y: np.ndarray) -> LabeledImages:
@@ -159,6 +162,12 @@ KNOWN_NUM_CLASSES = 10  # every dataset with published statistics here (MNIST, F
 def dataset_key(name: str) -> str:
     """How a dataset name is matched: case, dashes and underscores ignored (``Fashion-MNIST``)."""
     return name.lower().replace("-", "").replace("_", "")
+
+
+def source_name(path: str | Path) -> str:
+    """The dataset name a file or folder carries: its name up to the first dot
+    (``mnist70k.npz`` -> ``mnist70k``, ``cifar10-jpeg.tar.gz`` -> ``cifar10-jpeg``)."""
+    return Path(str(path)).name.split(".")[0]
 
 
 def public_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -230,7 +239,8 @@ def default_cache_dir() -> Path:
 
 
 def load_dataset(name: str = BUNDLED, root: str | Path | None = None, download: bool = True) -> Dataset:
-    """Load a dataset by name, or from a path ending in ``.npz``.
+    """Load a dataset by name, from a path ending in ``.npz``, or from an image folder (a
+    directory or a ``.tar.gz`` of one: :mod:`distill.imagefolder`).
 
     ``mnist10k`` (default) is the bundled sample and never touches the network. The torchvision
     names download into ``root`` (default ``~/.cache/fedistill/datasets``) when absent.
@@ -241,11 +251,16 @@ def load_dataset(name: str = BUNDLED, root: str | Path | None = None, download: 
     """
     if str(name).endswith(".npz"):
         return load_npz(name)
+    from .imagefolder import is_image_folder, load_image_folder  # local: it builds on this module
+
+    if is_image_folder(name):
+        return load_image_folder(name)
     key = dataset_key(name)
     if key == BUNDLED:
         return load_npz(bundled_path(), BUNDLED)
     if key not in TORCHVISION_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; known: {[BUNDLED, *TORCHVISION_NAMES]} or a path to an .npz")
+        raise ValueError(f"unknown dataset {name!r}; known: {[BUNDLED, *TORCHVISION_NAMES]}, a path to an .npz, "
+                         "or an image folder (a directory or .tar.gz of <class>/<image> or train|test/<class>/<image>)")
     root = Path(root) if root is not None else default_cache_dir()
     try:
         arrays = _torchvision_arrays(key, root, download)

@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fedistill: one round (one-shot), or FedDM-style rounds with the global model as embedder "
                         f"(iterative); default: {RunSettings.mode}")
     p.add_argument("--rounds", type=int, help="rounds for iterative fedistill and FedAvg (num-server-rounds)")
-    p.add_argument("--dataset", help=f"mnist10k (bundled), a torchvision name or an .npz path; "
+    p.add_argument("--dataset", help=f"mnist10k (bundled), a torchvision name, an .npz path or an image folder "
+                                     f"(a directory or .tar.gz); "
                                      f"default: {DistillTask.dataset}")
     p.add_argument("--partitioner", choices=PARTITIONERS,
                    help=f"how the data is split; default: {DistillTask.partitioner}")
