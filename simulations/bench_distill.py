@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from distill import load_dataset, random_real_subset  # noqa: E402
+from distill.data import BUNDLED  # noqa: E402
 from distill.methods import MethodConfig, distill  # noqa: E402
 from distill.synthetic import SetMetadata, SyntheticSet  # noqa: E402
 from distill.task import method_config, parse_assignments, split_keys  # noqa: E402
@@ -75,10 +76,10 @@ def peak_rss_mb() -> float:
 
 def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, out_dir: Path,
             time_limit: float | None = None, overrides: dict | None = None,
-            eval_epochs: int | None = None, exp: DistillExperiment | None = None) -> dict:
+            eval_epochs: int | None = None, exp: DistillExperiment | None = None, dataset: str = BUNDLED) -> dict:
     """Distill (or subsample) and evaluate one (method, ipc); runs inside its own process."""
     exp = exp or load_experiment(preset_name, "distill")
-    data = load_dataset()
+    data = load_dataset(dataset)
     base_rss = peak_rss_mb()  # torch + data loaded, before any distillation
     iterations = 0
     stamps: list[float] = []
@@ -110,8 +111,8 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
     }
 
 
-def run_pool(exp: DistillExperiment, seeds: int, device: str) -> dict:
-    data = load_dataset()
+def run_pool(exp: DistillExperiment, seeds: int, device: str, dataset: str = BUNDLED) -> dict:
+    data = load_dataset(dataset)
     cfg = TrainConfig(epochs=exp.pool_epochs, device=device)
     start = time.perf_counter()
     result = evaluate(data.train.images, data.train.labels, data.test, cfg, seeds=tuple(range(seeds)))
@@ -153,7 +154,8 @@ def spawn_job(method: str, ipc: int, args: argparse.Namespace, out: Path) -> dic
     """Run one (method, ipc) in its own process; append its row to ``results.jsonl`` as it lands."""
     chosen = ["--config", args.config] if args.config else ["--preset", args.preset]
     cmd = [sys.executable, __file__, "--job", method, str(ipc), *chosen,
-           "--eval-seeds", str(args.eval_seeds), "--device", args.device, "--out", str(out)]
+           "--eval-seeds", str(args.eval_seeds), "--device", args.device, "--out", str(out),
+           "--dataset", args.dataset]
     if args.time_limit is not None:
         cmd += ["--time-limit", str(args.time_limit)]
     if args.eval_epochs is not None:
@@ -206,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="jobs at once (a GPU box; keep 1 on a small CPU so timings stay honest)")
     p.add_argument("--speed-iterations", type=int, default=6)
     p.add_argument("--speed-rounds", type=int, default=3)
+    p.add_argument("--dataset", default=BUNDLED,
+                   help="the data, as load_dataset takes it: a name, an .npz (../shared/data/mnist70k.npz) or an image "
+                        "folder (../shared/data/cifar10-jpeg.tar.gz)")
     p.add_argument("--job", nargs=2, metavar=("METHOD", "IPC"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
@@ -224,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.job:  # child process: one (method, ipc), result as JSON on the last stdout line
         method = args.job[0]
         print(json.dumps(run_job(method, int(args.job[1]), args.preset, args.eval_seeds, args.device, out,
-                                 args.time_limit, method_overrides(args.set, method), args.eval_epochs, exp)))
+                                 args.time_limit, method_overrides(args.set, method), args.eval_epochs, exp,
+                                 args.dataset)))
         return 0
 
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                     "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "device": args.device,
+                    "dataset": args.dataset,
                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     if args.reference_dir:
         report["speed"] = speed_comparison(args.reference_dir, [i for i in args.ipc if i <= 10] or [1],
@@ -237,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.speed_only:
         jobs = [(method, ipc) for ipc in args.ipc for method in args.methods]
         with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-            pool_row = None if args.no_pool else pool.submit(run_pool, exp, args.eval_seeds, args.device)
+            pool_row = None if args.no_pool else pool.submit(run_pool, exp, args.eval_seeds, args.device, args.dataset)
             rows = list(pool.map(lambda job: spawn_job(*job, args, out), jobs))
             results = [r for r in rows if r is not None]
             if pool_row is not None:
