@@ -15,9 +15,9 @@ import sys
 import time
 
 from .data import BUNDLED, load_dataset
-from .methods import MethodConfig, available_methods, config_fields, distill
+from .methods import MethodConfig, available_methods, distill
 from .synthetic import SyntheticSet
-from .task import DistillTask, _default, declared_method_keys, method_config, parse_assignments
+from .task import DistillTask, declared_method_keys, method_config, method_defaults, parse_assignments
 from .train import TrainConfig, evaluate
 from .visualize import save_grid
 
@@ -49,7 +49,7 @@ def central_config(args: argparse.Namespace) -> MethodConfig:
     given = {**{k: v for k, v in flags.items() if v is not None}, **sets}
     private = str(given.get("dp", "none")) != "none"
     method = str(given["dp"] if private else given.get("method", DistillTask.method))
-    defaults = {k: _default(f) for k, f in config_fields(method).items() if k in ("iterations", "init")}
+    defaults = {k: v for k, v in method_defaults(method).items() if k in ("iterations", "init")}
     task = DistillTask.from_config({**defaults, **given})
     network = {} if {"net-width", "net-depth"} & set(given) else {"arch_kwargs": {}}  # the library's ConvNet
     return method_config(task, seed=task.seed, device=args.device, progress=True, **network)

@@ -76,6 +76,12 @@ def method_settings(name: str) -> dict[str, dataclasses.Field]:
     return {k: f for k, f in config_fields(name).items() if k not in NOT_SETTINGS}
 
 
+def method_defaults(name: str) -> dict[str, Any]:
+    """Every settable field of method ``name``'s config with its default (the method's own, not a
+    federation's task defaults)."""
+    return {k: _default(f) for k, f in config_fields(name).items()}
+
+
 def _default(f: dataclasses.Field) -> Any:
     return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
 
@@ -383,7 +389,7 @@ def config_from_settings(method: str, settings: Mapping[str, Any]) -> MethodConf
     or the node's (:data:`NODE_ONLY`); then :func:`method_config`, as for any client.
     """
     values = {str(k).replace("-", "_"): v for k, v in settings.items()}
-    defaults = {k: _default(f) for k, f in config_fields(method).items()}  # the method's, not a federation's
+    defaults = method_defaults(method)  # the method's, not a federation's
     task_fields = {k: values.pop(k, defaults[k]) for k in [*COMMON, *DP_SPEC] if k in defaults}
     node = {k: values.pop(k, defaults[k]) for k in NODE_ONLY if k in values or k in ("arch", "arch_kwargs")}
     kind = {"dp": method} if method in private_methods() else {"method": method}

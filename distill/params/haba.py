@@ -39,10 +39,7 @@ class HaBa(Hallucinated):
     limits = {"hallucinators": (1, 16), "hidden": (1, 64)}
     base_key = "bases"
     spec_keys = ("hallucinators", "hidden")
-
-    @classmethod
-    def decoded_per_base(cls, options: dict | None) -> int:
-        return cls.check_options(options)["hallucinators"]
+    copies_key = "hallucinators"
 
     @classmethod
     def _start(cls, init: torch.Tensor, options: dict,
@@ -53,10 +50,6 @@ class HaBa(Hallucinated):
                 "scale": torch.ones(j, h, device=dev), "shift": torch.zeros(j, h, device=dev),
                 "dec_w": he(generator, dev, j, c, h, 3, 3, gain=0.1), "dec_b": torch.zeros(j, c, device=dev)}
         return {"kind": cls.name, "hallucinators": j, "hidden": h}, init.detach().clone(), nets
-
-    @classmethod
-    def images_per_base(cls, spec: dict) -> int:
-        return spec["hallucinators"]
 
     @classmethod
     def expected_shapes(cls, spec: dict, channels: int, num_bases: int, height: int = -1,

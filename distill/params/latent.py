@@ -31,10 +31,7 @@ class Latent(Hallucinated):
     limits = {"factor": (1, 8), "decoders": (1, 16), "code_channels": (1, 64), "hidden": (1, 64)}
     base_key = "codes"
     spec_keys = ("factor", "decoders", "code_channels", "hidden", "height", "width")
-
-    @classmethod
-    def decoded_per_base(cls, options: dict | None) -> int:
-        return cls.check_options(options)["decoders"]
+    copies_key = "decoders"
 
     @classmethod
     def _start(cls, init: torch.Tensor, options: dict,
@@ -52,10 +49,6 @@ class Latent(Hallucinated):
         nets = {"w1": he(generator, dev, j, h, d, 3, 3), "b1": torch.zeros(j, h, device=dev),
                 "w2": he(generator, dev, j, c, h, 3, 3, gain=0.1), "b2": torch.zeros(j, c, device=dev)}
         return spec, codes, nets
-
-    @classmethod
-    def images_per_base(cls, spec: dict) -> int:
-        return spec["decoders"]
 
     @classmethod
     def expected_shapes(cls, spec: dict, channels: int, num_bases: int, height: int = -1,

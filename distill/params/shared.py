@@ -39,6 +39,15 @@ class Hallucinated(Parameterization):
 
     shared_networks = True
     why_no_rho = "its learned networks remap every stored pixel, so none stays fixed"
+    copies_key = ""  # the option (and spec key) counting the networks: images one base decodes to
+
+    @classmethod
+    def decoded_per_base(cls, options: dict | None) -> int:
+        return cls.check_options(options)[cls.copies_key]
+
+    @classmethod
+    def images_per_base(cls, spec: dict) -> int:
+        return spec[cls.copies_key]
 
     def __init__(self, init: torch.Tensor, options: dict, generator: torch.Generator) -> None:
         spec, base, nets = self._start(init, options, generator)
