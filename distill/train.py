@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import accel
 from .augment import DSA
 from .data import LabeledImages
 from .networks import seeded_network
@@ -68,6 +69,7 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
     aug = DSA() if config.dsa else None
     opt = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                           weight_decay=config.weight_decay)
+    forward = accel.forward_fn(net)
     n = x.shape[0]
     for epoch in progress_bar(range(config.epochs), "train", progress, leave=False):
         if epoch == config.epochs // 2:
@@ -77,7 +79,7 @@ def train_network(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, co
             xb, yb = x[idx.to(device)], y[idx.to(device)]
             if aug is not None:
                 xb = aug(xb, gen)
-            loss = F.cross_entropy(net(xb), yb)
+            loss = F.cross_entropy(forward(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

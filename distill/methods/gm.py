@@ -9,10 +9,12 @@ synthetic set. DSA is DC plus siamese augmentation of both batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .. import accel
 from ..augment import DSA
 from ..data import LabeledImages
 from ..losses import gradient_match_distance
@@ -56,15 +58,16 @@ class GMConfig(MatchingConfig):
 
 def class_gradient_distance(net: torch.nn.Module, params: list[torch.Tensor], real: torch.Tensor,
                             syn: torch.Tensor, c: int, dsa: DSA | None,
-                            gen: torch.Generator) -> torch.Tensor:
-    """Gradient-matching loss of one class (differentiable in ``syn``)."""
+                            gen: torch.Generator, real_forward: Callable | None = None) -> torch.Tensor:
+    """Gradient-matching loss of one class (differentiable in ``syn``). ``real_forward`` runs the
+    real branch (first-order only, so it may be compiled: ``distill.accel.forward_fn``)."""
     if dsa is not None:  # one siamese draw for the class: both batches see the same transformation
         draw = dsa.sample(1, real.shape[2], real.shape[3], gen)
         real = dsa.apply(real, draw.select(torch.zeros(real.shape[0], dtype=torch.long)))
         syn = dsa.apply(syn, draw.select(torch.zeros(syn.shape[0], dtype=torch.long)))
     y_real = torch.full((real.shape[0],), c, device=real.device)
     y_syn = torch.full((syn.shape[0],), c, device=syn.device)
-    g_real = torch.autograd.grad(F.cross_entropy(net(real), y_real), params)
+    g_real = torch.autograd.grad(F.cross_entropy((real_forward or net)(real), y_real), params)
     g_syn = torch.autograd.grad(F.cross_entropy(net(syn), y_syn), params, create_graph=True)
     return gradient_match_distance(g_syn, [g.detach() for g in g_real])
 
@@ -95,6 +98,7 @@ def distill(real: LabeledImages, config: GMConfig, *, callback: Callback | None 
         net = make_network(config, real, seed=config.seed * 100_003 + it)
         params = list(net.parameters())
         opt_net = torch.optim.SGD(params, lr=config.lr_net)
+        real_forward = accel.forward_fn(net)
         total = 0.0
         for ol in range(outer_loop):
             images = plan.images()
@@ -102,7 +106,7 @@ def distill(real: LabeledImages, config: GMConfig, *, callback: Callback | None 
             for c in plan.classes:
                 real_c = sampler.class_batch(c, config.batch_real)
                 syn_c = images[plan.slices[c]]
-                loss = loss + class_gradient_distance(net, params, real_c, syn_c, c, dsa, gen)
+                loss = loss + class_gradient_distance(net, params, real_c, syn_c, c, dsa, gen, real_forward)
             # grads w.r.t. the image parameters only: no second-order work on the network's weights
             params_img = plan.parameters()
             for p, g in zip(params_img, torch.autograd.grad(loss, params_img)):
