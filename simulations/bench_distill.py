@@ -40,13 +40,14 @@ if str(ROOT) not in sys.path:
 
 from distill import load_dataset, random_real_subset  # noqa: E402
 from distill.accel import use_compile  # noqa: E402
-from distill.data import BUNDLED  # noqa: E402
+from distill.data import BUNDLED, Dataset  # noqa: E402
 from distill.methods import MethodConfig, distill  # noqa: E402
 from distill.networks import network_for  # noqa: E402
 from distill.synthetic import SetMetadata, SyntheticSet  # noqa: E402
 from distill.task import method_config, parse_assignments, split_keys  # noqa: E402
-from distill.train import TrainConfig, evaluate  # noqa: E402
+from distill.train import evaluate  # noqa: E402
 from distill.visualize import save_grid  # noqa: E402
+from distill.zca import ZCA, whiten_dataset  # noqa: E402
 from simulations.experiments import (DistillExperiment, add_experiment_args, chosen_experiment,  # noqa: E402
                                      TASK_KEYS, load_experiment, method_task)
 
@@ -82,7 +83,7 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
             eval_epochs: int | None = None, exp: DistillExperiment | None = None, dataset: str = BUNDLED) -> dict:
     """Distill (or subsample) and evaluate one (method, ipc); runs inside its own process."""
     exp = exp or load_experiment(preset_name, "distill")
-    data = load_dataset(dataset)
+    data, zca = experiment_data(exp, dataset)
     base_rss = peak_rss_mb()  # torch + data loaded, before any distillation
     iterations = 0
     stamps: list[float] = []
@@ -97,12 +98,12 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
     distill_s = time.perf_counter() - start
     distill_rss = peak_rss_mb()  # ru_maxrss only grows: this is the distillation's peak
     steps = [b - a for a, b in zip([start] + stamps[:-1], stamps)]
-    epochs = eval_epochs or exp.epochs_at(ipc)
-    eval_cfg = TrainConfig(device=device) if epochs is None else TrainConfig(epochs=epochs, device=device)
+    eval_cfg = exp.train_config(ipc, device, eval_epochs)
     result = evaluate(syn.images, syn.labels, data.test, eval_cfg, seeds=tuple(range(seeds)))
     name = f"{method}_ipc{ipc}"
-    syn.save(out_dir / f"{name}.npz")
-    save_grid(syn, out_dir / f"{name}.png")
+    syn.save(out_dir / f"{name}.npz")  # in the space it was distilled in (``+zca`` in its dataset name)
+    shown = syn if zca is None else SyntheticSet(zca.invert(syn.images), syn.labels, syn.meta)
+    save_grid(shown, out_dir / f"{name}.png")
     return {
         "method": method, "ipc": ipc, "preset": preset_name, "iterations": syn.meta.iterations,
         "iterations_configured": iterations, "overrides": overrides or {},
@@ -114,9 +115,18 @@ def run_job(method: str, ipc: int, preset_name: str, seeds: int, device: str, ou
     }
 
 
-def run_pool(exp: DistillExperiment, seeds: int, device: str, dataset: str = BUNDLED) -> dict:
+def experiment_data(exp: DistillExperiment, dataset: str) -> tuple[Dataset, ZCA | None]:
+    """The benchmark's data, ZCA-whitened (statistics of the public training split) where the
+    experiment says so, with the fitted transform (None without)."""
     data = load_dataset(dataset)
-    cfg = TrainConfig(epochs=exp.pool_epochs, device=device)
+    if not exp.zca:
+        return data, None
+    return whiten_dataset(data, exp.zca_eps)
+
+
+def run_pool(exp: DistillExperiment, seeds: int, device: str, dataset: str = BUNDLED) -> dict:
+    data, _ = experiment_data(exp, dataset)
+    cfg = exp.train_config(None, device)
     start = time.perf_counter()
     result = evaluate(data.train.images, data.train.labels, data.test, cfg, seeds=tuple(range(seeds)))
     return {"method": "whole pool", "ipc": None, "acc_mean": result.mean, "acc_std": result.std,
@@ -253,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="jobs at once (a GPU box; keep 1 on a small CPU so timings stay honest)")
     p.add_argument("--speed-iterations", type=int, default=6)
     p.add_argument("--speed-rounds", type=int, default=3)
-    p.add_argument("--dataset", default=BUNDLED,
+    p.add_argument("--dataset", default=None,
                    help="the data, as load_dataset takes it: a name, an .npz (../shared/data/mnist70k.npz) or an image "
-                        "folder (../shared/data/cifar10-jpeg.tar.gz)")
+                        "folder (../shared/data/cifar10-jpeg.tar.gz); default: the experiment file's, else the "
+                        "bundled sample")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the no-grad embeddings and the evaluator's step (distill/accel.py): "
                         "about 0.7x the time on CPU after 15-35 s of compilation per process")
@@ -271,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                     job_config(exp, method, ipc, method_overrides(args.set, method))
     except ValueError as err:
         p.error(str(err))
+    args.dataset = args.dataset or exp.data_source or BUNDLED
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     use_compile(args.compile)
@@ -285,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                                f"{torch.get_num_threads()} threads, torch {torch.__version__}",
                     "date": time.strftime("%Y-%m-%d"), "preset": args.preset, "device": args.device,
-                    "dataset": args.dataset, "compile": args.compile,
+                    "dataset": args.dataset, "zca": exp.zca, "compile": args.compile,
                     "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
     if args.reference_dir:
         report["speed"] = speed_comparison(args.reference_dir, [i for i in args.ipc if i <= 10] or [1],

@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from distill.task import COMMON, DP_METHODS, DP_SPEC, DistillTask, coerce  # noqa: E402
+from distill.train import TrainConfig  # noqa: E402
 
 CONF = ROOT / "conf"
 # Task keys a method table (or a benchmark's ``--set``) may set: what shapes one method config.
@@ -141,13 +142,33 @@ class DistillExperiment:
 
     net_width: int = DistillTask.net_width
     net_depth: int = DistillTask.net_depth
+    dataset: str = ""                                    # load_dataset's argument; "": the bundled sample
+    zca: bool = False                                    # ZCA-whiten both splits (distill/zca.py)
+    zca_eps: float = 0.1
     pool_epochs: int = 20                                # the whole-pool evaluator's epochs
     eval_epochs: dict = field(default_factory=dict)      # {"<ipc>": epochs}; other IPCs: TrainConfig's
+    evaluator: dict = field(default_factory=dict)        # [evaluator]: TrainConfig's other fields
     methods: dict = field(default_factory=dict)
+
+    EVALUATOR_KEYS = {"lr": float, "momentum": float, "weight-decay": float, "batch-size": int, "dsa": bool}
 
     @property
     def net(self) -> dict[str, int]:
         return {"net-width": self.net_width, "net-depth": self.net_depth}
+
+    @property
+    def data_source(self) -> str:
+        """``dataset`` as ``load_dataset`` takes it: a relative path is from the repository root,
+        so a preset runs from any directory; a name (``mnist``) stays a name; "" is ""."""
+        if "/" in self.dataset and not Path(self.dataset).is_absolute():
+            return str((ROOT / self.dataset).resolve())
+        return self.dataset
+
+    def train_config(self, ipc: int | None, device: str = "cpu", epochs: int | None = None) -> TrainConfig:
+        """The evaluator of a set at ``ipc`` (``epochs`` beats the file's)."""
+        epochs = epochs or (self.epochs_at(ipc) if ipc is not None else self.pool_epochs)
+        settings = {k.replace("-", "_"): v for k, v in self.evaluator.items()}
+        return TrainConfig(device=device, **settings, **({"epochs": epochs} if epochs else {}))
 
     def method_table(self, method: str, ipc: int | None) -> dict[str, Any]:
         """Method ``method``'s settings at ``ipc`` (its table, overlaid by its ``ipc-<ipc>`` table)."""
@@ -160,6 +181,19 @@ class DistillExperiment:
     @classmethod
     def from_toml(cls, raw: Table, where: str) -> "DistillExperiment":
         exp = cls(**read_fields(cls, raw, where, skip=("methods",)), methods=method_tables(raw, where, per_ipc=True))
+        for key, value in exp.evaluator.items():
+            kind = exp.EVALUATOR_KEYS.get(key)
+            if kind is None:
+                raise ValueError(f"{where}: [evaluator] has no key {key!r}; known: {sorted(exp.EVALUATOR_KEYS)}")
+            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+                if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+                    raise ValueError(f"{where}: [evaluator] {key} must be {kind.__name__}, got {value!r}")
+        try:
+            exp.train_config(1)
+        except ValueError as err:
+            raise ValueError(f"{where}: [evaluator]: {err}") from None
+        if exp.zca and not exp.zca_eps > 0:
+            raise ValueError(f"{where}: zca-eps must be > 0, got {exp.zca_eps}")
         for key, epochs in exp.eval_epochs.items():
             if not key.isdigit() or not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
                 raise ValueError(f"{where}: eval-epochs maps an IPC to epochs >= 1, got {key} = {epochs!r}")

@@ -110,7 +110,8 @@ FILES = sorted(CONF.glob("*/*.toml"))
 
 def test_every_script_has_its_files():
     assert {p.parent.name for p in FILES} == set(SCHEMAS)
-    assert preset_names("distill") == ["cpu", "paper", "quick"]
+    assert preset_names("distill") == ["cifar10-cpu", "cifar10-gpu", "cifar10-zca-cpu", "cifar10-zca-gpu",
+                                       "cpu", "mnist-cpu", "mnist-gpu", "paper", "quick"]
     assert preset_names("privacy") == ["full", "medium", "quick"]
     assert preset_names("applications") == ["default", "medium", "quick"]
 
@@ -260,6 +261,10 @@ def write(tmp_path, kind: str, text: str) -> Path:
     ("distill", "[methods.dmm]\niterations = 1\n", "'dmm'"),
     ("distill", "[methods.dm]\nbatch-real = \"many\"\n", "batch-real"),
     ("distill", "eval-epochs = { ten = 20 }\n", "eval-epochs"),
+    ("distill", "[evaluator]\nlearning-rate = 0.1\n", "'learning-rate'"),
+    ("distill", "[evaluator]\nbatch-size = 25.5\n", "batch-size"),
+    ("distill", "[evaluator]\nlr = -1.0\n", "lr"),
+    ("distill", "zca = true\nzca-eps = 0.0\n", "zca-eps"),
     ("privacy", "[methods.dp-dm]\nsample-rat = 0.1\n", "dp-dm.sample-rat"),
     ("privacy", "[methods.kip]\niterations = 1\n", "kip"),                    # no row runs it
     ("privacy", "eval-seeds = 0\n", "eval-seeds"),
@@ -383,3 +388,55 @@ def test_the_loaders_docstring_example_runs():
 
     result = doctest.testmod(module)
     assert result.attempted >= 2 and result.failed == 0
+
+
+# -- the papers' protocol presets ------------------------------------------------------------------
+
+PROTOCOL = ["mnist-cpu", "mnist-gpu", "cifar10-cpu", "cifar10-gpu", "cifar10-zca-cpu", "cifar10-zca-gpu"]
+
+
+@pytest.mark.parametrize("name", PROTOCOL)
+def test_protocol_presets_evaluate_as_the_papers(name):
+    """DC/DSA/DM's evaluate_synset: ConvNet-3 x 128 (instance norm), SGD lr 0.01 /10 at half,
+    momentum 0.9, weight decay 5e-4, batch 256, DSA, 1000 epochs at IPC 1 and 10."""
+    from distill.train import TrainConfig
+
+    exp = load_experiment(f"distill/{name}")
+    for ipc in (1, 10):
+        cfg = exp.train_config(ipc)
+        assert (cfg.arch, cfg.arch_kwargs, cfg.epochs) == ("convnet", {}, 1000)
+        assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.dsa) == (0.01, 0.9, 5e-4, 256, True)
+    assert (TrainConfig().arch, exp.net) == ("convnet", {"net-width": 128, "net-depth": 3})
+    dataset = "mnist70k.npz" if name.startswith("mnist") else "cifar10-jpeg.tar.gz"
+    assert exp.data_source.endswith("shared/data/" + dataset) and exp.data_source.startswith("/")
+    assert exp.zca == ("zca" in name) and exp.zca_eps == 0.1   # KIP/FRePo/MTT's CIFAR-10 space only
+
+
+@pytest.mark.parametrize("name", ["mnist-gpu", "cifar10-gpu"])
+def test_gpu_presets_run_the_papers_budgets(name):
+    from simulations.bench_distill import job_config
+
+    exp = load_experiment(f"distill/{name}")
+    for ipc in (1, 10, 50):
+        dm = job_config(exp, "dm", ipc)
+        assert (dm.iterations, dm.batch_real, dm.lr_img, dm.dsa) == (20000, 256, 1.0, True)
+    loops = {ipc: job_config(exp, "dsa", ipc).loops for ipc in (1, 10, 50)}
+    assert loops == {1: (1, 1), 10: (10, 50), 50: (50, 10)}
+    assert job_config(exp, "dsa", 10).iterations == 1000
+
+
+def test_mtt_cifar_gpu_preset_has_the_papers_segments():
+    from simulations.bench_distill import job_config
+
+    exp = load_experiment("distill/cifar10-zca-gpu")
+    got = {ipc: (c.syn_steps, c.expert_epochs, c.max_start_epoch, c.expert_train_epochs)
+           for ipc in (1, 10, 50) for c in [job_config(exp, "mtt", ipc)]}
+    assert got == {1: (50, 2, 2, 50), 10: (30, 2, 20, 50), 50: (30, 2, 40, 50)}
+
+
+def test_a_relative_dataset_is_from_the_repository_root_and_a_name_stays(tmp_path):
+    from simulations.experiments import ROOT
+
+    rel = load_experiment(write(tmp_path, "distill", 'dataset = "data/x.npz"\n'))
+    assert rel.data_source == str(ROOT / "data" / "x.npz")
+    assert load_experiment(write(tmp_path, "distill", 'dataset = "mnist"\n')).data_source == "mnist"
