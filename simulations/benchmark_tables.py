@@ -101,13 +101,45 @@ PAPER_MNIST = {"dm": (89.7, 97.5, 98.6), "dsa": (88.7, 97.8, 99.2), "kip": (90.1
                "frepo": (93.0, 98.6, 99.2), "random": (64.9, 95.1, 97.9)}
 
 
-def full_mnist_table(full: dict) -> str:
-    """Full MNIST rows beside the paper's figure at the same IPC."""
-    table = distill_rows(results(full, "distill_mnist70k_cpu")).splitlines()
-    paper = [PAPER_MNIST.get(r["method"], (None,) * 3)[{1: 0, 10: 1, 50: 2}.get(r["ipc"], 0)]
-             for r in full["results"]]
-    cells = [f" {p:.1f} |" if p is not None else " - |" for p in paper]
+# CIFAR-10, same papers; MTT (Cazenavette et al., CVPR 2022); KIP with a ConvNet kernel, ZCA and learned labels.
+PAPER_CIFAR10 = {"dm": (26.0, 48.9, 63.0), "dsa": (28.8, 52.1, 60.6), "mtt": (46.3, 65.3, 71.6),
+                 "frepo": (46.8, 65.5, 71.7), "kip": (49.9, 62.7, 68.6), "random": (14.4, 26.0, 43.4)}
+
+
+def with_paper(paper: dict, *runs: tuple[str, dict]) -> str:
+    """bench_distill rows of one or more raw files, each beside the paper's figure at its IPC."""
+    rows = [row for source, data in runs for row in results(data, source)]
+    table = distill_rows(rows).splitlines()
+    figures = [paper.get(r["method"], (None,) * 3)[{1: 0, 10: 1, 50: 2}.get(r["ipc"], 0)] for _, r in rows]
+    cells = [f" {p:.1f} |" if p is not None else " - |" for p in figures]
     return "\n".join([table[0] + " paper % |", table[1] + " --- |", *(row + c for row, c in zip(table[2:], cells))])
+
+
+def full_mnist_table(first: dict, *more: dict) -> str:
+    """Full MNIST rows beside the paper's figure at the same IPC."""
+    return with_paper(PAPER_MNIST, ("distill_mnist70k_cpu", first),
+                      *[(f"distill_mnist70k_{name}", data) for name, data in zip(("compiled",), more)])
+
+
+def cifar10_table(run: dict) -> str:
+    return with_paper(PAPER_CIFAR10, ("distill_cifar10_cpu", run))
+
+
+def dm_speed_table(eager: dict, compiled: dict) -> str:
+    """Ours against the reference DM loop, eager and compiled; work rate against the best GEMM rate
+    the compiled run measured on the same machine (its practical peak)."""
+    peak = max(r["matmul_gflops"] for r in compiled["speed"])
+    work = {r["ipc"]: r["gflop_per_iter"] for r in compiled["speed"]}  # the same work either way
+    out = []
+    for mode, run in (("eager", eager), ("compiled", compiled)):
+        for r in run["speed"]:
+            gflop = work.get(r["ipc"])
+            rate = gflop / r["ours_s_per_iter"] if gflop else None
+            out.append([r["ipc"], mode, f"{r['ours_s_per_iter']:.3f}", f"{r['reference_s_per_iter']:.3f}",
+                        f"{r['ratio']:.2f}", f"{gflop:.0f}" if gflop else "-",
+                        f"{rate:.0f}" if rate else "-", f"{rate / peak:.0%}" if rate else "-"])
+    return md(["IPC", "ours", "ours s / iteration", "reference s / iteration", "ratio", "GFLOP / iteration",
+               "ours GFLOP/s", f"of the GEMM peak ({peak:.0f} GFLOP/s)"], out)
 
 
 def kip_ipc1_table(kip: dict, cpu: dict) -> str:
@@ -547,6 +579,7 @@ TABLES: dict[str, Table] = {
                       caption=False, link=True),
     "distill-cpu": Table(("distill_cpu",), distill_cpu_table),
     "distill-mnist70k": Table(("distill_mnist70k_cpu",), full_mnist_table),
+    "dm-speed": Table(("dm_speed_eager", "dm_speed_compiled"), dm_speed_table),
     "distill-gpu": Table(("distill_paper_gpu",), gpu_table),
     "distill-gpu-meta": Table(("distill_paper_gpu",), gpu_meta_table),
     "cuda-smoke": Table(("distill_paper_gpu",), cuda_smoke_table),
