@@ -131,6 +131,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         out.update(parse_assignments(args.set))
     except ValueError as err:
         raise SystemExit(str(err)) from err
+    data = out.get("dataset")
+    if isinstance(data, str) and "/" in data and not Path(data).is_absolute() and Path(data).exists():
+        out["dataset"] = str(Path(data).resolve())  # the virtual nodes need not share this working directory
     return out
 
 

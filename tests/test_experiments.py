@@ -357,6 +357,19 @@ def test_run_py_sends_only_the_flags_given(tmp_path, monkeypatch):
             parse_args(["--set", "seed=5"]).seed, parse_args(["--seed", "6", "--set", "seed=5"]).seed) == (3, 5, 6)
 
 
+def test_run_py_sends_a_relative_dataset_path_as_absolute(tmp_path, monkeypatch):
+    """Virtual nodes need not share the driver's working directory; a name is left alone."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    from simulations.run import overrides_from_args, parse_args
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.npz").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    assert overrides_from_args(parse_args(["--dataset", "data/x.npz"]))["dataset"] == str(tmp_path / "data" / "x.npz")
+    assert overrides_from_args(parse_args(["--set", "dataset=data/x.npz"]))["dataset"] == str(tmp_path / "data" / "x.npz")
+    assert overrides_from_args(parse_args(["--dataset", "mnist"]))["dataset"] == "mnist"
+
+
 def test_make_demo_runs_the_same_settings_as_before(tmp_path, monkeypatch):
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
     from simulations.run import overrides_from_args, parse_args
