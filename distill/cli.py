@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+from . import accel
 from .data import BUNDLED, load_dataset
 from .methods import MethodConfig, available_methods, distill
 from .synthetic import SyntheticSet
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--init", choices=["real", "noise"], help="start from real samples or noise")
     d.add_argument("--seed", type=int)
     d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--compile", action="store_true", help="torch.compile the hot loops (docs/library.md, 'Speed')")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a run-config key, the method's own dotted, e.g. --set dm.lr-img=0.5 --set net-width=64 "
                         "(the same keys as flwr run -c and simulations/run.py --set; list: `methods`)")
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seeds", type=int, default=3, help="number of evaluation seeds")
     e.add_argument("--no-dsa", action="store_true", help="train without DSA augmentation")
     e.add_argument("--device", default="cpu")
+    e.add_argument("--compile", action="store_true", help="torch.compile the training step")
     e.add_argument("--json", action="store_true", help="also print the result as JSON")
     e.set_defaults(fn=cmd_evaluate)
 
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "compile", False):
+        accel.use_compile(True)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

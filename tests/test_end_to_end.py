@@ -46,3 +46,17 @@ def test_cli_distill_evaluate_show(tmp_path, capsys):
     assert "'dm.nope'" in capsys.readouterr().err
     assert cli_main(["distill", "--set", "nope=1", "--out", str(out)]) == 2
     assert "'nope'" in capsys.readouterr().err
+
+
+def test_cli_compile_flag_turns_the_switch_on(tmp_path, monkeypatch):
+    """``--compile`` sets distill.accel's switch before any work (the compiling itself is tested,
+    slowly, in test_accel.py; here the switch is recorded, not flipped)."""
+    from distill import cli
+
+    calls = []
+    monkeypatch.setattr(cli.accel, "use_compile", calls.append)
+    out = tmp_path / "s.npz"
+    assert cli_main(["distill", "--ipc", "1", "--iterations", "1", "--set", "dm.batch-real=8", "--set",
+                     "net-width=8", "--set", "net-depth=1", "--compile", "--out", str(out)]) == 0
+    assert cli_main(["show", str(out)]) == 0
+    assert calls == [True]
