@@ -1,17 +1,19 @@
 """Opt-in ``torch.compile`` for the two loops that dominate CPU time.
 
-Profiling a DM iteration and an evaluator step on a 2-core CPU (BENCHMARKS.md, "Where a DM
-iteration goes") shows the convolutions at well under peak and the instance norm, ReLU and
-average pooling at full resolution costing a third of the time between them: memory traffic,
-not arithmetic. Inductor fuses norm, activation and pooling into one pass, which measured
-about 0.7x the seconds of eager mode for both the no-grad embedding of real batches (DM, DSA's
-and CAFE's real branch, DP-DM, FRePo, KIP's features) and the evaluator's training step.
+Profiling a DM iteration and an evaluator step on a 2-core CPU (BENCHMARKS.md, "DM against
+the reference code") shows instance norm, ReLU and average pooling over full-resolution
+activations taking about a third of the time: memory traffic, not arithmetic. Inductor fuses
+them into the convolutions' passes, which measured about 0.7x the seconds of eager mode for the
+no-grad embeddings (DM's real branch, DP-DM, FRePo's and KIP's features), DM's synthetic branch,
+gradient matching's real branch (DC, DSA) and the evaluator's training step.
 
 It stays off by default: compiling costs 15-35 s per process, needs a C++ compiler, and
 changes results by float rounding (about 1e-6), so a compiled run's set is reproducible on the
 same machine with the same switch, not bit-identical to an eager one. Turn it on with
 ``use_compile(True)`` or ``FEDISTILL_COMPILE=1``; the bench scripts take ``--compile``. When
-compilation fails (no compiler, an unsupported op) it warns once and runs eagerly.
+the forward graph fails to compile (no compiler, an unsupported op) it warns once and runs
+eagerly; any other error is raised as it is. Inductor compiles a backward graph lazily, at the
+first ``backward()``: a failure there is raised, not caught.
 """
 
 from __future__ import annotations
@@ -29,8 +31,18 @@ _state = {"enabled": os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "t
 
 
 def use_compile(enabled: bool = True) -> None:
-    """Turn ``torch.compile`` on or off for this process's embeddings and evaluator steps."""
+    """Turn ``torch.compile`` on or off for this process's embeddings and evaluator steps
+    (turning it on again retries a compiler that failed before)."""
     _state["enabled"] = bool(enabled)
+    _state["broken"] = False
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    """What a failed compilation raises (imported only once compiling is on: torch._dynamo is heavy)."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return (TorchDynamoException, InductorError)
 
 
 def compile_enabled() -> bool:
@@ -60,7 +72,7 @@ def embed(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         _compiled_embed = torch.compile(_embed)
     try:
         return _compiled_embed(net, x)
-    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+    except _compiler_errors() as err:
         _fallback(err)
         return net.embed(x)
 
@@ -77,7 +89,7 @@ def forward_fn(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
             return net(x)
         try:
             return compiled(x)
-        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+        except _compiler_errors() as err:
             _fallback(err)
             return net(x)
 

@@ -70,6 +70,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     syn = SyntheticSet.load(args.path)
+    if syn.meta.dataset.name.endswith("+zca"):
+        raise ValueError(f"{args.path} lives in a ZCA-whitened space ({syn.meta.dataset.name}); raw test images "
+                         "would score it wrongly: evaluate it where it was made (bench_distill.py with a zca preset)")
     data = load_dataset(args.dataset or syn.meta.dataset.name, root=args.data_root)
     if data.info.image_shape != syn.meta.dataset.image_shape:
         raise SystemExit(f"set is {syn.meta.dataset.image_shape}, dataset {data.info.name} is {data.info.image_shape}")

@@ -35,8 +35,10 @@ class TrainConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"epochs, batch_size and lr must be positive: {self}")
+        if self.epochs < 1 or self.batch_size < 1 or not 0 < self.lr < float("inf"):
+            raise ValueError(f"epochs, batch_size and lr must be positive (lr finite): {self}")
+        if not (0 <= self.momentum < float("inf") and 0 <= self.weight_decay < float("inf")):
+            raise ValueError(f"momentum and weight_decay must be finite and >= 0: {self}")
 
 
 @dataclass(frozen=True)

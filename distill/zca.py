@@ -45,7 +45,7 @@ class ZCA:
             raise ValueError(f"eps must be > 0 (it keeps the inverse bounded), got {eps}")
         x = images.flatten(1)
         mean = x.double().mean(0)
-        cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
         for c in x.split(chunk):  # float64 accumulation, float32-sized pieces of memory
             c = c.double() - mean
             cov += c.T @ c

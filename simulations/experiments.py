@@ -160,9 +160,10 @@ class DistillExperiment:
     def data_source(self) -> str:
         """``dataset`` as ``load_dataset`` takes it: a relative path is from the repository root,
         so a preset runs from any directory; a name (``mnist``) stays a name; "" is ""."""
-        if "/" in self.dataset and not Path(self.dataset).is_absolute():
-            return str((ROOT / self.dataset).resolve())
-        return self.dataset
+        path = Path(self.dataset).expanduser()
+        if "/" in self.dataset and not path.is_absolute():
+            return str((ROOT / path).resolve())
+        return str(path) if "/" in self.dataset else self.dataset
 
     def train_config(self, ipc: int | None, device: str = "cpu", epochs: int | None = None) -> TrainConfig:
         """The evaluator of a set at ``ipc`` (``epochs`` beats the file's)."""

@@ -7,7 +7,12 @@ import os
 import pytest
 import torch
 
-from distill.data import Dataset, load_dataset
+os.environ.pop("FEDISTILL_COMPILE", None)  # the default run is eager (test_accel.py compiles, marked slow)
+
+from distill import accel  # noqa: E402
+from distill.data import Dataset, load_dataset  # noqa: E402
+
+accel.use_compile(False)
 
 # Two cores in CI; FEDISTILL_TEST_THREADS=1 when another heavy job shares the machine
 # (two processes with two threads each on two cores run many times slower).

@@ -18,10 +18,8 @@ from distill.train import TrainConfig, train_network
 @pytest.fixture
 def compiled():
     accel.use_compile(True)
-    accel._state["broken"] = False
     yield
     accel.use_compile(False)
-    accel._state["broken"] = False
 
 
 def _net(seed: int = 0, width: int = 32) -> torch.nn.Module:
@@ -36,21 +34,51 @@ def test_off_by_default_and_eager_is_plain_embed():
     assert accel.forward_fn(net) is net
 
 
-def test_compiler_failure_warns_once_and_runs_eagerly(compiled, monkeypatch):
+def _failing_compile(message: str):
+    from torch._dynamo.exc import TorchDynamoException
+
     def broken(*args, **kwargs):
         def fail(*a, **k):
-            raise RuntimeError("no C++ compiler")
+            raise TorchDynamoException(message)
+        return fail
+    return broken
+
+
+def test_compiler_failure_warns_once_and_runs_eagerly(compiled, monkeypatch):
+    monkeypatch.setattr(accel, "_compiled_embed", None)
+    monkeypatch.setattr(torch, "compile", _failing_compile("no C++ compiler"))
+    net, x = _net(), torch.randn(70, 1, 28, 28)  # three chunks: one warning
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as caught:
+        out = embed_in_chunks(net, x)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    with torch.no_grad():
+        assert torch.equal(out, net.embed(x).reshape(70, -1))
+    assert not accel.compile_enabled()  # later calls go straight to eager
+    assert accel.forward_fn(net) is net
+    accel.use_compile(True)  # switching on again retries
+    assert accel.compile_enabled()
+
+
+def test_a_failing_compiled_forward_falls_back_for_training(compiled, monkeypatch):
+    monkeypatch.setattr(torch, "compile", _failing_compile("unsupported op"))
+    net, x = _net(), torch.randn(4, 1, 28, 28)
+    forward = accel.forward_fn(net)
+    with pytest.warns(RuntimeWarning, match="unsupported op"):
+        out = forward(x)
+    assert torch.equal(out, net(x))
+
+
+def test_an_error_that_is_not_the_compilers_is_raised(compiled, monkeypatch):
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise ValueError("a real bug")
         return fail
 
     monkeypatch.setattr(accel, "_compiled_embed", None)
     monkeypatch.setattr(torch, "compile", broken)
-    net, x = _net(), torch.randn(8, 1, 28, 28)
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
-        out = embed_in_chunks(net, x)
-    with torch.no_grad():
-        assert torch.equal(out, net.embed(x))
-    assert not accel.compile_enabled()  # later calls go straight to eager
-    assert accel.forward_fn(net) is net
+    with pytest.raises(ValueError, match="a real bug"):
+        embed_in_chunks(_net(), torch.randn(4, 1, 28, 28))
+    assert accel.compile_enabled()
 
 
 @pytest.mark.slow

@@ -60,3 +60,14 @@ def test_cli_compile_flag_turns_the_switch_on(tmp_path, monkeypatch):
                      "net-width=8", "--set", "net-depth=1", "--compile", "--out", str(out)]) == 0
     assert cli_main(["show", str(out)]) == 0
     assert calls == [True]
+
+
+def test_cli_refuses_to_score_a_whitened_set_on_raw_images(tmp_path, capsys, mnist):
+    from distill.synthetic import SetMetadata
+    from distill.zca import white_info
+
+    sub = mnist.train.first_per_class(1)
+    path = tmp_path / "w.npz"
+    SyntheticSet(sub.images, sub.labels, SetMetadata(white_info(mnist.info), "dm", 1)).save(path)
+    assert cli_main(["evaluate", str(path), "--dataset", "mnist10k", "--epochs", "1", "--seeds", "1"]) == 2
+    assert "ZCA-whitened" in capsys.readouterr().err

@@ -264,6 +264,9 @@ def write(tmp_path, kind: str, text: str) -> Path:
     ("distill", "[evaluator]\nlearning-rate = 0.1\n", "'learning-rate'"),
     ("distill", "[evaluator]\nbatch-size = 25.5\n", "batch-size"),
     ("distill", "[evaluator]\nlr = -1.0\n", "lr"),
+    ("distill", "[evaluator]\nlr = inf\n", "lr"),
+    ("distill", "[evaluator]\nmomentum = -0.5\n", "momentum"),
+    ("distill", "[evaluator]\nweight-decay = -1.0\n", "weight_decay"),
     ("distill", "zca = true\nzca-eps = 0.0\n", "zca-eps"),
     ("privacy", "[methods.dp-dm]\nsample-rat = 0.1\n", "dp-dm.sample-rat"),
     ("privacy", "[methods.kip]\niterations = 1\n", "kip"),                    # no row runs it
@@ -453,3 +456,5 @@ def test_a_relative_dataset_is_from_the_repository_root_and_a_name_stays(tmp_pat
     rel = load_experiment(write(tmp_path, "distill", 'dataset = "data/x.npz"\n'))
     assert rel.data_source == str(ROOT / "data" / "x.npz")
     assert load_experiment(write(tmp_path, "distill", 'dataset = "mnist"\n')).data_source == "mnist"
+    home = load_experiment(write(tmp_path, "distill", 'dataset = "~/x.npz"\n')).data_source
+    assert home == str(Path.home() / "x.npz")
