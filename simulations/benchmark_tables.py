@@ -579,6 +579,7 @@ TABLES: dict[str, Table] = {
                       caption=False, link=True),
     "distill-cpu": Table(("distill_cpu",), distill_cpu_table),
     "distill-mnist70k": Table(("distill_mnist70k_cpu",), full_mnist_table),
+    "distill-cifar10": Table(("distill_cifar10_cpu",), cifar10_table),
     "dm-speed": Table(("dm_speed_eager", "dm_speed_compiled"), dm_speed_table),
     "distill-gpu": Table(("distill_paper_gpu",), gpu_table),
     "distill-gpu-meta": Table(("distill_paper_gpu",), gpu_meta_table),
