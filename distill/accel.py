@@ -4,8 +4,9 @@ Profiling a DM iteration and an evaluator step on a 2-core CPU (BENCHMARKS.md, "
 the reference code") shows instance norm, ReLU and average pooling over full-resolution
 activations taking about a third of the time: memory traffic, not arithmetic. Inductor fuses
 them into the convolutions' passes, which measured about 0.7x the seconds of eager mode for the
-no-grad embeddings (DM's real branch, DP-DM, FRePo's and KIP's features), DM's synthetic branch,
-gradient matching's real branch (DC, DSA) and the evaluator's training step.
+no-grad embeddings (DM's real branch; DP-DM, FRePo and KIP use the same function), DM's synthetic
+branch and the evaluator's training step. Gradient matching's real branch (DC, DSA) runs
+through it too; its speed is not measured yet.
 
 It stays off by default: compiling costs 15-35 s per process, needs a C++ compiler, and
 changes results by float rounding (about 1e-6), so a compiled run's set is reproducible on the
