@@ -115,10 +115,12 @@ def with_paper(paper: dict, *runs: tuple[str, dict]) -> str:
     return "\n".join([table[0] + " paper % |", table[1] + " --- |", *(row + c for row, c in zip(table[2:], cells))])
 
 
-def full_mnist_table(first: dict, *more: dict) -> str:
-    """Full MNIST rows beside the paper's figure at the same IPC."""
-    return with_paper(PAPER_MNIST, ("distill_mnist70k_cpu", first),
-                      *[(f"distill_mnist70k_{name}", data) for name, data in zip(("compiled",), more)])
+MNIST70K_RUNS = ("distill_mnist70k_cpu", "distill_mnist70k_dm10")
+
+
+def full_mnist_table(*runs: dict) -> str:
+    """Full MNIST rows of each run (MNIST70K_RUNS, in order) beside the paper's figure at the same IPC."""
+    return with_paper(PAPER_MNIST, *zip(MNIST70K_RUNS, runs))
 
 
 def cifar10_table(run: dict) -> str:
@@ -578,7 +580,7 @@ TABLES: dict[str, Table] = {
     "headline": Table(("federated", "privacy_medium_secret", "privacy_medium", "attacks_medium"), headline_table,
                       caption=False, link=True),
     "distill-cpu": Table(("distill_cpu",), distill_cpu_table),
-    "distill-mnist70k": Table(("distill_mnist70k_cpu",), full_mnist_table),
+    "distill-mnist70k": Table(MNIST70K_RUNS, full_mnist_table),
     "distill-cifar10": Table(("distill_cifar10_cpu",), cifar10_table),
     "dm-speed": Table(("dm_speed_eager", "dm_speed_compiled"), dm_speed_table),
     "distill-gpu": Table(("distill_paper_gpu",), gpu_table),
