@@ -170,6 +170,9 @@ def speed_comparison(reference_dir: str, ipcs: list[int], iterations: int, round
     from simulations.reference_dm import ReferenceDM
 
     data = load_dataset()
+    info = data.info
+    net = network_for(info, "convnet", width=REFERENCE_NET["net-width"], depth=REFERENCE_NET["net-depth"])
+    per_image = conv_flops(net, (info.channels, info.height, info.width))
     rows = []
     for ipc in ipcs:
         ours: list[float] = []
@@ -192,9 +195,6 @@ def speed_comparison(reference_dir: str, ipcs: list[int], iterations: int, round
         o, f = statistics.median(ours), statistics.median(ref_times)
         # an iteration's work: the real batch forward; the synthetic batch forward and its backward
         # to the input only (DM freezes the weights): about 2 forward passes
-        info = data.info
-        net = network_for(info, "convnet", width=REFERENCE_NET["net-width"], depth=REFERENCE_NET["net-depth"])
-        per_image = conv_flops(net, (info.channels, info.height, info.width))
         flop = per_image * info.num_classes * (256 + 2 * ipc)
         peak = max(gemm + [matmul_gflops(repeats=3)])
         rows.append({"ipc": ipc, "ours_s_per_iter": o, "reference_s_per_iter": f, "ratio": o / f,

@@ -150,7 +150,7 @@ class DistillExperiment:
     evaluator: dict = field(default_factory=dict)        # [evaluator]: TrainConfig's other fields
     methods: dict = field(default_factory=dict)
 
-    EVALUATOR_KEYS = {"lr": float, "momentum": float, "weight-decay": float, "batch-size": int, "dsa": bool}
+    EVALUATOR_KEYS = ("lr", "momentum", "weight-decay", "batch-size", "dsa")  # TrainConfig's fields, kebab-case
 
     @property
     def net(self) -> dict[str, int]:
@@ -160,10 +160,10 @@ class DistillExperiment:
     def data_source(self) -> str:
         """``dataset`` as ``load_dataset`` takes it: a relative path is from the repository root,
         so a preset runs from any directory; a name (``mnist``) stays a name; "" is ""."""
+        if "/" not in self.dataset:
+            return self.dataset
         path = Path(self.dataset).expanduser()
-        if "/" in self.dataset and not path.is_absolute():
-            return str((ROOT / path).resolve())
-        return str(path) if "/" in self.dataset else self.dataset
+        return str(path if path.is_absolute() else (ROOT / path).resolve())
 
     def train_config(self, ipc: int | None, device: str = "cpu", epochs: int | None = None) -> TrainConfig:
         """The evaluator of a set at ``ipc`` (``epochs`` beats the file's)."""
@@ -181,14 +181,16 @@ class DistillExperiment:
 
     @classmethod
     def from_toml(cls, raw: Table, where: str) -> "DistillExperiment":
-        exp = cls(**read_fields(cls, raw, where, skip=("methods",)), methods=method_tables(raw, where, per_ipc=True))
-        for key, value in exp.evaluator.items():
-            kind = exp.EVALUATOR_KEYS.get(key)
-            if kind is None:
-                raise ValueError(f"{where}: [evaluator] has no key {key!r}; known: {sorted(exp.EVALUATOR_KEYS)}")
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                if not (kind is float and isinstance(value, int) and not isinstance(value, bool)):
-                    raise ValueError(f"{where}: [evaluator] {key} must be {kind.__name__}, got {value!r}")
+        read = read_fields(cls, raw, where, skip=("methods",))
+        defaults = TrainConfig()
+        for key, value in read.get("evaluator", {}).items():
+            if key not in cls.EVALUATOR_KEYS:
+                raise ValueError(f"{where}: [evaluator] has no key {key!r}; known: {sorted(cls.EVALUATOR_KEYS)}")
+            try:  # typed as TrainConfig's own default, as every other file key is
+                coerce(key, value, getattr(defaults, key.replace("-", "_")))
+            except ValueError as err:
+                raise ValueError(f"{where}: [evaluator] {err}") from None
+        exp = cls(**read, methods=method_tables(raw, where, per_ipc=True))
         try:
             exp.train_config(1)
         except ValueError as err:
