@@ -122,7 +122,13 @@ def run_one(name: str, args: list[str], runs_dir: Path) -> dict[str, Any]:
             "pool-images": metrics[-1].get("pool-images")}
 
 
-def plot(results: dict[str, Any], path: Path, panels: tuple[str, ...] | list[str] = SPLITS) -> None:
+def data_title(dataset: str) -> str:
+    """How the plot names a run-config's ``dataset``: the bundled sample, else the file's name."""
+    return "bundled MNIST (8k train / 2k test)" if dataset == "mnist10k" else Path(dataset).name
+
+
+def plot(results: dict[str, Any], path: Path, panels: tuple[str, ...] | list[str] = SPLITS,
+         title: str = "10 clients, bundled MNIST (8k train / 2k test)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,7 +155,7 @@ def plot(results: dict[str, Any], path: Path, panels: tuple[str, ...] | list[str
     axes[0][-1].legend(loc="lower right", fontsize=8)
     plotted = [r for k, r in results.items() if k.rsplit("-", 1)[0] in ("oneshot", "iterative", "fedavg")]
     extra = " ".join(sorted({kv for r in plotted for kv in r.get("settings", [])})) or "defaults"
-    fig.suptitle(f"10 clients, bundled MNIST (8k train / 2k test), same ConvNet for all ({extra})", fontsize=10)
+    fig.suptitle(f"{title}, same ConvNet for all ({extra})", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -198,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             results["_machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2, sort_keys=True))
-    plot(results, args.out.with_suffix(".png"), list(exp.splits))
+    width = f", ConvNet width {exp.run_config['net-width']}" if "net-width" in exp.run_config else ""
+    plot(results, args.out.with_suffix(".png"), list(exp.splits),
+         f"{exp.clients} clients, {data_title(str(exp.run_config.get('dataset', 'mnist10k')))}{width}")
     for name, r in sorted(results.items()):
         if name.startswith("_"):
             continue

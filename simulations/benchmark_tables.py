@@ -123,8 +123,12 @@ def full_mnist_table(*runs: dict) -> str:
     return with_paper(PAPER_MNIST, *zip(MNIST70K_RUNS, runs))
 
 
-def cifar10_table(run: dict) -> str:
-    return with_paper(PAPER_CIFAR10, ("distill_cifar10_cpu", run))
+CIFAR10_RUNS = ("distill_cifar10_ipc1", "distill_cifar10_cpu")
+
+
+def cifar10_table(*runs: dict) -> str:
+    """CIFAR-10 (JPEG) rows of each run (CIFAR10_RUNS, in order) beside the paper's figure at the same IPC."""
+    return with_paper(PAPER_CIFAR10, *zip(CIFAR10_RUNS, runs))
 
 
 def dm_speed_table(eager: dict, compiled: dict) -> str:
@@ -249,13 +253,16 @@ def fedavg_at(run: dict, rounds: int) -> dict:
     return next(c for c in run["curve"] if c["round"] == rounds)
 
 
-def federated_table(fed: dict) -> str:
+def federated_table(fed: dict, skip: tuple[str, ...] = ()) -> str:
+    """Every split's fedistill runs and FedAvg (at 20 rounds and at its last); ``skip``: runs left out."""
     out = []
     for key, split in SPLITS:
+        if f"fedavg-{key}" not in fed:
+            continue
         for name, label in ((f"oneshot-{key}", "fedistill one-shot, IPC 10"),
                             (f"oneshot-ipc20-{key}", "fedistill one-shot, IPC 20"),
                             (f"iterative-{key}", "fedistill iterative, IPC 10")):
-            if name not in fed or name == "iterative-0.1":  # 0.1 iterative ran under the earlier server recipe
+            if name not in fed or name in skip:
                 continue
             r = fed[name]
             per_round = " / ".join(pct(c["accuracy"]) for c in r["curve"])
@@ -263,18 +270,25 @@ def federated_table(fed: dict) -> str:
                                                                              else ""),
                         f"{r['mb-per-client']:.3f}", f"{r['wall-seconds']:,.0f} s", f"{r['peak-rss-gib']:.2f}"])
         avg = fed[f"fedavg-{key}"]
-        at20 = fedavg_at(avg, 20)
-        out.append([split, "FedAvg", 20, pct(at20["accuracy"]), f"{at20['mb-per-client']:.3f}", "-", "-"])
+        if len(avg["curve"]) > 20:
+            at20 = fedavg_at(avg, 20)
+            out.append([split, "FedAvg", 20, pct(at20["accuracy"]), f"{at20['mb-per-client']:.3f}", "-", "-"])
         out.append([split, "FedAvg", len(avg["curve"]), pct(avg["accuracy"]), f"{avg['mb-per-client']:.3f}",
                     f"{avg['wall-seconds']:,.0f} s", f"{avg['peak-rss-gib']:.2f}"])
     return md(["split", "method", "rounds", "global accuracy %", "MB uploaded / client", "wall time",
                "peak memory GiB"], out)
 
 
+def mnist10k_federated_table(fed: dict) -> str:
+    return federated_table(fed, skip=("iterative-0.1",))  # 0.1 iterative ran under the earlier server recipe
+
+
 def crossover_table(fed: dict) -> str:
     """How many FedAvg rounds (and bytes) reach each one-shot run's accuracy."""
     out = []
     for key, split in SPLITS:
+        if f"fedavg-{key}" not in fed:
+            continue
         avg = fed[f"fedavg-{key}"]
         for name in (f"oneshot-{key}", f"oneshot-ipc20-{key}"):
             if name not in fed:
@@ -287,6 +301,35 @@ def crossover_table(fed: dict) -> str:
                         f"{r['mb-per-client']:.3f}", *reach])
     return md(["split", "one-shot", "one-shot accuracy %", "one-shot MB / client",
                "first FedAvg round at or above it", "FedAvg MB / client by then", "bytes ratio"], out)
+
+
+def equal_bytes_table(fed: dict) -> str:
+    """fedistill's accuracy after each of its rounds beside FedAvg's best within the same bytes.
+
+    FedAvg's side is its best accuracy over the rounds whose cumulative upload per client is at
+    most fedistill's at that point, so a row is a comparison at equal (or fewer) bytes.
+    """
+    out = []
+    for key, split in SPLITS:
+        if f"fedavg-{key}" not in fed:
+            continue
+        avg = fed[f"fedavg-{key}"]["curve"]
+        for kind, label in (("oneshot", "one-shot"), ("iterative", "iterative")):
+            for c in fed.get(f"{kind}-{key}", {}).get("curve", []):
+                within = [a for a in avg if a["mb-per-client"] <= c["mb-per-client"] + 1e-9]
+                best = max(within, key=lambda a: a["accuracy"], default=None)
+                out.append([split, f"{label}, round {c['round']}", f"{c['mb-per-client']:.3f}", pct(c["accuracy"]),
+                            f"{pct(best['accuracy'])} (round {best['round']}, {best['mb-per-client']:.3f} MB)"
+                            if best else "no round fits", f"{100 * (c['accuracy'] - best['accuracy']):+.2f}"
+                            if best else "-"])
+        last = fed.get(f"iterative-{key}")
+        if last and len(avg) >= 20:
+            at20 = fedavg_at(fed[f"fedavg-{key}"], 20)
+            out.append([split, "iterative, last round against FedAvg's 20 rounds",
+                        f"{last['mb-per-client']:.3f} / {at20['mb-per-client']:.3f}", pct(last["accuracy"]),
+                        f"{pct(at20['accuracy'])} (round 20)", f"{100 * (last['accuracy'] - at20['accuracy']):+.2f}"])
+    return md(["split", "fedistill", "MB uploaded / client", "fedistill accuracy %",
+               "FedAvg's best within those bytes %", "difference (points)"], out)
 
 
 def clients100_table(fed: dict) -> str:
@@ -581,7 +624,7 @@ TABLES: dict[str, Table] = {
                       caption=False, link=True),
     "distill-cpu": Table(("distill_cpu",), distill_cpu_table),
     "distill-mnist70k": Table(MNIST70K_RUNS, full_mnist_table),
-    "distill-cifar10": Table(("distill_cifar10_cpu",), cifar10_table),
+    "distill-cifar10": Table(CIFAR10_RUNS, cifar10_table),
     "dm-speed": Table(("dm_speed_eager", "dm_speed_compiled"), dm_speed_table),
     "distill-gpu": Table(("distill_paper_gpu",), gpu_table),
     "distill-gpu-meta": Table(("distill_paper_gpu",), gpu_meta_table),
@@ -594,7 +637,7 @@ TABLES: dict[str, Table] = {
     "crossarch": Table(("applications_crossarch_all",), crossarch_table),
     "nas": Table(("applications_medium",), nas_table),
     "continual": Table(("applications_medium",), continual_table),
-    "federated": Table(("federated",), federated_table),
+    "federated": Table(("federated",), mnist10k_federated_table),
     "crossover": Table(("federated",), crossover_table),
     "clients-100": Table(("federated",), clients100_table),
     "demo": Table(("demo_summary", "demo_config"), demo_table),

@@ -112,3 +112,21 @@ def test_the_fedavg_crossover_is_the_first_round_at_or_above_the_one_shot_accura
     assert rows[0] == "| IID | IPC 10 | 95.00 | 0.100 | round 2 (96.00 %) | 0.600 | 6x |"
     assert rows[1] == "| Dirichlet 0.5 | IPC 10 | 99.00 | 0.100 | not reached | - | - |"
     assert rows[2].startswith("| Dirichlet 0.1 | IPC 10 | 90.00 | 0.200 | round 1 (90.00 %) |")
+
+
+def test_equal_bytes_compares_each_fedistill_round_with_fedavgs_best_within_its_bytes():
+    def curve(accs, mb):
+        return [{"round": i + 1, "accuracy": a, "mb-per-client": mb * (i + 1)} for i, a in enumerate(accs)]
+    fed = {"oneshot-0.5": {"curve": curve([0.40], 1.0)},
+           "iterative-0.5": {"curve": curve([0.40, 0.45], 1.0), "accuracy": 0.45, "mb-per-client": 2.0},
+           "fedavg-0.5": {"curve": curve([0.20, 0.30, 0.50, 0.35, 0.33] + [0.6] * 15, 0.35)},
+           "oneshot-0.1": {"curve": curve([0.30], 0.2)},
+           "fedavg-0.1": {"curve": curve([0.25], 0.35)}}
+    rows = bt.equal_bytes_table(fed).split("\n")[2:]
+    # 1.0 MB buys FedAvg rounds 1-2 (0.35, 0.70 MB); round 3 (1.05 MB) does not fit
+    assert rows[0] == "| Dirichlet 0.5 | one-shot, round 1 | 1.000 | 40.00 | 30.00 (round 2, 0.700 MB) | +10.00 |"
+    # 2.0 MB buys rounds 1-5; the best of them is round 3, not the last
+    assert rows[2] == "| Dirichlet 0.5 | iterative, round 2 | 2.000 | 45.00 | 50.00 (round 3, 1.050 MB) | -5.00 |"
+    assert rows[3].startswith("| Dirichlet 0.5 | iterative, last round against FedAvg's 20 rounds | 2.000 / 7.000 |")
+    assert rows[3].endswith("| 60.00 (round 20) | -15.00 |")
+    assert rows[4] == "| Dirichlet 0.1 | one-shot, round 1 | 0.200 | 30.00 | no round fits | - |"
